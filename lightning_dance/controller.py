@@ -1,0 +1,243 @@
+"""The AAP controller: a small network that reads the stem's output and scores, for every
+instrumented Conv3d and every input clip, which frames, channels and spatial blocks to keep.
+
+Statistics of the stem output ``s [N, C0, T0, H0, W0]`` (all cheap reductions):
+
+- per channel: mean and standard deviation over ``(T, H, W)`` -> ``[N, 2 * C0]``;
+- per frame: log energy ``log mean(s_t^2)`` and log motion ``log mean |s_t - s_{t-1}|``,
+  z-scored within the clip -> ``[N, 2, T0]`` (and 8 adaptive-pooled bins for the trunk);
+- per spatial block: mean ``|s|`` and mean temporal change over a ``grid x grid`` block map,
+  z-scored within the clip -> ``[N, 2, g, g]``.
+
+A trunk MLP (LayerNorm -> Linear -> ReLU -> Linear -> ReLU) turns the summary (and, for a
+budget-conditioned controller, the budget) into an embedding ``h``. Then, per layer ``l``:
+
+- channel logits: a linear head of ``h`` (one matmul for all layers);
+- frame logits: ``a_l . F_t + v_l . h + b_l`` from the per-frame statistics resampled to the
+  layer's frame count, so one controller serves any clip length;
+- feature logits: ``a'_l . G_b + v'_l . h + b'_l`` from the block statistics pooled to the layer's
+  block grid (``min(grid, H) x min(grid, W)``), so one controller serves any resolution;
+- a budget-conditioned controller adds ``beta_{l,dim} * logit(budget)`` to every logit (a learned,
+  per-layer sensitivity to the budget), on top of feeding the budget to the trunk.
+
+Example:
+    >>> import torch
+    >>> ctrl = Controller(stem_channels=8, layer_channels={"conv2": 16, "conv3": 32})
+    >>> ctx = ctrl(torch.randn(2, 8, 4, 16, 16))
+    >>> ctrl.channel_logits(ctx, "conv3").shape, ctrl.frame_logits(ctx, "conv2", 4).shape
+    (torch.Size([2, 32]), torch.Size([2, 4]))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_dance.masks import DIMS, _check_dims
+
+__all__ = ["Controller", "ControllerContext"]
+
+_FRAME_BINS = 8
+_EPS = 1e-6
+
+
+def _zscore(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    mean = x.mean(dim=dim, keepdim=True)
+    std = x.std(dim=dim, keepdim=True, unbiased=False)
+    return (x - mean) / (std + 1e-3)
+
+
+@dataclass
+class ControllerContext:
+    """What the controller computed from one batch's stem output (shared by all layers)."""
+
+    embedding: torch.Tensor  # [N, hidden]
+    channel_logits: torch.Tensor  # [N, sum of the layers' channels]
+    frame_stats: torch.Tensor  # [N, 2, T0]
+    motion_map: torch.Tensor  # [N, 1, H0, W0]
+    magnitude_map: torch.Tensor  # [N, 1, H0, W0]
+    budget_logit: torch.Tensor | None  # [N, 1] or None
+
+
+class Controller(nn.Module):
+    """Scores frames, channels and spatial blocks of every instrumented layer from stem stats.
+
+    Args:
+        stem_channels: output channels of the stem conv (the controller's input).
+        layer_channels: ``{layer name: input channels}`` of the instrumented layers, in order.
+        dims: which dims to score (subset of ``("frame", "channel", "feature")``).
+        hidden: trunk width.
+        grid: spatial block grid (``grid x grid`` blocks at most per layer).
+        budget_conditioned: take the budget as an input (one controller for a range of budgets).
+        init_keep: initial keep probability of every logit (sets the heads' biases).
+    """
+
+    def __init__(
+        self,
+        stem_channels: int,
+        layer_channels: dict[str, int],
+        *,
+        dims: tuple[str, ...] = DIMS,
+        hidden: int = 64,
+        grid: int = 4,
+        budget_conditioned: bool = False,
+        init_keep: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if stem_channels < 1 or not layer_channels:
+            raise ValueError("the controller needs stem_channels >= 1 and at least one layer")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}")
+        if not 0.0 < init_keep < 1.0:
+            raise ValueError(f"init_keep must be in (0, 1), got {init_keep}")
+        self.dims = _check_dims(dims)
+        self.layer_names = list(layer_channels)
+        self.layer_index = {name: i for i, name in enumerate(self.layer_names)}
+        self.layer_channels = dict(layer_channels)
+        self.stem_channels, self.hidden, self.grid = stem_channels, hidden, grid
+        self.budget_conditioned = budget_conditioned
+        offsets = [0]
+        for name in self.layer_names:
+            offsets.append(offsets[-1] + self.layer_channels[name])
+        self._channel_slices = {
+            name: (offsets[i], offsets[i + 1]) for i, name in enumerate(self.layer_names)
+        }
+        n_layers = len(self.layer_names)
+        summary = 2 * stem_channels + 2 * _FRAME_BINS + 2 * grid * grid
+        summary += 2 if budget_conditioned else 0
+        self.trunk = nn.Sequential(
+            nn.LayerNorm(summary),
+            nn.Linear(summary, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+        )
+        bias = math.log(init_keep / (1 - init_keep))
+        self.channel_head = nn.Linear(hidden, offsets[-1]) if "channel" in self.dims else None
+        if "frame" in self.dims:
+            self.frame_global = nn.Linear(hidden, n_layers)
+            self.frame_local = nn.Parameter(torch.zeros(n_layers, 2))
+        if "feature" in self.dims:
+            self.feature_global = nn.Linear(hidden, n_layers)
+            self.feature_local = nn.Parameter(torch.zeros(n_layers, 2))
+        if budget_conditioned:
+            self.budget_scale = nn.Parameter(torch.ones(n_layers, len(self.dims)))
+        for head in (
+            self.channel_head,
+            getattr(self, "frame_global", None),
+            getattr(self, "feature_global", None),
+        ):
+            if head is not None:
+                nn.init.normal_(head.weight, std=0.01)
+                nn.init.constant_(head.bias, bias)
+
+    # ------------------------------------------------------------------ statistics and trunk
+    def forward(
+        self, stem_out: torch.Tensor, budget: torch.Tensor | None = None
+    ) -> ControllerContext:
+        """Statistics + trunk + channel logits for a batch of stem outputs ``[N, C0, T0, H0, W0]``."""
+        if stem_out.dim() != 5 or stem_out.shape[1] != self.stem_channels:
+            raise ValueError(
+                f"the controller expects the stem output [N, {self.stem_channels}, T, H, W], "
+                f"got shape {tuple(stem_out.shape)}"
+            )
+        s = stem_out.float()
+        n, _, t0, _, _ = s.shape
+        chan_mean = s.mean(dim=(2, 3, 4))
+        chan_std = s.std(dim=(2, 3, 4), unbiased=False)
+        energy = torch.log(s.pow(2).mean(dim=(1, 3, 4)) + _EPS)  # [N, T0]
+        if t0 > 1:
+            change = (s[:, :, 1:] - s[:, :, :-1]).abs()  # [N, C, T0-1, H, W]
+            motion = torch.log(change.mean(dim=(1, 3, 4)) + _EPS)
+            motion = torch.cat([motion[:, :1], motion], dim=1)  # frame 0 borrows frame 1's
+            motion_map = change.mean(dim=(1, 2)).unsqueeze(1)
+        else:
+            motion = torch.zeros_like(energy)
+            motion_map = torch.zeros_like(s[:, :1, 0])
+        frame_stats = torch.stack([_zscore(energy, 1), _zscore(motion, 1)], dim=1)  # [N, 2, T0]
+        magnitude_map = s.abs().mean(dim=(1, 2)).unsqueeze(1)  # [N, 1, H0, W0]
+        g = self.grid
+        blocks = torch.cat([magnitude_map, motion_map], dim=1)
+        block_summary = _zscore(F.adaptive_avg_pool2d(blocks, (g, g)), (2, 3)).flatten(1)
+        frame_summary = F.adaptive_avg_pool1d(frame_stats, _FRAME_BINS).flatten(1)
+        parts = [chan_mean, chan_std, frame_summary, block_summary]
+        budget_logit = None
+        if self.budget_conditioned:
+            if budget is None:
+                raise ValueError("a budget-conditioned controller needs a budget")
+            b = torch.as_tensor(budget, dtype=s.dtype, device=s.device).reshape(-1, 1)
+            b = b.expand(n, 1).clamp(1e-3, 1 - 1e-3)
+            budget_logit = torch.log(b) - torch.log1p(-b)
+            parts += [b, budget_logit]
+        h = self.trunk(torch.cat(parts, dim=1))
+        channel_logits = self.channel_head(h) if self.channel_head is not None else h[:, :0]
+        return ControllerContext(
+            h, channel_logits, frame_stats, motion_map, magnitude_map, budget_logit
+        )
+
+    def _budget_shift(self, ctx: ControllerContext, layer: int, dim: str) -> torch.Tensor | float:
+        if ctx.budget_logit is None:
+            return 0.0
+        return self.budget_scale[layer, self.dims.index(dim)] * ctx.budget_logit
+
+    # ------------------------------------------------------------------ per-layer logits
+    def channel_logits(self, ctx: ControllerContext, layer: str) -> torch.Tensor:
+        """``[N, C_in]`` channel logits of ``layer``."""
+        start, stop = self._channel_slices[layer]
+        i = self.layer_index[layer]
+        return ctx.channel_logits[:, start:stop] + self._budget_shift(ctx, i, "channel")
+
+    def frame_logits(self, ctx: ControllerContext, layer: str, frames: int) -> torch.Tensor:
+        """``[N, frames]`` frame logits of ``layer`` whose input has ``frames`` frames."""
+        i = self.layer_index[layer]
+        stats = ctx.frame_stats
+        if stats.shape[-1] != frames:
+            stats = F.interpolate(stats, size=frames, mode="linear", align_corners=False)
+        local = torch.einsum("f,nft->nt", self.frame_local[i], stats)
+        glob = self.frame_global(ctx.embedding)[:, i : i + 1]
+        return local + glob + self._budget_shift(ctx, i, "frame")
+
+    def feature_logits(
+        self, ctx: ControllerContext, layer: str, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """``[N, gh, gw]`` block logits of ``layer`` whose input is ``size = (H, W)``."""
+        i = self.layer_index[layer]
+        gh, gw = min(self.grid, size[0]), min(self.grid, size[1])
+        maps = torch.cat([ctx.magnitude_map, ctx.motion_map], dim=1)
+        stats = _zscore(F.adaptive_avg_pool2d(maps, (gh, gw)), (2, 3))  # [N, 2, gh, gw]
+        local = torch.einsum("f,nfhw->nhw", self.feature_local[i], stats)
+        glob = self.feature_global(ctx.embedding)[:, i : i + 1, None]
+        shift = self._budget_shift(ctx, i, "feature")
+        if isinstance(shift, torch.Tensor):
+            shift = shift.unsqueeze(-1)  # [N, 1, 1]
+        return local + glob + shift
+
+    def architecture(self) -> dict[str, int]:
+        """``{layer: input channels}``: what a checkpoint of this controller is tied to."""
+        return dict(self.layer_channels)
+
+    def macs(self, stem_shape: tuple[int, int, int, int]) -> int:
+        """Closed-form multiply-accumulates of the controller for one clip.
+
+        Counts the trunk and head matmuls and one operation per element for each statistic over
+        the stem output ``(C0, T0, H0, W0)`` (mean, std, energy, motion, magnitude: 6 reductions
+        with a multiply-add each). Per-layer frame/feature heads are counted at the stem's frame
+        count and the full block grid; resampling and z-scoring (a few ops per frame/block) are
+        ignored.
+        """
+        c0, t0, h0, w0 = stem_shape
+        stats = 6 * c0 * t0 * h0 * w0
+        linears = sum(
+            m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear)
+        )
+        n_layers = len(self.layer_names)
+        local = 0
+        if "frame" in self.dims:
+            local += 2 * t0 * n_layers
+        if "feature" in self.dims:
+            local += 2 * self.grid * self.grid * n_layers
+        return stats + linears + local
