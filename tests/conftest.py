@@ -2,6 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+# CI machines have 2 cores, often shared: one intra-op thread keeps small-tensor tests fast
+# and their timings stable (two threads on tiny convs were up to 15x slower under load).
+torch.set_num_threads(1)
+
 
 class SmallNet(nn.Module):
     """A small 3D CNN covering what DANCE must handle: stem, residual, depthwise, strides."""

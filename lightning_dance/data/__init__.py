@@ -7,8 +7,20 @@ from lightning_dance.data.synthetic import (
     SyntheticVideoDataset,
     render_clips,
 )
+from lightning_dance.data.transforms import KINETICS_MEAN, KINETICS_STD, ClipTransform
+from lightning_dance.data.video_folder import (
+    VideoDecodeError,
+    VideoFolderDataModule,
+    VideoFolderDataset,
+)
 
 __all__ = [
+    "KINETICS_MEAN",
+    "KINETICS_STD",
+    "ClipTransform",
+    "VideoDecodeError",
+    "VideoFolderDataModule",
+    "VideoFolderDataset",
     "MOTIONS",
     "SyntheticVideoConfig",
     "SyntheticVideoDataModule",

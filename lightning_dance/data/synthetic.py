@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import lightning as L
@@ -318,7 +319,9 @@ class SyntheticVideoDataModule(L.LightningDataModule):
         noise: float = 0.12,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Pin the frame: without it Lightning walks up the stack and may keep a caller's
+        # locals (e.g. a subclass's big tensors) alive in `hparams`.
+        self.save_hyperparameters(frame=sys._getframe())
         self.config = SyntheticVideoConfig(
             num_classes=num_classes,
             frames=frames,
