@@ -40,13 +40,15 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from pytorchvideo.models.csn import create_csn
-from pytorchvideo.models.net import Net
-from pytorchvideo.models.resnet import create_resnet
-from pytorchvideo.models.slowfast import create_slowfast
-from pytorchvideo.models.x3d import create_x3d
-
+from lightning_dance.macs import quiet_fvcore
 from lightning_dance.models._utils import check_num_classes, check_width, scale_width
+
+with quiet_fvcore():  # pytorchvideo imports fvcore, whose import calls the deprecated jit.script
+    from pytorchvideo.models.csn import create_csn
+    from pytorchvideo.models.net import Net
+    from pytorchvideo.models.resnet import create_resnet
+    from pytorchvideo.models.slowfast import create_slowfast
+    from pytorchvideo.models.x3d import create_x3d
 
 __all__ = ["SlowFastSingleClip", "pack_pathways", "pytorchvideo_model", "PYTORCHVIDEO_MODELS"]
 
