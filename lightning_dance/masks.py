@@ -104,15 +104,16 @@ def threshold_gate(
     training: bool,
     tau: float = 1.0,
     min_keep: int = 1,
-    noise: bool = True,
+    noise: float = 1.0,
 ) -> torch.Tensor:
     """Input-dependent keep mask over the last dim of ``logits`` (``[N, K]``).
 
-    Eval: ``logit > 0``. Training: straight-through Gumbel-sigmoid (hard forward, soft gradient).
+    Eval: ``logit > 0``. Training: straight-through Gumbel-sigmoid (hard forward, soft gradient),
+    the logistic noise scaled by ``noise`` (0: the eval decision, with soft gradients).
     At least ``min_keep`` entries per row are kept (the highest logits).
     """
     if training:
-        noisy = logits + _logistic_noise(logits) if noise else logits
+        noisy = logits + float(noise) * _logistic_noise(logits) if noise else logits
         soft = torch.sigmoid(noisy / tau)
         hard = _ensure_min_keep((soft > 0.5).to(logits.dtype), noisy, min_keep)
         return hard + (soft - soft.detach())  # exactly 0/1 in value
@@ -121,17 +122,17 @@ def threshold_gate(
 
 
 def topk_gate(
-    logits: torch.Tensor, k: int, *, training: bool, tau: float = 1.0, noise: bool = True
+    logits: torch.Tensor, k: int, *, training: bool, tau: float = 1.0, noise: float = 1.0
 ) -> torch.Tensor:
     """Keep exactly ``k`` entries per row of ``logits`` (``[N, K]``): the highest scores.
 
-    Training adds logistic noise to the ranking (exploration) and passes gradients straight
-    through ``sigmoid(logits / tau)``.
+    Training adds logistic noise (scaled by ``noise``) to the ranking (exploration) and passes
+    gradients straight through ``sigmoid(logits / tau)``.
     """
     size = logits.shape[-1]
     if not 1 <= k <= size:
         raise ValueError(f"topk gate needs 1 <= k <= {size}, got k={k}")
-    scores = logits + _logistic_noise(logits) if (training and noise) else logits
+    scores = logits + float(noise) * _logistic_noise(logits) if (training and noise) else logits
     hard = torch.zeros_like(logits).scatter(-1, scores.topk(k, dim=-1).indices, 1.0)
     if not training:
         return hard

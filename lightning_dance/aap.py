@@ -1,0 +1,501 @@
+"""AAP, adaptive activation pruning, in plain PyTorch: a model + a controller + mask hooks.
+
+:class:`AdaptivePruner` wraps any 3D CNN. On each forward pass it
+
+1. runs the stem conv densely and hands its output to the :class:`~lightning_dance.controller.Controller`;
+2. masks the *input* of every instrumented Conv3d per sample (frames, channels, spatial blocks),
+   with gates chosen by the policy (``threshold``: DANCE, input-dependent counts; ``topk``: fixed
+   keep-count per layer, static shapes);
+3. records a :class:`PruningStats` (kept fractions, executed and expected MACs per layer and
+   sample) in ``pruner.last_stats``.
+
+Hooks live only for the duration of a forward call, so the user's model is never left modified:
+it deep-copies, pickles, and loads its own checkpoints as before, and :meth:`AdaptivePruner.unwrap`
+hands it back as it was. This masked execution computes what DANCE decides but multiplies pruned
+activations by zero; the savings it *counts* are the ones the fast execution path realizes.
+
+Example:
+    >>> import torch
+    >>> from lightning_dance.models import create_model
+    >>> net = create_model("tiny_c3d", num_classes=4)
+    >>> pruner = AdaptivePruner(net, dims=("frame", "channel"), budget=0.5)
+    >>> logits = pruner(torch.randn(2, 3, 8, 32, 32))
+    >>> pruner.last_stats.mac_ratio().shape
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from lightning_dance.controller import Controller, ControllerContext
+from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
+from lightning_dance.macs import (
+    conv3d_executed_macs,
+    conv3d_executed_macs_batch,
+    conv3d_expected_macs,
+    count_macs,
+)
+from lightning_dance.masks import (
+    DIMS,
+    LayerMasks,
+    _check_dims,
+    apply_masks,
+    expand_blocks,
+    keep_count,
+    threshold_gate,
+    topk_gate,
+)
+
+__all__ = [
+    "POLICIES",
+    "AdaptivePruner",
+    "LayerStats",
+    "PruningStats",
+    "budget_loss",
+    "distillation_loss",
+]
+
+POLICIES = ("threshold", "topk")
+
+
+@dataclass
+class LayerStats:
+    """One instrumented layer in one forward pass (tensors are per sample, ``[N]``)."""
+
+    input_shape: tuple[int, int, int, int]  # (C, T, H, W)
+    dense_macs: int
+    executed_macs: torch.Tensor  # hard count, int64 [N]
+    expected_macs: torch.Tensor  # differentiable, float [N] (equal to executed in value)
+    kept: dict[str, torch.Tensor]  # dim -> kept fraction [N]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # dim -> hard 0/1 mask, detached
+
+
+@dataclass
+class PruningStats:
+    """Per-sample statistics of one forward pass of an :class:`AdaptivePruner`.
+
+    ``dense_total`` is the whole model's dense MAC count per clip (fvcore, see
+    :func:`lightning_dance.macs.count_macs`); layers that are not instrumented (stem, head, pooling,
+    elementwise ops) are counted dense; ``controller_macs`` is added to every sample.
+    """
+
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+    dense_total: int = 0
+    controller_macs: int = 0
+
+    @property
+    def fixed_macs(self) -> int:
+        """MACs that DANCE never prunes (everything but the instrumented layers)."""
+        return self.dense_total - sum(s.dense_macs for s in self.layers.values())
+
+    def executed_macs(self) -> torch.Tensor:
+        """Executed MACs per clip ``[N]`` (int64): fixed + instrumented executed + controller."""
+        pruned = sum(s.executed_macs for s in self.layers.values())
+        return pruned + self.fixed_macs + self.controller_macs
+
+    def expected_macs(self) -> torch.Tensor:
+        """Differentiable version of :meth:`executed_macs` (float ``[N]``)."""
+        pruned = sum(s.expected_macs for s in self.layers.values())
+        return pruned + float(self.fixed_macs + self.controller_macs)
+
+    def mac_ratio(self) -> torch.Tensor:
+        """Executed / dense MACs per clip ``[N]``."""
+        return self.executed_macs().double() / max(1, self.dense_total)
+
+    def kept_fractions(self) -> dict[str, dict[str, float]]:
+        """``{layer: {dim: mean kept fraction over the batch}}``."""
+        return {
+            name: {d: float(v.float().mean()) for d, v in s.kept.items()}
+            for name, s in self.layers.items()
+        }
+
+
+class AdaptivePruner(nn.Module):
+    """A 3D CNN with a DANCE controller masking the inputs of its Conv3d layers.
+
+    Args:
+        model: any ``nn.Module`` containing ``nn.Conv3d`` layers (called as ``model(clip)``).
+        dims: which input dims to prune, any subset of ``("frame", "channel", "feature")``.
+        policy: ``"threshold"`` (input-dependent keep counts) or ``"topk"`` (fixed counts).
+        budget: target executed/dense MAC ratio in (0, 1] (``topk`` derives its keep-counts from
+            it; ``threshold`` is trained toward it; a budget-conditioned controller reads it).
+        layers: which Conv3d layers to instrument (see :func:`lightning_dance.layers.select_conv3d`;
+            default: all but the stem).
+        budget_conditioned: the controller takes the budget as input, so one trained controller
+            serves any budget (see :meth:`set_budget`).
+        grid: spatial block grid for feature masks (``grid x grid`` blocks per layer at most).
+        hidden: controller width.
+        min_keep: entries always kept per dim, layer and sample (>= 1, so nothing is ever empty).
+        tau: temperature of the training gates.
+        noise: scale of the logistic (Gumbel) noise of the training gates; 0 makes training
+            decisions equal to eval ones (:class:`~lightning_dance.wrapper.DANCEWrapper` anneals
+            it to 0 so that the budget met in training is the one met at eval).
+        init_keep: initial keep probability of the controller.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        dims: tuple[str, ...] | list[str] = DIMS,
+        policy: str = "threshold",
+        budget: float = 0.5,
+        layers: LayerSelector = None,
+        budget_conditioned: bool = False,
+        grid: int = 4,
+        hidden: int = 64,
+        min_keep: int = 1,
+        tau: float = 1.0,
+        noise: float = 1.0,
+        init_keep: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if min_keep < 1:
+            raise ValueError(f"min_keep must be >= 1 (no empty layer input), got {min_keep}")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        if not noise >= 0:
+            raise ValueError(f"noise must be >= 0, got {noise}")
+        self.noise = float(noise)
+        self.dims = _check_dims(dims)
+        self.policy, self.min_keep, self.tau = policy, min_keep, tau
+        self.model = model
+        self.stem_name = stem_names(model)[0]
+        self.layer_names = list(select_conv3d(model, layers))
+        modules = dict(model.named_modules())
+        self._stem = modules[self.stem_name]
+        self._layers = {name: modules[name] for name in self.layer_names}
+        self.controller = Controller(
+            self._stem.out_channels,
+            {name: m.in_channels for name, m in self._layers.items()},
+            dims=self.dims,
+            hidden=hidden,
+            grid=grid,
+            budget_conditioned=budget_conditioned,
+            init_keep=init_keep,
+        )
+        self.register_buffer("budget", torch.tensor(0.5, dtype=torch.float64))
+        # post-hoc shift of every keep decision, set by calibrate(): a logit offset for the
+        # threshold policy, a log-scale of the keep ratio for topk
+        self.register_buffer("calibration", torch.tensor(0.0, dtype=torch.float64))
+        self.set_budget(budget)
+        self.last_stats: PruningStats | None = None
+        self._dense_cache: dict[tuple[int, ...], tuple[int, dict[str, int]]] = {}
+        self._fixed_fraction = 0.0
+        self._force_dense = False
+
+    def __getstate__(self) -> dict:
+        # the last forward's statistics hold autograd graphs: not part of a copy or a pickle
+        state = self.__dict__.copy()
+        state["last_stats"] = None
+        return state
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def budget_conditioned(self) -> bool:
+        return self.controller.budget_conditioned
+
+    def set_budget(self, budget: float) -> None:
+        """Set the target executed/dense MAC ratio (in (0, 1])."""
+        budget = float(budget)
+        if not (0.0 < budget <= 1.0) or math.isnan(budget):
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        self.budget.fill_(budget)
+
+    def architecture(self) -> dict[str, object]:
+        """What a trained controller is tied to: stem and instrumented layers with their shapes."""
+
+        def sig(m: nn.Conv3d) -> list[int]:
+            return [m.in_channels, m.out_channels, *m.kernel_size, *m.stride, m.groups]
+
+        return {
+            "stem": [self.stem_name, sig(self._stem)],
+            "layers": {n: sig(m) for n, m in self._layers.items()},
+            "dims": list(self.dims),
+        }
+
+    def unwrap(self) -> nn.Module:
+        """The user's model, unmodified (hooks only exist during a forward call)."""
+        return self.model
+
+    @contextlib.contextmanager
+    def dense(self) -> Iterator[None]:
+        """Run with every mask forced to ones (the controller still runs): outputs = the model's."""
+        previous, self._force_dense = self._force_dense, True
+        try:
+            yield
+        finally:
+            self._force_dense = previous
+
+    # ------------------------------------------------------------------ forward
+    def check_clip(self, clip: torch.Tensor) -> None:
+        """Clear errors for clips the model cannot take (wrong rank, too few frames, NaN)."""
+        if not isinstance(clip, torch.Tensor):
+            raise TypeError(f"expected a clip tensor [N, C, T, H, W], got {type(clip).__name__}")
+        if clip.dim() != 5:
+            raise ValueError(f"expected a clip [N, C, T, H, W], got shape {tuple(clip.shape)}")
+        if clip.shape[0] == 0:
+            raise ValueError("empty batch: the clip has N=0 samples")
+        stem = self._stem
+        if clip.shape[1] != stem.in_channels:
+            raise ValueError(
+                f"the stem {self.stem_name!r} reads {stem.in_channels} channels, "
+                f"got a clip with {clip.shape[1]}: shape {tuple(clip.shape)}"
+            )
+        need_t = stem.dilation[0] * (stem.kernel_size[0] - 1) + 1 - 2 * _pad(stem, 0)
+        if clip.shape[2] < max(1, need_t):
+            raise ValueError(
+                f"the clip has {clip.shape[2]} frames, fewer than the stem's temporal kernel "
+                f"needs ({need_t})"
+            )
+        if not torch.isfinite(clip).all():
+            raise ValueError("the clip contains NaN or infinite values")
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        self.check_clip(clip)
+        dense_total, layer_dense = self._dense_counts(clip)
+        self._fixed_fraction = 1.0 - sum(layer_dense.values()) / max(1, dense_total)
+        state = _ForwardState()
+        with self._hooks(state):
+            out = self.model(clip)
+        if state.ctx is None:
+            raise RuntimeError(f"the stem {self.stem_name!r} did not run in the forward pass")
+        self.last_stats = PruningStats(
+            state.layers, dense_total, self.controller.macs(state.stem_shape)
+        )
+        return out
+
+    def _dense_counts(self, clip: torch.Tensor) -> tuple[int, dict[str, int]]:
+        """Whole-model dense MACs (fvcore) and the instrumented layers' share, per clip shape."""
+        key = tuple(clip.shape[1:])
+        if key not in self._dense_cache:
+            example = torch.zeros(1, *key, dtype=clip.dtype, device=clip.device)
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                count = count_macs(self.model, example)
+            finally:
+                self.model.train(was_training)
+            layer_dense = {n: int(count.by_module.get(n, 0)) for n in self.layer_names}
+            self._dense_cache[key] = (int(count.total), layer_dense)
+        return self._dense_cache[key]
+
+    @contextlib.contextmanager
+    def _hooks(self, state: _ForwardState) -> Iterator[None]:
+        handles = [self._stem.register_forward_hook(_StemHook(self, state))]
+        for name, module in self._layers.items():
+            handles.append(module.register_forward_pre_hook(_MaskHook(self, state, name)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ------------------------------------------------------------------ masks
+    def keep_ratio(self) -> float:
+        """Per-dim keep ratio used by the ``topk`` policy for the current budget.
+
+        The budget is a ratio of whole-model MACs; the instrumented layers must absorb all of the
+        saving, so the per-dim ratio is ``(budget_of_instrumented_part) ** (1 / len(dims))``
+        (channel and frame pruning multiply; feature pruning roughly so).
+        """
+        fixed_fraction = self._fixed_fraction
+        b = float(self.budget)
+        inst = (b - fixed_fraction) / max(1e-9, 1.0 - fixed_fraction)
+        inst = min(1.0, max(1e-3, inst))
+        ratio = inst ** (1.0 / len(self.dims)) * math.exp(float(self.calibration))
+        return min(1.0, max(1e-3, ratio))
+
+    @torch.no_grad()
+    def calibrate(
+        self, clips: torch.Tensor | list[torch.Tensor], *, iters: int = 20, tol: float = 0.002
+    ) -> float:
+        """Shift the keep decisions so that eval MACs meet the budget on ``clips``; returns the
+        mean executed/dense ratio reached.
+
+        Hard eval masks of a trained controller rarely hit the budget exactly (training sees
+        noisy gates); a bisection on one offset (added to every logit for ``threshold``, scaling
+        the keep ratio for ``topk``) fixes that on a calibration set, e.g. a few validation
+        batches. The ratio is monotone in the offset, so bisection converges. The offset is a
+        buffer: saved with the checkpoint, valid for the current budget.
+        """
+        batches = [clips] if isinstance(clips, torch.Tensor) else list(clips)
+        if not batches:
+            raise ValueError("calibrate needs at least one batch of clips")
+        was_training = self.training
+        self.eval()
+        target = float(self.budget)
+
+        def ratio_at(offset: float) -> float:
+            self.calibration.fill_(offset)
+            ratios = []
+            for clip in batches:
+                self(clip)
+                ratios.append(self.last_stats.mac_ratio())
+            return float(torch.cat(ratios).mean())
+
+        span = 8.0 if self.policy == "threshold" else 4.0
+        lo, hi = -span, span
+        try:
+            while ratio_at(lo) > target and lo > -1e3:
+                lo *= 2
+            while ratio_at(hi) < target and hi < 1e3:
+                hi *= 2
+            floor = ratio_at(lo)
+            if floor > target + tol:
+                warnings.warn(
+                    f"budget {target:.3f} is out of reach: keeping the minimum of every "
+                    f"instrumented layer still executes {floor:.3f} of the dense MACs (the stem, "
+                    "the head and the layers DANCE does not prune stay dense); calibrated to the "
+                    "floor",
+                    stacklevel=2,
+                )
+            best, best_err = 0.0, float("inf")
+            for _ in range(iters):
+                mid = 0.5 * (lo + hi)
+                r = ratio_at(mid)
+                if abs(r - target) < best_err:
+                    best, best_err = mid, abs(r - target)
+                if abs(r - target) <= tol:
+                    break
+                lo, hi = (mid, hi) if r < target else (lo, mid)
+            return ratio_at(best)
+        finally:
+            self.train(was_training)
+
+    def layer_masks(
+        self, ctx: ControllerContext, name: str, shape: tuple[int, int, int, int]
+    ) -> LayerMasks:
+        """Masks of layer ``name`` for a batch whose input to that layer is ``(C, T, H, W)``."""
+        c, t, h, w = shape
+        ctrl, training = self.controller, self.training
+        values: dict[str, torch.Tensor] = {}
+        probs: dict[str, torch.Tensor] = {}
+        logits: dict[str, torch.Tensor] = {}
+        if "frame" in self.dims:
+            logits["frame"] = ctrl.frame_logits(ctx, name, t)
+        if "channel" in self.dims:
+            logits["channel"] = ctrl.channel_logits(ctx, name)
+        if "feature" in self.dims:
+            logits["feature"] = ctrl.feature_logits(ctx, name, (h, w))
+        offset = float(self.calibration) if self.policy == "threshold" else 0.0
+        for dim, lg in logits.items():
+            flat = lg.flatten(1) + offset
+            if self._force_dense:
+                value = torch.ones_like(flat)
+                prob = torch.ones_like(flat)
+            elif self.policy == "topk":
+                k = keep_count(self.keep_ratio(), flat.shape[1], self.min_keep)
+                value = topk_gate(flat, k, training=training, tau=self.tau, noise=self.noise)
+                prob = value
+            else:
+                value = threshold_gate(
+                    flat, training=training, tau=self.tau, min_keep=self.min_keep, noise=self.noise
+                )
+                prob = value  # straight-through: hard in value, soft in gradient
+            value, prob = value.view_as(lg), prob.view_as(lg)
+            if dim == "feature":  # probs stay per block: the MAC count is exact for blocks
+                value = expand_blocks(value, (h, w))
+            values[dim], probs[dim] = value, prob
+        return LayerMasks(values, probs)
+
+
+def _pad(conv: nn.Conv3d, axis: int) -> int:
+    return conv.padding[axis] if isinstance(conv.padding, tuple) else 0
+
+
+class _ForwardState:
+    """Per-forward scratch space shared by the hooks of one call."""
+
+    def __init__(self) -> None:
+        self.ctx: ControllerContext | None = None
+        self.stem_shape: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self.layers: dict[str, LayerStats] = {}
+
+
+class _StemHook:
+    """Forward hook on the stem: runs the controller on the stem output."""
+
+    def __init__(self, pruner: AdaptivePruner, state: _ForwardState) -> None:
+        self.pruner, self.state = pruner, state
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.state.ctx is None:  # a stem reused later in the network does not re-plan
+            budget = self.pruner.budget.to(output.dtype) if self.pruner.budget_conditioned else None
+            self.state.ctx = self.pruner.controller(output, budget)
+            self.state.stem_shape = tuple(output.shape[1:])
+
+
+class _MaskHook:
+    """Forward pre-hook on an instrumented conv: masks its input and records statistics."""
+
+    def __init__(self, pruner: AdaptivePruner, state: _ForwardState, name: str) -> None:
+        self.pruner, self.state, self.name = pruner, state, name
+
+    def __call__(self, module: nn.Conv3d, args: tuple) -> tuple:
+        if self.state.ctx is None:
+            raise RuntimeError(
+                f"instrumented layer {self.name!r} ran before the stem "
+                f"{self.pruner.stem_name!r}: the controller has no statistics yet. Exclude it "
+                "with `layers=` or check which conv reads the clip first."
+            )
+        x = args[0]
+        shape = tuple(x.shape[1:])
+        masks = self.pruner.layer_masks(self.state.ctx, self.name, shape)
+        hard = {d: v.detach() for d, v in masks.values.items()}
+        executed = conv3d_executed_macs_batch(module, shape, **hard)
+        # the straight-through mask values are 0/1 forward and carry the gates' gradients, so
+        # the "expected" count equals the executed one in value and is differentiable
+        probs = dict(masks.probs)
+        blocks = probs.pop("feature", None)
+        expected = conv3d_expected_macs(
+            module,
+            shape,
+            **{f"{d}_p": p for d, p in probs.items()},
+            feature_blocks_p=blocks,
+            batch_size=x.shape[0],
+        )
+        dense = conv3d_executed_macs(module, shape)
+        self.state.layers[self.name] = LayerStats(
+            shape, dense, executed, expected, masks.kept_fraction(), hard
+        )
+        return (apply_masks(x, masks.values),) + tuple(args[1:])
+
+
+def budget_loss(
+    stats: PruningStats, budget: float | torch.Tensor, *, min_layer_keep: float = 0.05
+) -> dict[str, torch.Tensor]:
+    """The AAP budget terms from one forward pass's statistics.
+
+    - ``ratio``: expected executed/dense MACs per clip, averaged over the batch (differentiable);
+    - ``budget``: ``(ratio - budget) ** 2``: the MAC-weighted budget loss;
+    - ``bounds``: ``sum_l relu(min_layer_keep - kept_l) ** 2`` where ``kept_l`` is layer ``l``'s
+      expected executed/dense MAC fraction: keeps any single layer from collapsing.
+    """
+    ratio = (stats.expected_macs() / max(1, stats.dense_total)).mean()
+    terms = [
+        torch.relu(min_layer_keep - (s.expected_macs.mean() / max(1, s.dense_macs))) ** 2
+        for s in stats.layers.values()
+    ]
+    bounds = torch.stack(terms).sum() if terms else ratio.new_zeros(())
+    return {"ratio": ratio, "budget": (ratio - budget) ** 2, "bounds": bounds}
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0
+) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened logits, scaled by ``T^2`` (Hinton et al.)."""
+    t = temperature
+    log_p = torch.log_softmax(student / t, dim=-1)
+    q = torch.softmax(teacher.detach() / t, dim=-1)
+    return torch.nn.functional.kl_div(log_p, q, reduction="batchmean") * (t * t)

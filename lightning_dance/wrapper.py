@@ -1,0 +1,378 @@
+"""``DANCEWrapper``: the Lightning shell that trains an AAP controller on a user's 3D CNN.
+
+The functional core lives in :mod:`lightning_dance.aap` (:class:`AdaptivePruner`: hooks, gates,
+statistics; losses); this module only wires it into the Trainer: optimizers, logging, metrics,
+checkpoints.
+
+Example:
+    >>> import lightning as L
+    >>> from lightning_dance import DANCEWrapper, SyntheticVideoDataModule, VideoClassifier
+    >>> user_model = VideoClassifier("tiny_c3d", num_classes=10)        # already trained
+    >>> wrapper = DANCEWrapper(user_model, budget=0.5)                   # backbone frozen
+    >>> L.Trainer(max_epochs=2).fit(wrapper, SyntheticVideoDataModule())  # doctest: +SKIP
+    >>> wrapper.set_budget(0.3)  # budget-conditioned controllers only     # doctest: +SKIP
+    >>> original = wrapper.unwrap()  # the user's module, unchanged
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+from torchmetrics import MeanMetric
+
+from lightning_dance.aap import AdaptivePruner, PruningStats, budget_loss, distillation_loss
+from lightning_dance.layers import LayerSelector
+from lightning_dance.masks import DIMS
+
+__all__ = ["DANCEWrapper", "ArchitectureMismatchError"]
+
+TASKS = ("labels", "distill", "both")
+
+
+class ArchitectureMismatchError(ValueError):
+    """A DANCE checkpoint was made for a different model architecture."""
+
+
+class DANCEWrapper(L.LightningModule):
+    """Instrument every Conv3d of ``model`` and train the DANCE controller (AAP).
+
+    Args:
+        model: the user's network: an ``nn.Module`` or LightningModule mapping a clip
+            ``[N, C, T, H, W]`` to logits, or a factory name (with ``model_kwargs``).
+        budget: target executed/dense MAC ratio in (0, 1].
+        dims: which input dims to prune (subset of ``("frame", "channel", "feature")``).
+        policy: ``"threshold"`` (DANCE, input-dependent) or ``"topk"`` (fixed counts, exportable).
+        layers: which Conv3d to instrument (default: all but the stem).
+        budget_range: train one budget-conditioned controller for budgets in ``(low, high)``
+            (sampled per batch); pick one at inference with :meth:`set_budget`.
+        task: ``"labels"`` (cross-entropy), ``"distill"`` (match the dense model's outputs: no
+            labels needed) or ``"both"``.
+        distill_temperature: softmax temperature of the distillation loss.
+        freeze_backbone: train only the controller (default); ``False`` fine-tunes jointly.
+        lr, weight_decay: AdamW settings.
+        budget_weight: weight of ``(E[executed]/dense - budget)^2``.
+        bound_weight, min_layer_keep: per-layer lower bound on the kept MAC fraction (so that no
+            layer collapses) and its weight.
+        grid, hidden, tau, init_keep, min_keep: see :class:`~lightning_dance.aap.AdaptivePruner`.
+        noise_anneal: the gates' exploration noise falls linearly from 1 to 0 over this fraction
+            of the training steps, then training decisions are the eval ones, so the budget met
+            in training is met at eval (0: no noise at all; 1: noise until the last step).
+        model_kwargs: for a factory name: ``create_model`` arguments (``num_classes`` required).
+
+    Logs ``dance/mac_ratio`` (executed/dense, hard masks), ``dance/expected_ratio``,
+    ``dance/kept_<dim>``, ``dance/loss_*`` and ``train|val|test/acc`` when labels are present.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        *,
+        budget: float = 0.5,
+        dims: tuple[str, ...] | list[str] = DIMS,
+        policy: str = "threshold",
+        layers: LayerSelector = None,
+        budget_range: tuple[float, float] | None = None,
+        task: str = "both",
+        distill_temperature: float = 2.0,
+        freeze_backbone: bool = True,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        budget_weight: float = 10.0,
+        bound_weight: float = 1.0,
+        min_layer_keep: float = 0.05,
+        grid: int = 4,
+        hidden: int = 64,
+        tau: float = 1.0,
+        init_keep: float = 0.9,
+        min_keep: int = 1,
+        noise_anneal: float = 0.7,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if budget_weight < 0 or bound_weight < 0:
+            raise ValueError("budget_weight and bound_weight must be >= 0")
+        if not 0.0 <= min_layer_keep < 1.0:
+            raise ValueError(f"min_layer_keep must be in [0, 1), got {min_layer_keep}")
+        if not 0.0 <= noise_anneal <= 1.0:
+            raise ValueError(f"noise_anneal must be in [0, 1], got {noise_anneal}")
+        if distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
+        if budget_range is not None:
+            low, high = (float(b) for b in budget_range)
+            if not 0.0 < low < high <= 1.0:
+                raise ValueError(
+                    f"budget_range must satisfy 0 < low < high <= 1, got {budget_range}"
+                )
+            budget_range = (low, high)
+        if isinstance(model, str):
+            from lightning_dance.models import create_model
+
+            kwargs = dict(model_kwargs or {})
+            if "num_classes" not in kwargs:
+                raise ValueError("a factory model name needs model_kwargs={'num_classes': ...}")
+            model = create_model(model, **kwargs)
+            self.save_hyperparameters()
+        else:
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model must be an nn.Module or a factory name, got {type(model)}")
+            self.save_hyperparameters(ignore=["model"])
+        self.pruner = AdaptivePruner(
+            model,
+            dims=dims,
+            policy=policy,
+            budget=budget,
+            layers=layers,
+            budget_conditioned=budget_range is not None,
+            grid=grid,
+            hidden=hidden,
+            min_keep=min_keep,
+            tau=tau,
+            init_keep=init_keep,
+        )
+        self.budget_range = budget_range
+        self.freeze_backbone = freeze_backbone
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        if freeze_backbone:
+            model.requires_grad_(False)
+            self._teacher: nn.Module | None = None
+        else:
+            # the dense teacher must not drift with the student: a frozen copy, kept out of the
+            # state dict (it equals the user's model at wrap time)
+            teacher = copy.deepcopy(model).requires_grad_(False).eval()
+            object.__setattr__(self, "_teacher", teacher)
+        self.metrics = nn.ModuleDict(
+            {f"{s}_{m}": MeanMetric() for s in ("train", "val", "test") for m in ("acc", "ratio")}
+        )
+
+    # ------------------------------------------------------------------ user-facing
+    @property
+    def model(self) -> nn.Module:
+        """The user's network (shared with the pruner, never modified)."""
+        return self.pruner.model
+
+    def set_budget(self, budget: float) -> None:
+        """Choose the target MAC ratio (a budget-conditioned controller adapts without training)."""
+        self.pruner.set_budget(budget)
+        if self.budget_range is not None:
+            low, high = self.budget_range
+            if not low <= budget <= high:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(
+                    f"budget {budget} is outside the range the controller was trained for "
+                    f"{self.budget_range}: expect a larger budget error"
+                )
+
+    def unwrap(self) -> nn.Module:
+        """Give back the user's model as it was wrapped (requires_grad flags restored)."""
+        model = self.pruner.unwrap()
+        for name, p in model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+        return model
+
+    @property
+    def last_stats(self) -> PruningStats | None:
+        """Statistics of the last forward pass (see :class:`~lightning_dance.aap.PruningStats`)."""
+        return self.pruner.last_stats
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        return self.pruner(clip)
+
+    def train(self, mode: bool = True) -> DANCEWrapper:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.pruner.model.eval()  # frozen BatchNorm statistics: the backbone is not trained
+        return self
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning restores each submodule's own train/eval flag around validation, bypassing
+        # train(); a frozen backbone must never update its BatchNorm statistics
+        if self.freeze_backbone:
+            self.pruner.model.eval()
+        self.pruner.noise = self._noise_scale()
+
+    def _noise_scale(self) -> float:
+        anneal = self.hparams.noise_anneal
+        if self._trainer is None or anneal <= 0:
+            return 0.0 if anneal <= 0 else 1.0
+        total = self.trainer.estimated_stepping_batches
+        if not total or total == float("inf"):
+            return 1.0
+        return max(0.0, 1.0 - self.global_step / (anneal * float(total)))
+
+    # ------------------------------------------------------------------ steps
+    def _teacher_logits(self, clip: torch.Tensor) -> torch.Tensor:
+        teacher = self._teacher if self._teacher is not None else self.pruner.model
+        with torch.no_grad():
+            return teacher(clip)
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        clip, label = _split_batch(batch)
+        if self.budget_range is not None and stage == "train":
+            low, high = self.budget_range
+            self.pruner.set_budget(low + (high - low) * float(torch.rand(())))
+        budget = float(self.pruner.budget)
+        logits = self(clip)
+        stats = self.pruner.last_stats
+        losses: dict[str, torch.Tensor] = {}
+        task = self.hparams.task
+        if task in ("labels", "both"):
+            if label is None:
+                raise ValueError(
+                    f"task={task!r} needs labelled batches (clip, label); use task='distill' "
+                    "to train the controller without labels"
+                )
+            losses["ce"] = nn.functional.cross_entropy(logits, label)
+        if task in ("distill", "both"):
+            teacher = self._teacher_logits(clip)
+            losses["distill"] = distillation_loss(logits, teacher, self.hparams.distill_temperature)
+        parts = budget_loss(stats, budget, min_layer_keep=self.hparams.min_layer_keep)
+        losses["budget"] = self.hparams.budget_weight * parts["budget"]
+        losses["bounds"] = self.hparams.bound_weight * parts["bounds"]
+        loss = sum(losses.values())
+        n = clip.shape[0]
+        on_step = stage == "train"
+        for key, value in losses.items():
+            self.log(
+                f"dance/{stage}_loss_{key}", value, on_step=on_step, on_epoch=True, batch_size=n
+            )
+        ratio = stats.mac_ratio().float()
+        self.metrics[f"{stage}_ratio"](ratio)
+        self.log(
+            f"dance/{stage}_mac_ratio",
+            self.metrics[f"{stage}_ratio"],
+            prog_bar=True,
+            on_step=False,
+            on_epoch=True,
+        )
+        self.log(
+            f"dance/{stage}_expected_ratio",
+            parts["ratio"].detach(),
+            on_step=on_step,
+            on_epoch=True,
+            batch_size=n,
+        )
+        self.log("dance/budget", budget, on_step=on_step, on_epoch=True, batch_size=n)
+        for dim, frac in _mean_kept(stats).items():
+            self.log(f"dance/{stage}_kept_{dim}", frac, on_step=False, on_epoch=True, batch_size=n)
+        if label is not None:
+            self.metrics[f"{stage}_acc"]((logits.argmax(-1) == label).float())
+            self.log(
+                f"{stage}/acc",
+                self.metrics[f"{stage}_acc"],
+                prog_bar=True,
+                on_step=False,
+                on_epoch=True,
+            )
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            batch_size=n,
+            prog_bar=stage == "train",
+        )
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        clip, _ = _split_batch(batch)
+        return self(clip).argmax(-1)
+
+    def on_fit_start(self) -> None:
+        if self._teacher is not None:
+            self._teacher.to(self.device)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dance"] = {
+            "architecture": self.pruner.architecture(),
+            "budget": float(self.pruner.budget),
+            "budget_range": self.budget_range,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("dance")
+        if saved is None:
+            raise ArchitectureMismatchError(
+                "this checkpoint has no DANCE section: it was not written by a DANCEWrapper "
+                "(to load the user's own model checkpoint, load it into the model before wrapping)"
+            )
+        check_architecture(saved["architecture"], self.pruner.architecture())
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        own = self.state_dict()
+        mismatched = [
+            k
+            for k, v in state_dict.items()
+            if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if mismatched:
+            raise ArchitectureMismatchError(
+                "the checkpoint was trained for a different architecture; mismatched tensors: "
+                f"{mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def check_architecture(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise :class:`ArchitectureMismatchError` naming the first differences."""
+    if saved == current:
+        return
+    diffs = []
+    if saved.get("stem") != current.get("stem"):
+        diffs.append(f"stem {saved.get('stem')} != {current.get('stem')}")
+    if saved.get("dims") != current.get("dims"):
+        diffs.append(f"dims {saved.get('dims')} != {current.get('dims')}")
+    s_layers, c_layers = saved.get("layers", {}), current.get("layers", {})
+    for name in list(dict.fromkeys([*s_layers, *c_layers])):
+        if s_layers.get(name) != c_layers.get(name):
+            diffs.append(
+                f"layer {name!r}: saved {s_layers.get(name)} vs model {c_layers.get(name)}"
+            )
+    raise ArchitectureMismatchError(
+        "this DANCE controller was trained for a different architecture: "
+        + "; ".join(diffs[:5])
+        + (" ..." if len(diffs) > 5 else "")
+    )
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, dict) and "video" in batch:
+        return batch["video"], batch.get("label")
+    raise TypeError(
+        "a DANCE batch is a clip tensor, a (clip, label) pair or a dict with 'video' (and "
+        f"'label'); got {type(batch).__name__}"
+    )
+
+
+def _mean_kept(stats: PruningStats) -> dict[str, float]:
+    per_dim: dict[str, list[float]] = {}
+    for layer in stats.layers.values():
+        for dim, frac in layer.kept.items():
+            per_dim.setdefault(dim, []).append(float(frac.float().mean()))
+    return {d: sum(v) / len(v) for d, v in per_dim.items()}

@@ -1,0 +1,245 @@
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_dance.aap import AdaptivePruner, budget_loss, distillation_loss
+from lightning_dance.layers import NoConv3dError
+from lightning_dance.macs import conv3d_executed_macs, count_macs
+from lightning_dance.masks import DIMS
+
+DIM_SETS = [("frame",), ("channel",), ("feature",), DIMS]
+
+
+def _randomize(pruner: AdaptivePruner, std: float = 1.0) -> None:
+    """A controller with large random weights: varied, input-dependent decisions."""
+    torch.manual_seed(3)
+    for p in pruner.controller.parameters():
+        nn.init.normal_(p, std=std)
+
+
+@pytest.mark.parametrize("dims", DIM_SETS)
+@pytest.mark.parametrize("policy", ["threshold", "topk"])
+def test_all_kept_equals_the_original_model(small_net, clip, dims, policy):
+    reference = small_net(clip)
+    pruner = AdaptivePruner(small_net, dims=dims, policy=policy).eval()
+    _randomize(pruner)
+    with pruner.dense():
+        out = pruner(clip)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    stats = pruner.last_stats
+    for layer in stats.layers.values():
+        assert all(bool((k == 1).all()) for k in layer.kept.values())
+
+
+def test_instrumented_layers_and_stem(small_net):
+    pruner = AdaptivePruner(small_net)
+    assert pruner.stem_name == "stem.0"
+    assert pruner.layer_names == ["conv_a.0", "res.0", "res.3", "down"]
+
+
+@pytest.mark.parametrize("dims", DIM_SETS)
+def test_masks_are_binary_and_differ_across_inputs(small_net, dims):
+    pruner = AdaptivePruner(small_net, dims=dims).eval()
+    _randomize(pruner)
+    torch.manual_seed(0)
+    clip = torch.randn(4, 3, 8, 16, 16)
+    clip[1] *= 4.0
+    clip[2, :, :4] = 0.0  # half the frames empty
+    clip[3, :, :, :8] = 0.0  # half the frame height empty
+    captured = {}
+
+    def grab(module, args):
+        captured[module] = (args[0] != 0).flatten(2)  # [N, C, T*H*W] kept pattern
+
+    handles = [m.register_forward_pre_hook(grab) for m in pruner._layers.values()]
+    pruner(clip)
+    for h in handles:
+        h.remove()
+    kept = pruner.last_stats.layers
+    differs = False
+    for _name, layer in kept.items():
+        for _dim, frac in layer.kept.items():
+            assert frac.shape == (4,)
+            differs |= bool(frac.max() > frac.min())
+    assert differs, "the controller made the same decision for every clip"
+
+
+def test_masks_zero_what_they_say(small_net, clip):
+    """The conv really reads x * masks: its live input channels are at most the kept ones."""
+    pruner = AdaptivePruner(small_net, dims=("channel",)).eval()
+    _randomize(pruner)
+    inputs = {}
+
+    def spy(name, conv):
+        def forward(x):
+            inputs[name] = x
+            return type(conv).forward(conv, x)
+
+        return forward
+
+    for name, conv in pruner._layers.items():
+        conv.forward = spy(name, conv)  # runs after the pruner's pre-hook: sees the masked input
+    try:
+        pruner(clip)
+    finally:
+        for conv in pruner._layers.values():
+            del conv.forward
+    assert set(inputs) == set(pruner.layer_names)
+    for name, x in inputs.items():
+        alive = (x.abs().sum(dim=(2, 3, 4)) > 0).float().mean(1)
+        kept = pruner.last_stats.layers[name].kept["channel"]
+        assert torch.all(alive <= kept + 1e-6), name
+    assert any(bool((s.kept["channel"] < 1).any()) for s in pruner.last_stats.layers.values())
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.6])
+def test_topk_keeps_exactly_k(small_net, clip, budget):
+    pruner = AdaptivePruner(small_net, dims=("channel",), policy="topk", budget=budget).eval()
+    _randomize(pruner)
+    pruner(clip)
+    ratio = pruner.keep_ratio()
+    for name, layer in pruner.last_stats.layers.items():
+        c = layer.input_shape[0]
+        expected = max(1, round(ratio * c)) / c
+        assert torch.allclose(layer.kept["channel"], torch.full((2,), expected)), name
+
+
+def test_executed_macs_are_consistent_with_fvcore(small_net, clip):
+    pruner = AdaptivePruner(small_net).eval()
+    _randomize(pruner)
+    pruner(clip)
+    stats = pruner.last_stats
+    assert stats.dense_total == count_macs(small_net, clip[:1]).total
+    for name, layer in stats.layers.items():
+        conv = pruner._layers[name]
+        assert layer.dense_macs == conv3d_executed_macs(conv, layer.input_shape)
+        assert (layer.executed_macs <= layer.dense_macs).all()
+        torch.testing.assert_close(
+            layer.expected_macs.detach(), layer.executed_macs.double(), check_dtype=False
+        )
+    ratio = stats.mac_ratio()
+    assert ((ratio > 0) & (ratio <= 1.0 + 1e-9)).all()
+    with pruner.dense():
+        pruner(clip)
+    # all kept: only the skipped temporal zero-padding taps (frame dim) are saved
+    assert (pruner.last_stats.mac_ratio() > 0.85).all()
+
+
+def test_gradients_reach_the_controller_not_the_frozen_backbone(small_net, clip):
+    small_net.requires_grad_(False)
+    pruner = AdaptivePruner(small_net).train()
+    pruner.model.eval()
+    logits = pruner(clip)
+    parts = budget_loss(pruner.last_stats, 0.3)
+    loss = logits.pow(2).mean() + parts["budget"] + parts["bounds"]
+    loss.backward()
+    grads = {n: p.grad for n, p in pruner.controller.named_parameters()}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+    assert all(p.grad is None for p in small_net.parameters())
+
+
+def test_budget_loss_terms(small_net, clip):
+    pruner = AdaptivePruner(small_net).eval()
+    _randomize(pruner)
+    pruner(clip)
+    stats = pruner.last_stats
+    parts = budget_loss(stats, 0.25, min_layer_keep=0.0)
+    expected_ratio = (stats.expected_macs() / stats.dense_total).mean()
+    torch.testing.assert_close(parts["ratio"], expected_ratio)
+    torch.testing.assert_close(parts["budget"], (expected_ratio - 0.25) ** 2)
+    assert float(parts["bounds"]) == 0.0
+    assert float(budget_loss(stats, 0.25, min_layer_keep=0.99)["bounds"]) > 0
+
+
+def test_distillation_loss_is_zero_for_equal_logits_and_positive_otherwise():
+    a = torch.randn(4, 5)
+    assert float(distillation_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(a, torch.randn(4, 5))) > 0
+
+
+def test_user_model_untouched(small_net, clip):
+    before = {k: v.clone() for k, v in small_net.state_dict().items()}
+    pruner = AdaptivePruner(small_net)
+    pruner(clip)
+    model = pruner.unwrap()
+    assert model is small_net
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    copy.deepcopy(pruner)
+    pickle.loads(pickle.dumps(pruner))
+
+
+def test_no_conv3d_model():
+    with pytest.raises(NoConv3dError, match="no nn.Conv3d"):
+        AdaptivePruner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, float("nan")])
+def test_bad_budget(small_net, budget):
+    with pytest.raises(ValueError, match="budget must be in"):
+        AdaptivePruner(small_net, budget=budget)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (torch.randn(3, 8, 16, 16), r"\[N, C, T, H, W\]"),
+        (torch.randn(1, 4, 8, 16, 16), "reads 3 channels"),
+        (torch.randn(0, 3, 8, 16, 16), "empty batch"),
+        (torch.full((1, 3, 8, 16, 16), float("nan")), "NaN"),
+    ],
+)
+def test_bad_clips(small_net, bad, match):
+    with pytest.raises(ValueError, match=match):
+        AdaptivePruner(small_net)(bad)
+
+
+def test_too_few_frames_for_an_unpadded_stem():
+    net = nn.Sequential(nn.Conv3d(3, 4, (5, 3, 3)), nn.Conv3d(4, 4, 1))
+    with pytest.raises(ValueError, match="fewer than the stem"):
+        AdaptivePruner(net)(torch.randn(1, 3, 3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(policy="random"), "policy"),
+        (dict(min_keep=0), "min_keep"),
+        (dict(tau=0), "tau"),
+        (dict(dims=("x",)), "unknown dims"),
+    ],
+)
+def test_bad_arguments(small_net, kw, match):
+    with pytest.raises(ValueError, match=match):
+        AdaptivePruner(small_net, **kw)
+
+
+@pytest.mark.parametrize("policy", ["threshold", "topk"])
+@pytest.mark.parametrize("budget", [0.35, 0.6])
+def test_calibrate_meets_the_budget(small_net, policy, budget):
+    pruner = AdaptivePruner(small_net, dims=("frame", "channel"), policy=policy, budget=budget)
+    _randomize(pruner, std=0.3)
+    torch.manual_seed(5)
+    clips = [torch.randn(4, 3, 8, 16, 16) for _ in range(2)]
+    reached = pruner.calibrate(clips)
+    # granularity: a handful of channels/frames per layer, so within a few percent
+    assert abs(reached - budget) < 0.05, reached
+    assert pruner.training  # restored
+    with torch.no_grad():
+        pruner.eval()
+        ratios = torch.cat([(pruner(c), pruner.last_stats.mac_ratio())[1] for c in clips])
+    assert float(ratios.mean()) == pytest.approx(reached)
+
+
+def test_calibrate_warns_when_the_budget_is_out_of_reach(small_net):
+    pruner = AdaptivePruner(small_net, dims=("channel",), budget=0.01)
+    with pytest.warns(UserWarning, match="out of reach"):
+        reached = pruner.calibrate(torch.randn(2, 3, 8, 16, 16))
+    # the floor: every layer keeps its minimum; far above the asked budget, still below dense
+    assert 0.01 < reached < 0.6
