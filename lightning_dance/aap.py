@@ -377,17 +377,11 @@ class AdaptivePruner(nn.Module):
         self, ctx: ControllerContext, name: str, shape: tuple[int, int, int, int]
     ) -> LayerMasks:
         """Masks of layer ``name`` for a batch whose input to that layer is ``(C, T, H, W)``."""
-        c, t, h, w = shape
-        ctrl, training = self.controller, self.training
+        h, w = shape[2:]
+        training = self.training
         values: dict[str, torch.Tensor] = {}
         probs: dict[str, torch.Tensor] = {}
-        logits: dict[str, torch.Tensor] = {}
-        if "frame" in self.dims:
-            logits["frame"] = ctrl.frame_logits(ctx, name, t)
-        if "channel" in self.dims:
-            logits["channel"] = ctrl.channel_logits(ctx, name)
-        if "feature" in self.dims:
-            logits["feature"] = ctrl.feature_logits(ctx, name, (h, w))
+        logits = self.controller.layer_logits(ctx, name, shape)
         offset = float(self.calibration) if self.policy == "threshold" else 0.0
         for dim, lg in logits.items():
             flat = lg.flatten(1) + offset

@@ -216,6 +216,21 @@ class Controller(nn.Module):
             shift = shift.unsqueeze(-1)  # [N, 1, 1]
         return local + glob + shift
 
+    def layer_logits(
+        self, ctx: ControllerContext, layer: str, shape: tuple[int, int, int, int]
+    ) -> dict[str, torch.Tensor]:
+        """``{dim: logits}`` of ``layer`` whose input is ``shape = (C, T, H, W)``, for every dim
+        this controller predicts (channel ``[N, C]``, frame ``[N, T]``, feature ``[N, gh, gw]``)."""
+        _, t, h, w = shape
+        logits: dict[str, torch.Tensor] = {}
+        if "frame" in self.dims:
+            logits["frame"] = self.frame_logits(ctx, layer, t)
+        if "channel" in self.dims:
+            logits["channel"] = self.channel_logits(ctx, layer)
+        if "feature" in self.dims:
+            logits["feature"] = self.feature_logits(ctx, layer, (h, w))
+        return logits
+
     def architecture(self) -> dict[str, int]:
         """``{layer: input channels}``: what a checkpoint of this controller is tied to."""
         return dict(self.layer_channels)

@@ -24,10 +24,10 @@ def _trainer(**kw) -> L.Trainer:
 def test_baseline_learns_the_synthetic_data():
     L.seed_everything(0)
     dm = SyntheticVideoDataModule(
-        num_classes=4, frames=8, size=32, train_size=256, val_size=128, test_size=128,
+        num_classes=4, frames=8, size=32, train_size=512, val_size=128, test_size=128,
         batch_size=16, seed=0,
     )  # fmt: skip
-    model = VideoClassifier("tiny_c3d", num_classes=4, lr=3e-3)
+    model = VideoClassifier("tiny_c3d", num_classes=4, lr=1e-3)
     trainer = _trainer(max_epochs=6)
     before = trainer.validate(model, datamodule=dm, verbose=False)[0]
     trainer.fit(model, datamodule=dm)
@@ -68,7 +68,7 @@ def test_warmup_then_cosine_factors():
         sched.optimizer.step()
         sched.step()
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # monotone decay after warm-up
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))  # decays after warm-up
     assert lrs[-1] < 0.05
 
 

@@ -4,26 +4,12 @@ of multi-pathway (SlowFast) and depthwise (X3D) networks."""
 import pytest
 import torch
 import torch.nn as nn
+from test_models import SMALL  # tiny widths: structure, not capacity
 
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.layers import all_conv3d, stem_names
 from lightning_dance.macs import conv3d_executed_macs
 from lightning_dance.models import create_model, list_models
-
-# tiny widths: the point is structure, not capacity (the same settings as test_models.py)
-SMALL = {
-    "tiny_c3d": {"width": 0.5},
-    "r3d_18": {"width": 0.25},
-    "mc3_18": {"width": 0.25},
-    "r2plus1d_18": {"width": 0.25},
-    "x3d_xs": {"width": 0.25},
-    "x3d_s": {"width": 0.25},
-    "x3d_m": {"width": 0.25},
-    "slow_r50": {"width": 0.125},
-    "slowfast_r50": {"width": 0.125},
-    "csn_r101": {"width": 0.125},
-    "timm:resnet18": {"channels": (8, 16, 32, 64)},
-}
 
 
 def _model(name: str) -> nn.Module:

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
 from lightning_dance.macs import quiet_fvcore
 from lightning_dance.models._utils import check_num_classes, check_width, scale_width
 

@@ -1,0 +1,266 @@
+"""Export-friendly modules for each export mode of a DANCE model.
+
+An :class:`~lightning_dance.aap.AdaptivePruner` computes its masks inside hooks that also count
+MACs, validate clips and read buffers as Python floats: fine in eager mode, not capturable by
+``torch.export``. :func:`build_export_module` turns a model, an ``AdaptivePruner`` or a
+``DANCEWrapper`` into a plain ``nn.Module`` ``clip -> logits`` for one mode:
+
+- ``"dense"``: the user's model, unchanged (no controller).
+- ``"masked"``: controller + eval masks multiplied into each instrumented Conv3d's input,
+  exactly what ``pruner(clip)`` computes in eval mode (any policy). Static shapes, runs on every
+  target, saves nothing.
+- ``"topk"`` (``policy="topk"`` pruners): channels and frames are *gathered* to the fixed
+  keep-counts (:func:`lightning_dance.execution.static.static_topk_conv3d`): static shapes,
+  real savings; features (if pruned) are still multiplied by their mask; layers the static path
+  does not support (grouped, non-depthwise convs with channel pruning) fall back to masked
+  multiplication and are listed in :attr:`ExportPlan.masked_layers`.
+- ``"threshold"`` (gathers of input-dependent size) is not available yet: see
+  ``docs/export.md``.
+
+The budget, the calibration offset and the ``topk`` keep-counts are baked in as constants for
+the example clip's shape: no Python branch depends on data, so ``torch.export`` captures the
+module faithfully (it raises on a data-dependent branch instead of baking it in, unlike
+``torch.jit.trace``).
+
+Example:
+    >>> import torch
+    >>> from lightning_dance.aap import AdaptivePruner
+    >>> from lightning_dance.models import create_model
+    >>> pruner = AdaptivePruner(create_model("tiny_c3d", num_classes=4), policy="topk").eval()
+    >>> clip = torch.randn(1, 3, 4, 16, 16)
+    >>> module, plan = build_export_module(pruner, "topk", clip)
+    >>> bool(torch.allclose(module(clip), pruner(clip), atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_dance.aap import AdaptivePruner
+from lightning_dance.macs import count_macs
+from lightning_dance.masks import expand_blocks, keep_count, threshold_gate, topk_gate
+
+__all__ = ["MODES", "DANCEExportModule", "ExportPlan", "build_export_module", "unwrap_pruner"]
+
+MODES = ("dense", "masked", "topk", "threshold")
+
+
+@dataclass
+class ExportPlan:
+    """What an export module computes for the example clip's shape (per clip, ``N = 1``)."""
+
+    mode: str
+    policy: str | None
+    dims: tuple[str, ...] = ()
+    budget: float | None = None
+    dense_macs: int = 0
+    executed_macs: int = 0  # what the exported graph computes (controller included)
+    policy_macs: float | None = None  # what DANCE's policy counts on the example clip (mean)
+    keep_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # topk: layer -> dim -> k
+    masked_layers: list[str] = field(default_factory=list)  # topk: layers multiplied, not gathered
+
+
+def unwrap_pruner(model: nn.Module) -> AdaptivePruner | None:
+    """The :class:`AdaptivePruner` of a DANCE model (a pruner or a ``DANCEWrapper``), else None."""
+    if isinstance(model, AdaptivePruner):
+        return model
+    pruner = getattr(model, "pruner", None)
+    return pruner if isinstance(pruner, AdaptivePruner) else None
+
+
+class DANCEExportModule(nn.Module):
+    """A capturable ``clip -> logits`` module running a pruner's controller and eval masks.
+
+    Built by :func:`build_export_module` (``mode`` ``"masked"`` or ``"topk"``); shares the
+    pruner's model and controller (no copy). Hooks exist only during ``forward``.
+    """
+
+    def __init__(
+        self,
+        pruner: AdaptivePruner,
+        mode: str,
+        shapes: dict[str, tuple[int, int, int, int]],
+        keep_counts: dict[str, dict[str, int]],
+        gathered: set[str],
+    ) -> None:
+        super().__init__()
+        self.model = pruner.model
+        self.controller = pruner.controller
+        self.mode, self.policy, self.dims = mode, pruner.policy, pruner.dims
+        self.stem_name, self.layer_names = pruner.stem_name, list(pruner.layer_names)
+        self.min_keep = pruner.min_keep
+        self.offset = float(pruner.calibration) if pruner.policy == "threshold" else 0.0
+        self.budget_value = float(pruner.budget) if pruner.budget_conditioned else None
+        self.shapes, self.keep_counts, self.gathered = shapes, keep_counts, gathered
+
+    def layer_masks(self, ctx: Any, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Eval masks ``{dim: [N, ...]}`` of layer ``name`` (as ``AdaptivePruner.layer_masks``)."""
+        h, w = shape[2:]
+        logits = self.controller.layer_logits(ctx, name, tuple(shape))
+        values = {}
+        for dim, lg in logits.items():
+            flat = lg.flatten(1) + self.offset if self.offset else lg.flatten(1)
+            if self.policy == "topk":
+                value = topk_gate(flat, self.keep_counts[name][dim], training=False)
+            else:
+                value = threshold_gate(flat, training=False, min_keep=self.min_keep)
+            value = value.view_as(lg)
+            values[dim] = expand_blocks(value, (h, w)) if dim == "feature" else value
+        return values
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        from lightning_dance.execution.static import static_topk_conv3d
+        from lightning_dance.masks import apply_masks
+
+        modules = dict(self.model.named_modules())
+        state: dict[str, Any] = {}
+
+        def stem_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if "ctx" not in state:
+                budget = None
+                if self.budget_value is not None:
+                    budget = torch.full((), self.budget_value, dtype=output.dtype)
+                state["ctx"] = self.controller(output, budget)
+
+        def mask_hook(name: str):
+            def hook(module: nn.Module, args: tuple) -> tuple:
+                x = args[0]
+                masks = self.layer_masks(state["ctx"], name, tuple(x.shape[1:]))
+                if name in self.gathered:
+                    state[name] = masks  # gathered in the routed forward
+                    return args
+                return (apply_masks(x, masks),) + tuple(args[1:])
+
+            return hook
+
+        def routed(name: str, conv: nn.Conv3d):
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                masks = state.pop(name)
+                idx = {}
+                for dim in ("channel", "frame"):
+                    if dim in masks:
+                        idx[f"{dim}_idx"] = (
+                            masks[dim]
+                            .topk(self.keep_counts[name][dim], dim=1)
+                            .indices.sort(dim=1)
+                            .values
+                        )
+                if "feature" in masks:
+                    x = apply_masks(x, {"feature": masks["feature"]})
+                return static_topk_conv3d(conv, x, **idx)
+
+            return forward
+
+        handles = [modules[self.stem_name].register_forward_hook(stem_hook)]
+        for name in self.layer_names:
+            handles.append(modules[name].register_forward_pre_hook(mask_hook(name)))
+        for name in self.gathered:
+            modules[name].forward = routed(name, modules[name])
+        try:
+            return self.model(clip)
+        finally:
+            for h in handles:
+                h.remove()
+            for name in self.gathered:
+                modules[name].__dict__.pop("forward", None)
+
+
+def _static_supported(conv: nn.Conv3d, dims: tuple[str, ...]) -> bool:
+    if "channel" in dims and conv.groups not in (1, conv.in_channels):
+        return False
+    if conv.padding_mode != "zeros" and conv.padding not in (0, (0, 0, 0), "valid"):
+        return False
+    if isinstance(conv.padding, str) and conv.padding == "same":
+        return all(
+            d * (k - 1) % 2 == 0 for k, d in zip(conv.kernel_size, conv.dilation, strict=True)
+        )
+    return True
+
+
+@torch.no_grad()
+def build_export_module(
+    model: nn.Module, mode: str, example_clip: torch.Tensor
+) -> tuple[nn.Module, ExportPlan]:
+    """The module to export for ``mode`` and its :class:`ExportPlan` (MACs per clip).
+
+    Args:
+        model: a plain 3D CNN (``"dense"`` only), an ``AdaptivePruner`` or a ``DANCEWrapper``.
+        mode: one of :data:`MODES`.
+        example_clip: ``[N, C, T, H, W]``; keep-counts and MACs are for this shape.
+
+    Raises:
+        ValueError: unknown mode, or a mode that needs a DANCE model / the ``topk`` policy.
+        NotImplementedError: ``"threshold"`` (dynamic-size gathers are not exportable yet).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    pruner = unwrap_pruner(model)
+    one = example_clip[:1]
+    if pruner is None:
+        if mode != "dense":
+            raise ValueError(
+                f"mode={mode!r} needs a DANCE model (AdaptivePruner or DANCEWrapper); "
+                f"{type(model).__name__} has no controller: use mode='dense'"
+            )
+        model = model.eval()
+        dense = int(count_macs(model, one, per_module=False).total)
+        return model, ExportPlan("dense", None, dense_macs=dense, executed_macs=dense)
+    if mode == "threshold":
+        raise NotImplementedError(
+            "mode='threshold' (input-dependent gathers, dynamic shapes) is not exportable yet: "
+            "the compact path decides its gathers in Python. Export mode='masked' (same outputs, "
+            "no savings) or train with policy='topk' and export mode='topk'."
+        )
+    if mode == "topk" and pruner.policy != "topk":
+        raise ValueError(
+            f"mode='topk' needs a pruner trained with policy='topk', this one uses "
+            f"{pruner.policy!r}: export mode='masked' instead"
+        )
+    pruner.eval()
+    pruner(one)  # sets the fixed MAC fraction (topk keep ratio) and the statistics
+    stats = pruner.last_stats
+    plan = ExportPlan(mode, pruner.policy, pruner.dims, float(pruner.budget))
+    plan.dense_macs = int(stats.dense_total)
+    plan.policy_macs = float(stats.executed_macs().double().mean())
+    shapes = {name: tuple(s.input_shape) for name, s in stats.layers.items()}
+    modules = dict(pruner.model.named_modules())
+    gathered: set[str] = set()
+    if pruner.policy == "topk":
+        ratio = pruner.keep_ratio()
+        for name, (c, t, h, w) in shapes.items():
+            grid = (min(pruner.controller.grid, h), min(pruner.controller.grid, w))
+            sizes = {"frame": t, "channel": c, "feature": grid[0] * grid[1]}
+            plan.keep_counts[name] = {
+                d: keep_count(ratio, sizes[d], pruner.min_keep) for d in pruner.dims
+            }
+    if mode == "topk":
+        from lightning_dance.execution.static import static_executed_macs
+
+        executed = stats.fixed_macs + stats.controller_macs
+        for name, shape in shapes.items():
+            conv = modules[name]
+            k = plan.keep_counts[name]
+            if ("channel" in k or "frame" in k) and _static_supported(conv, pruner.dims):
+                gathered.add(name)
+                executed += static_executed_macs(
+                    conv, shape, k_channel=k.get("channel"), k_frame=k.get("frame")
+                )
+            else:
+                plan.masked_layers.append(name)
+                executed += stats.layers[name].dense_macs
+        plan.executed_macs = int(executed)
+    else:  # masked: everything is computed, plus the controller
+        plan.executed_macs = int(stats.dense_total + stats.controller_macs)
+    module = DANCEExportModule(pruner, mode, shapes, plan.keep_counts, gathered).eval()
+    return module, plan
+
+
+def copy_for_export(model: nn.Module) -> nn.Module:
+    """A CPU, eval-mode deep copy (exports never touch the training model)."""
+    return copy.deepcopy(model).cpu().eval()
