@@ -261,10 +261,17 @@ class AdaptivePruner(nn.Module):
         if not torch.isfinite(clip).all():
             raise ValueError("the clip contains NaN or infinite values")
 
-    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+    def prepare(self, clip: torch.Tensor) -> tuple[int, dict[str, int]]:
+        """Validate ``clip`` and set what this clip shape's masks depend on; returns the dense
+        MACs per clip (whole model, per instrumented layer). Called by :meth:`forward` and by
+        external executors (:class:`lightning_dance.execution.CompactPruner`)."""
         self.check_clip(clip)
         dense_total, layer_dense = self._dense_counts(clip)
         self._fixed_fraction = 1.0 - sum(layer_dense.values()) / max(1, dense_total)
+        return dense_total, layer_dense
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        dense_total, layer_dense = self.prepare(clip)
         state = _ForwardState()
         with self._hooks(state):
             out = self.model(clip)

@@ -31,6 +31,7 @@ from lightning_dance.masks import DIMS
 __all__ = ["DANCEWrapper", "ArchitectureMismatchError"]
 
 TASKS = ("labels", "distill", "both")
+EXECUTIONS = ("masked", "compact")
 
 
 class ArchitectureMismatchError(ValueError):
@@ -61,6 +62,8 @@ class DANCEWrapper(L.LightningModule):
         noise_anneal: the gates' exploration noise falls linearly from 1 to 0 over this fraction
             of the training steps, then training decisions are the eval ones, so the budget met
             in training is met at eval (0: no noise at all; 1: noise until the last step).
+        execution: ``"masked"`` (multiply by the masks: the training path) or ``"compact"``
+            (inference skips the pruned work, see :meth:`compile_sparse`).
         model_kwargs: for a factory name: ``create_model`` arguments (``num_classes`` required).
 
     Logs ``dance/mac_ratio`` (executed/dense, hard masks), ``dance/expected_ratio``,
@@ -90,6 +93,7 @@ class DANCEWrapper(L.LightningModule):
         init_keep: float = 0.9,
         min_keep: int = 1,
         noise_anneal: float = 0.7,
+        execution: str = "masked",
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -101,6 +105,8 @@ class DANCEWrapper(L.LightningModule):
             raise ValueError("budget_weight and bound_weight must be >= 0")
         if not 0.0 <= min_layer_keep < 1.0:
             raise ValueError(f"min_layer_keep must be in [0, 1), got {min_layer_keep}")
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if not 0.0 <= noise_anneal <= 1.0:
             raise ValueError(f"noise_anneal must be in [0, 1], got {noise_anneal}")
         if distill_temperature <= 0:
@@ -139,6 +145,8 @@ class DANCEWrapper(L.LightningModule):
         )
         self.budget_range = budget_range
         self.freeze_backbone = freeze_backbone
+        self.execution = execution
+        object.__setattr__(self, "_compact", None)  # not a submodule: stays out of checkpoints
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         if freeze_backbone:
             model.requires_grad_(False)
@@ -184,7 +192,32 @@ class DANCEWrapper(L.LightningModule):
         return self.pruner.last_stats
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        if self.execution == "compact" and not self.training:
+            return (self._compact or self.compile_sparse())(clip)
         return self.pruner(clip)
+
+    def compile_sparse(
+        self, example: torch.Tensor | None = None, *, tune: bool = False, batch_mode: str = "group"
+    ) -> Any:
+        """Switch inference to the fast path that skips the pruned work (same outputs as the
+        masked model; see :class:`lightning_dance.execution.CompactPruner`). ``tune=True`` times
+        the layers on ``example`` and keeps a layer dense where pruning it would be slower.
+        Training steps always use the masked path; ``last_stats`` is not filled by the fast path.
+
+        Example:
+            >>> fast = wrapper.eval().compile_sparse()   # doctest: +SKIP
+            >>> logits = wrapper(clip)                   # now runs compactly  # doctest: +SKIP
+        """
+        from lightning_dance.execution import CompactPruner
+
+        fast = CompactPruner(self.pruner, batch_mode=batch_mode)
+        if tune:
+            if example is None:
+                raise ValueError("tune=True needs an example clip to time the layers on")
+            fast.tune(example)
+        object.__setattr__(self, "_compact", fast)
+        self.execution = "compact"
+        return fast
 
     def train(self, mode: bool = True) -> DANCEWrapper:
         super().train(mode)
@@ -220,7 +253,7 @@ class DANCEWrapper(L.LightningModule):
             low, high = self.budget_range
             self.pruner.set_budget(low + (high - low) * float(torch.rand(())))
         budget = float(self.pruner.budget)
-        logits = self(clip)
+        logits = self.pruner(clip)  # the masked path: it records last_stats
         stats = self.pruner.last_stats
         losses: dict[str, torch.Tensor] = {}
         task = self.hparams.task

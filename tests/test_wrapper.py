@@ -158,3 +158,27 @@ def test_budget_loss_and_calibration_meet_the_budget_on_synthetic_data(budget):
     held_out = evaluate_dance(wrapper, dm, split="test")
     assert abs(held_out["mac_ratio"] - budget) < 0.05, held_out
     assert held_out["mac_ratio_p5"] < held_out["mac_ratio"] < held_out["mac_ratio_p95"]
+
+
+@pytest.mark.parametrize("policy", ["threshold", "topk"])
+def test_compile_sparse_computes_what_the_masked_model_computes(policy):
+    torch.manual_seed(0)
+    wrapper = DANCEWrapper(SmallNet(), budget=0.4, policy=policy).eval()
+    clip = torch.randn(2, 3, 8, 16, 16)
+    with torch.no_grad():
+        wrapper.pruner.calibrate(clip)  # real masks (an untrained controller keeps everything)
+        masked = wrapper(clip)
+        assert float(wrapper.last_stats.mac_ratio().mean()) < 0.6
+        wrapper.compile_sparse()
+        assert wrapper.execution == "compact"
+        fast = wrapper(clip)
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    # the fast path is not part of the checkpoint
+    assert not any("_compact" in k for k in wrapper.state_dict())
+
+
+def test_execution_argument_is_checked():
+    with pytest.raises(ValueError, match="execution"):
+        DANCEWrapper(SmallNet(), execution="sparse")
+    with pytest.raises(ValueError, match="example clip"):
+        DANCEWrapper(SmallNet()).compile_sparse(tune=True)

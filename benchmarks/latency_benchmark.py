@@ -1,0 +1,368 @@
+"""Batch-1 latency of DANCE's compact execution vs the dense model in its fastest form.
+
+For each model (random init, eval, ``channels_last_3d``):
+
+- ``dense F.conv3d``: the plain model (NCDHW, PyTorch's own kernel choice), for reference only;
+- ``dense fast``: the same model with every Conv3d through
+  :func:`lightning_dance.execution.fast_conv3d` (oneDNN on ``channels_last_3d``): the baseline
+  of every speedup, so that the kernel gain is never credited to pruning;
+- per pruned-dims config and budget: an :class:`~lightning_dance.aap.AdaptivePruner` with the
+  ``topk`` policy (or ``--policy threshold``) and an *untrained* controller, calibrated with
+  ``pruner.calibrate`` so that executed/dense MACs meet the budget on a few random clips; then
+  ``compact`` (:class:`~lightning_dance.execution.CompactPruner`, exact plan: computes exactly
+  the counted MACs) and ``tuned`` (the same with per-layer kernel tunings: snapped counts and
+  dense fallbacks where compact would be slower).
+
+Everything runs interleaved in one process (round robin over variants after warm-up), with fixed
+threads; medians and p90 are reported. The controller's masks, statistics and per-layer logits
+are part of every DANCE latency.
+
+- ``selected``: kernel-aware layer selection: a new pruner instrumenting only the layers that
+  :func:`~lightning_dance.execution.profitable_layers` finds worth pruning at the tuned pruner's
+  keep ratio, calibrated to the same budget (so those layers are pruned harder), with tunings.
+
+- ``MAC ratio`` = executed / dense MACs per clip, as counted by the pruner
+  (:mod:`lightning_dance.macs`, controller included);
+- ``ran`` = MACs the run really computed / dense (``tuned`` may compute more than counted);
+- ``speedup`` = median dense-fast latency / median latency;
+- ``real/ideal`` = speedup * MAC ratio (1.0: the latency fell as much as the counted MACs).
+
+Also: batches (per-clip latency at ``--batch``, masks per sample: ``group`` = samples one by one
+vs ``union`` = one conv over the union of kept entries) and cost growth with clip length
+(``--clip-lengths``).
+
+Usage::
+
+    .venv/bin/python benchmarks/latency_benchmark.py                      # full run (~15 min)
+    .venv/bin/python benchmarks/latency_benchmark.py --smoke              # CI smoke (seconds)
+    .venv/bin/python benchmarks/latency_benchmark.py --models tiny_c3d --budgets 0.5
+
+Writes ``benchmarks/results/latency.json`` (``--out``). On a shared machine the load average is
+recorded with each model; compare figures of one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lightning_dance.aap import AdaptivePruner
+from lightning_dance.execution import (
+    CompactPruner,
+    accelerate_dense,
+    count_executed_macs,
+    profitable_layers,
+    to_fast_layout,
+    tune_layers,
+)
+from lightning_dance.models import create_model
+
+MODELS = {  # name -> (create_model kwargs, clip (C, T, H, W))
+    "r2plus1d_18": ({"width": 0.5}, (3, 8, 112, 112)),
+    "x3d_xs": ({}, (3, 4, 160, 160)),
+    "tiny_c3d": ({}, (3, 16, 64, 64)),
+}
+CONFIGS = {
+    "channel": ("channel",),
+    "frame": ("frame",),
+    "channel+frame": ("channel", "frame"),
+    "all": ("frame", "channel", "feature"),
+}
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+@dataclass
+class Variant:
+    name: str
+    run: Callable[[], object]
+    mac_ratio: float = 1.0  # counted executed / dense
+    ran_ratio: float = 1.0  # really computed / dense
+
+
+def measure(variants: list[Variant], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Round robin over the variants (drifts in machine load hit every variant alike)."""
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for v in variants:
+                v.run()
+        for _ in range(repeats):
+            for v in variants:
+                t0 = time.perf_counter()
+                v.run()
+                times[v.name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def p90(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)]
+
+
+def build(name: str, clip_shape: tuple[int, ...], batch: int = 1) -> tuple[nn.Module, torch.Tensor]:
+    kwargs, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, **kwargs).eval()
+    model = model.to(memory_format=torch.channels_last_3d)  # fastest layout (values unchanged)
+    return model, torch.randn(batch, *clip_shape)
+
+
+def dense_fast(model: nn.Module, clip: torch.Tensor) -> Callable[[], torch.Tensor]:
+    clip_fast = to_fast_layout(clip)
+
+    def run() -> torch.Tensor:
+        with accelerate_dense(model):
+            return model(clip_fast)
+
+    return run
+
+
+def calibrated_pruner(
+    model: nn.Module,
+    dims: tuple[str, ...],
+    budget: float,
+    clip: torch.Tensor,
+    args,
+    layers: list[str] | None = None,
+) -> AdaptivePruner:
+    """An untrained controller, calibrated so that the mean MAC ratio meets ``budget``."""
+    torch.manual_seed(args.seed)
+    pruner = AdaptivePruner(model, dims=dims, policy=args.policy, budget=budget, layers=layers)
+    pruner.eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    calib = [torch.randn(clip.shape, generator=gen) for _ in range(args.calib_clips)]
+    with torch.no_grad():
+        pruner(calib[0])  # dense MAC counts (fvcore) are cached per shape: count the plain model
+    with torch.no_grad(), accelerate_dense(model):  # the masked model, on the fast kernels
+        pruner.calibrate(calib, iters=args.calib_iters, tol=0.005)
+    return pruner
+
+
+def dance_variants(
+    name: str, pruner: AdaptivePruner, clip: torch.Tensor, tunings: dict | None
+) -> tuple[Variant, float]:
+    """One compact variant; also checks it against the masked model (max relative error)."""
+    fast = CompactPruner(pruner, tunings=tunings)
+    with torch.no_grad():
+        with accelerate_dense(pruner.model):
+            ref = pruner(clip)
+        stats = pruner.last_stats
+        with count_executed_macs() as macs:
+            out = fast(clip)
+    err = float((out - ref).abs().max() / (ref.abs().max() + 1e-12))
+    n = clip.shape[0]
+    dense = stats.dense_total * n
+    counted = float(stats.executed_macs().sum()) / dense
+    ran = (macs.total + (stats.fixed_macs + stats.controller_macs) * n) / dense
+    return Variant(name, lambda: fast(clip), counted, ran), err
+
+
+def rows_of(variants: list[Variant], times: dict[str, list[float]], base: str) -> list[dict]:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for v in variants:
+        speed = med[base] / med[v.name]
+        rows.append({
+            "variant": v.name, "mac_ratio": round(v.mac_ratio, 4),
+            "ran_ratio": round(v.ran_ratio, 4), "median_ms": round(med[v.name], 2),
+            "p90_ms": round(p90(times[v.name]), 2), "min_ms": round(min(times[v.name]), 2),
+            "speedup": round(speed, 3), "realized_over_ideal": round(speed * v.mac_ratio, 3),
+        })  # fmt: skip
+    return rows
+
+
+def bench_model(name: str, args) -> dict:
+    _, clip_shape = MODELS[name]
+    model, clip = build(name, clip_shape)
+    configs = {c: CONFIGS[c] for c in args.configs}
+    all_dims = tuple(
+        d for d in ("frame", "channel", "feature") if any(d in v for v in configs.values())
+    )
+    t0 = time.perf_counter()
+    layers = AdaptivePruner(model, dims=all_dims).layer_names
+    tunings = (
+        tune_layers(model, clip, layers, all_dims, repeats=args.tune_repeats) if args.tune else None
+    )
+    tune_s = time.perf_counter() - t0
+    variants = [
+        Variant("dense F.conv3d", lambda: model(clip)),
+        Variant("dense fast", dense_fast(model, clip)),
+    ]
+    errors: dict[str, float] = {}
+    selected: dict[str, int] = {}  # profitable layers per config/budget
+    for cfg, dims in configs.items():
+        for budget in args.budgets:
+            pruner = calibrated_pruner(model, dims, budget, clip, args)
+            label = f"{cfg} @{budget}"
+            v, errors[label] = dance_variants(f"{label} compact", pruner, clip, None)
+            variants.append(v)
+            if tunings is not None:
+                v, errors[label + " tuned"] = dance_variants(
+                    f"{label} tuned", pruner, clip, tunings
+                )
+                variants.append(v)
+                # kernel-aware layer selection: prune only the layers where it pays
+                chosen = profitable_layers(tunings, keep=pruner.keep_ratio())
+                selected[label] = len(chosen)
+                if chosen and len(chosen) < len(layers):
+                    sub = calibrated_pruner(model, dims, budget, clip, args, layers=chosen)
+                    v, errors[label + " sel"] = dance_variants(
+                        f"{label} selected", sub, clip, tunings
+                    )
+                    variants.append(v)
+    load_before = loadavg()
+    times = measure(variants, args.warmup, args.repeats)
+    result = {
+        "model": name, "clip": list(clip_shape), "threads": torch.get_num_threads(),
+        "policy": args.policy, "tune_seconds": round(tune_s, 1),
+        "max_rel_error_vs_masked_model": max(errors.values(), default=0.0),
+        "rows": rows_of(variants, times, "dense fast"),
+        "instrumented_layers": len(layers), "profitable_layers": selected,
+        "loadavg": f"{load_before} -> {loadavg()}",
+    }  # fmt: skip
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result["kernel_gain_dense"] = round(med["dense F.conv3d"] / med["dense fast"], 3)
+    if name in args.batch_models and args.batch > 1:
+        result["batch"] = bench_batch(name, args, tunings)
+    if name in args.growth_models and args.clip_lengths:
+        result["clip_length"] = bench_growth(name, args)
+    return result
+
+
+def bench_batch(name: str, args, tunings: dict | None) -> list[dict]:
+    """Per-clip latency at batch ``args.batch``: dense batch vs compact group / union."""
+    _, clip_shape = MODELS[name]
+    model, clip = build(name, clip_shape, args.batch)
+    dims = CONFIGS[args.growth_config]
+    pruner = calibrated_pruner(model, dims, args.growth_budget, clip[:1], args)
+    variants = [Variant("dense fast", dense_fast(model, clip))]
+    for mode in ("group", "union"):
+        fast = CompactPruner(pruner, tunings=tunings, batch_mode=mode)
+        with torch.no_grad(), count_executed_macs() as macs:
+            fast(clip)
+        with torch.no_grad(), accelerate_dense(model):
+            pruner(clip)
+        stats = pruner.last_stats
+        dense = stats.dense_total * args.batch
+        ran = (macs.total + (stats.fixed_macs + stats.controller_macs) * args.batch) / dense
+        counted = float(stats.executed_macs().sum()) / dense
+        variants.append(Variant(f"compact {mode}", lambda f=fast: f(clip), counted, ran))
+    times = measure(variants, args.warmup, max(3, args.repeats // 2))
+    rows = rows_of(variants, times, "dense fast")
+    for r in rows:
+        r["per_clip_ms"] = round(r["median_ms"] / args.batch, 2)
+        r["batch"] = args.batch
+    return rows
+
+
+def bench_growth(name: str, args) -> list[dict]:
+    """Dense-fast vs compact (and tuned) latency vs clip length T at one budget / config."""
+    out = []
+    _, (c, _, h, w) = MODELS[name]
+    dims = CONFIGS[args.growth_config]
+    for t in args.clip_lengths:
+        model, clip = build(name, (c, t, h, w))
+        pruner = calibrated_pruner(model, dims, args.growth_budget, clip, args)
+        variants = [Variant("dense fast", dense_fast(model, clip))]
+        v, _ = dance_variants("compact", pruner, clip, None)
+        variants.append(v)
+        if args.tune and not args.smoke:
+            tunings = tune_layers(model, clip, pruner.layer_names, dims, repeats=args.tune_repeats)
+            v, _ = dance_variants("tuned", pruner, clip, tunings)
+            variants.append(v)
+        times = measure(variants, args.warmup, max(3, args.repeats // 2))
+        for row in rows_of(variants, times, "dense fast"):
+            row.update({"T": t, "loadavg": loadavg()})
+            out.append(row)
+    return out
+
+
+def print_tables(r: dict) -> None:
+    print(f"\n## {r['model']}  clip {r['clip']}  threads {r['threads']}  policy {r['policy']}  "
+          f"kernel gain of dense fast over F.conv3d: {r['kernel_gain_dense']:.2f}x  "
+          f"max rel. error vs masked model {r['max_rel_error_vs_masked_model']:.1e}  "
+          f"(load {r['loadavg']}, tuning {r['tune_seconds']} s)")  # fmt: skip
+    head = (f"{'variant':30s} {'MAC ratio':>9s} {'ran':>6s} {'median ms':>10s} {'p90 ms':>8s} "
+            f"{'speedup':>8s} {'real/ideal':>10s}")  # fmt: skip
+    print(head)
+    for row in r["rows"]:
+        print(f"{row['variant']:30s} {row['mac_ratio']:9.3f} {row['ran_ratio']:6.3f} "
+              f"{row['median_ms']:10.2f} {row['p90_ms']:8.2f} {row['speedup']:8.2f} "
+              f"{row['realized_over_ideal']:10.2f}")  # fmt: skip
+    sel = ", ".join(f"{k}: {v}" for k, v in r["profitable_layers"].items())
+    print(f"profitable layers of {r['instrumented_layers']} instrumented ({sel}); "
+          "'selected' prunes only those")  # fmt: skip
+    if r.get("batch"):
+        print(f"batch {r['batch'][0]['batch']} (per-clip ms; speedup over the dense batch):")
+        for row in r["batch"]:
+            print(f"  {row['variant']:16s} MAC {row['mac_ratio']:.3f} ran {row['ran_ratio']:.3f} "
+                  f"per clip {row['per_clip_ms']:8.2f} ms  speedup {row['speedup']:.2f}")  # fmt: skip
+    if r.get("clip_length"):
+        print("clip length growth:")
+        for row in r["clip_length"]:
+            print(f"  T={row['T']:3d} {row['variant']:10s} MAC {row['mac_ratio']:.3f} "
+                  f"ran {row['ran_ratio']:.3f} median {row['median_ms']:8.2f} ms  "
+                  f"speedup {row['speedup']:.2f}  real/ideal {row['realized_over_ideal']:.2f}  "
+                  f"(load {row['loadavg']})")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.3])
+    p.add_argument("--configs", nargs="+", default=["channel", "channel+frame"],
+                   choices=list(CONFIGS))  # fmt: skip
+    p.add_argument("--policy", default="topk", choices=["topk", "threshold"])
+    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-tune", dest="tune", action="store_false")
+    p.add_argument("--tune-repeats", type=int, default=2)
+    p.add_argument("--calib-clips", type=int, default=2)
+    p.add_argument("--calib-iters", type=int, default=12)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch-models", nargs="*", default=["tiny_c3d", "r2plus1d_18"])
+    p.add_argument("--clip-lengths", nargs="*", type=int, default=[8, 16, 32])
+    p.add_argument("--growth-budget", type=float, default=0.5)
+    p.add_argument("--growth-config", default="channel+frame", choices=list(CONFIGS))
+    p.add_argument("--growth-models", nargs="*", default=["r2plus1d_18"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny_c3d, one budget, 2 repeats")
+    p.add_argument("--out", default="benchmarks/results/latency.json")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.models, args.budgets, args.configs = ["tiny_c3d"], [0.5], ["channel+frame"]
+        args.repeats, args.warmup, args.clip_lengths = 2, 1, [8]
+        args.growth_models, args.batch, args.batch_models = ["tiny_c3d"], 2, ["tiny_c3d"]
+        args.calib_iters, args.calib_clips, args.tune_repeats = 6, 1, 1
+    torch.set_num_threads(args.threads)
+    results = []
+    for name in args.models:
+        results.append(bench_model(name, args))
+        print_tables(results[-1])
+    meta = {k: v for k, v in vars(args).items() if k != "out"}
+    meta["torch"] = torch.__version__
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"\nwrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

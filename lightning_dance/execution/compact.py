@@ -1,0 +1,631 @@
+"""Compact execution of one masked Conv3d: compute only the kept work, exactly.
+
+:func:`compact_conv3d` ``(conv, x, values)`` equals ``conv(apply_masks(x, values))`` (up to float
+rounding) and performs exactly the multiply-adds that
+:func:`lightning_dance.macs.conv3d_executed_macs` counts:
+
+- **channels**: kept input channels are gathered and the weight sliced. Grouped convs: each
+  group's ``C_out/groups`` outputs read that group's kept channels; groups with the same number
+  of kept channels run as one grouped conv (one call per distinct count); groups with nothing
+  kept are not computed, their outputs are the bias (depthwise: only the kept channels' outputs
+  are computed).
+- **frames** (when masked): temporal-tap decomposition. Output frame ``t'`` with tap ``k`` reads
+  input frame ``t = t' * s_t - p_t + k * d_t``; per tap, one ``(1, kh, kw)`` conv over the
+  kept frames that tap reads, accumulated into its output frames. Pairs reading zero padding or
+  a dropped frame are never computed; output frames with no pair are the bias. Reflect /
+  replicate / circular padding: a padding frame is a copy of a real frame, whose mask decides.
+- **features** (when masked): the active output positions (receptive field holding >= 1 kept
+  input position, as the MAC counter defines them) are split into disjoint rectangles: runs of
+  active columns, merged over consecutive rows with identical runs. Each rectangle is one conv
+  over its input crop (halo included, padding made explicit), with all ``kh * kw`` taps. The
+  union of the rectangles is exactly the active set, so no position is computed twice or
+  needlessly; inactive positions are the bias.
+
+Batches (``batch_mode``): ``"group"`` (default): samples with identical masks run together, the
+others one by one (exact MACs); ``"union"``: the batch runs as one compact conv over the union
+of the samples' kept entries, on the masked input (``apply_masks``), so each sample reads zeros
+where it dropped an entry (same result, more MACs than counted); see ``docs/execution.md`` for
+which wins. All convs go through :func:`~lightning_dance.execution.kernels.fast_conv3d`.
+
+:func:`count_executed_macs` sums the MACs of every conv call the compact path issues, to check
+the count against :mod:`lightning_dance.macs`.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from lightning_dance.masks import apply_masks
+    >>> conv = nn.Conv3d(8, 16, 3, padding=1)
+    >>> x = torch.randn(1, 8, 4, 12, 12)
+    >>> values = {"channel": (torch.rand(1, 8) > 0.5).float(), "frame": torch.tensor([[1., 0, 1, 1]])}
+    >>> values["channel"][0, 0] = 1
+    >>> y = compact_conv3d(conv, x, values)
+    >>> torch.allclose(y, conv(apply_masks(x, values)), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_dance.execution.kernels import fast_conv3d, to_fast_layout
+from lightning_dance.macs import ConvGeometry, _pad_hw, _source_index
+from lightning_dance.masks import DIMS, apply_masks
+
+if TYPE_CHECKING:
+    from lightning_dance.execution.tuning import LayerTuning
+
+__all__ = ["BATCH_MODES", "ExecutedMacs", "compact_conv3d", "count_executed_macs"]
+
+#: How :func:`compact_conv3d` runs a batch whose samples have different masks.
+BATCH_MODES = ("group", "union")
+
+
+def check_batch_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`BATCH_MODES`, else a ``ValueError``."""
+    if mode not in BATCH_MODES:
+        raise ValueError(f"batch_mode must be one of {BATCH_MODES}, got {mode!r}")
+    return mode
+
+
+_CL = torch.channels_last_3d
+
+
+# ----------------------------------------------------------------------------- MAC counting
+class ExecutedMacs:
+    """Running sum of the MACs the compact path computes (``total``) and its conv calls."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.calls = 0
+
+
+_counters: list[ExecutedMacs] = []
+
+
+@contextlib.contextmanager
+def count_executed_macs() -> Iterator[ExecutedMacs]:
+    """Sum, over every conv call of the compact path inside the context, ``out.numel() *
+    C_in_per_group * prod(kernel)`` (the fvcore convention: bias excluded).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> conv = nn.Conv3d(4, 8, 3, padding=1)
+        >>> with count_executed_macs() as m:
+        ...     _ = compact_conv3d(conv, torch.randn(1, 4, 2, 4, 4), {})
+        >>> m.total  # dense: 8 * 4 * 27 * 2 * 4 * 4
+        27648
+    """
+    counter = ExecutedMacs()
+    _counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _counters.remove(counter)
+
+
+def _conv(x, w, b, stride, padding, dilation, groups) -> torch.Tensor:
+    y = fast_conv3d(x, w, b, stride, padding, dilation, groups)
+    if _counters:
+        macs = y.numel() * w.shape[1] * w.shape[2] * w.shape[3] * w.shape[4]
+        for c in _counters:
+            c.total += macs
+            c.calls += 1
+    return y
+
+
+# ----------------------------------------------------------------------------- plans
+@dataclass
+class _ChannelPart:
+    """One conv call over a subset of channels: gathered inputs -> a subset of outputs."""
+
+    in_idx: torch.Tensor | None  # input channels to gather (None: all)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    out_idx: torch.Tensor | None  # output channels produced (None: all, in order)
+    groups: int
+
+
+def _gather_in_channels(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``w[:, idx]``, in the weight's own layout (a ``channels_last_3d`` weight stays one)."""
+    if w.is_contiguous() or not w.is_contiguous(memory_format=_CL):
+        return w.index_select(1, idx)
+    o, c, kt, kh, kw = w.shape
+    flat = w.permute(0, 2, 3, 4, 1).reshape(-1, c).index_select(1, idx)
+    return flat.view(o, kt, kh, kw, len(idx)).permute(0, 4, 1, 2, 3)
+
+
+def _channel_parts(
+    conv: nn.Conv3d,
+    m_c: torch.Tensor | None,
+    kept: torch.Tensor | None,
+    zeroed: torch.Tensor | None = None,
+) -> list[_ChannelPart]:
+    """Conv calls over channel subsets. ``kept``: the channels read; ``zeroed`` (bool over
+    ``kept``, only for ``groups == 1`` and depthwise): channels read with a zeroed weight (a
+    count snapped up to a faster kernel size; the masked input reads as zero)."""
+    w, b, groups = conv.weight, conv.bias, conv.groups
+    c_in, c_out = conv.in_channels, conv.out_channels
+    cg, og = c_in // groups, c_out // groups
+    if m_c is None or (zeroed is None and len(kept) == c_in):
+        return [_ChannelPart(None, w, b, None, groups)]
+    full = len(kept) == c_in
+    if groups == 1:
+        weight = w if full else _gather_in_channels(w, kept)
+        if zeroed is not None:
+            weight = weight * (~zeroed).to(w.dtype).view(1, -1, 1, 1, 1)
+        return [_ChannelPart(None if full else kept, weight, b, None, 1)]
+    if cg == 1:  # depthwise: the kept channels' outputs only
+        out_idx = kept if og == 1 else (kept[:, None] * og + torch.arange(og)).flatten()
+        bias = b.index_select(0, out_idx) if b is not None else None
+        weight = w.index_select(0, out_idx)
+        if zeroed is not None:
+            keep_rows = (~zeroed).repeat_interleave(og).to(w.dtype)
+            weight = weight * keep_rows.view(-1, 1, 1, 1, 1)
+        if full:
+            return [_ChannelPart(None, weight, bias, None, groups)]
+        return [_ChannelPart(kept, weight, bias, out_idx, len(kept))]
+    per_group = m_c.view(groups, cg)
+    counts = per_group.sum(1)
+    parts = []
+    wg = w.view(groups, og, cg, *w.shape[2:])
+    for count in sorted(set(counts.tolist()) - {0}):
+        sel = (counts == count).nonzero().flatten()  # groups with `count` kept channels
+        local = per_group[sel].nonzero()[:, 1].view(len(sel), count)  # kept, per group
+        in_idx = (sel[:, None] * cg + local).flatten()
+        if count == cg:
+            weight = wg[sel]
+        else:
+            gather = local[:, None, :, None, None, None].expand(-1, og, -1, *w.shape[2:])
+            weight = wg[sel].gather(2, gather)
+        out_idx = (sel[:, None] * og + torch.arange(og, device=sel.device)).flatten()
+        bias = b[out_idx] if b is not None else None
+        weight = weight.reshape(len(sel) * og, count, *w.shape[2:])
+        if len(sel) == groups and count == cg:
+            return [_ChannelPart(None, w, b, None, groups)]
+        parts.append(_ChannelPart(in_idx, weight, bias, out_idx, len(sel)))
+    return parts
+
+
+@dataclass
+class _FramePlan:
+    """Temporal-tap plan: which input frames to gather and, per tap, which pairs to compute."""
+
+    gather: torch.Tensor | None  # input frames to gather, sorted (None: all, in order)
+    # per tap: (tap k, positions in the gathered frames, output frames, covers all outputs);
+    # a tap covering every output frame comes first (its conv writes the output directly)
+    taps: list[tuple[int, torch.Tensor | slice, torch.Tensor | slice, bool]]
+
+
+def _as_index(values: list[int]) -> torch.Tensor | slice:
+    """A slice when ``values`` is a run of consecutive integers (cheaper to use), else a tensor."""
+    if values == list(range(values[0], values[0] + len(values))):
+        return slice(values[0], values[0] + len(values))
+    return torch.tensor(values)
+
+
+def _frame_plan(g: ConvGeometry, m_t: torch.Tensor) -> _FramePlan:
+    return _frame_plan_cached(g, tuple(m_t.tolist()))
+
+
+@functools.lru_cache(maxsize=8192)
+def _frame_plan_cached(g: ConvGeometry, kept: tuple[bool, ...]) -> _FramePlan:
+    t_in, t_out = g.input[1], g.output[0]
+    kt, st, dt, pt = g.kernel[0], g.stride[0], g.dilation[0], g.pad_lo[0]
+    per_tap: list[list[tuple[int, int]]] = []  # per tap: (source frame, output frame)
+    for k in range(kt):
+        pairs = []
+        for to in range(t_out):
+            src = _source_index(to * st - pt + k * dt, t_in, g.padding_mode)
+            if src is not None and kept[src]:
+                pairs.append((src, to))
+        per_tap.append(pairs)
+    frames = sorted({src for pairs in per_tap for src, _ in pairs})
+    where = {f: i for i, f in enumerate(frames)}
+    taps = []
+    for k, pairs in enumerate(per_tap):
+        if pairs:
+            dst = [to for _, to in pairs]
+            full = dst == list(range(t_out))
+            taps.append((k, _as_index([where[s] for s, _ in pairs]), _as_index(dst), full))
+    taps.sort(key=lambda tap: not tap[3])
+    gather = None if frames == list(range(t_in)) else torch.tensor(frames, dtype=torch.long)
+    return _FramePlan(gather, taps)
+
+
+def _active_rects(active: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """Disjoint rectangles ``(r0, r1, c0, c1)`` covering the True entries of ``[H, W]``."""
+    rows = active.tolist()
+    rects: list[tuple[int, int, int, int]] = []
+    prev_runs: tuple = ()
+    start = 0
+    for r, row in enumerate([*rows, [False] * len(rows[0])]):
+        runs, c = [], 0
+        while c < len(row):
+            if row[c]:
+                c0 = c
+                while c < len(row) and row[c]:
+                    c += 1
+                runs.append((c0, c))
+            else:
+                c += 1
+        runs = tuple(runs)
+        if runs != prev_runs:
+            rects += [(start, r, c0, c1) for c0, c1 in prev_runs]
+            prev_runs, start = runs, r
+    return rects
+
+
+_rect_cache: dict[tuple[ConvGeometry, bytes], list[tuple[int, int, int, int]]] = {}
+
+
+def _rects_cached(
+    g: ConvGeometry, key: bytes, m_f: torch.Tensor
+) -> list[tuple[int, int, int, int]]:
+    """Rectangles of the active outputs for a feature mask (cached: block masks repeat)."""
+    rects = _rect_cache.get((g, key))
+    if rects is None:
+        if len(_rect_cache) >= 4096:
+            _rect_cache.clear()
+        rects = _rect_cache[(g, key)] = _active_rects(_active_outputs(g, m_f))
+    return rects
+
+
+def _active_outputs(g: ConvGeometry, m_f: torch.Tensor) -> torch.Tensor:
+    """``[H_out, W_out]`` bool: receptive field holds a kept position (the MAC counter's rule)."""
+    padded = _pad_hw(m_f.to(torch.float32)[None, None], g)
+    act = F.max_pool2d(padded, g.kernel[1:], stride=g.stride[1:], dilation=g.dilation[1:])
+    return act[0, 0] > 0.5
+
+
+# ----------------------------------------------------------------------------- execution
+def _gather(x: torch.Tensor, frames: torch.Tensor | None, chans: torch.Tensor | None):
+    """``x[:, chans][:, :, frames]`` for a ``channels_last_3d`` x, staying ``channels_last_3d``."""
+    if frames is None and chans is None:
+        return x
+    n, c, t, h, w = x.shape
+    xp = x.permute(0, 2, 3, 4, 1)  # contiguous [N, T, H, W, C]
+    if frames is not None:
+        xp = xp.reshape(n, t, h * w * c).index_select(1, frames.to(x.device))
+        t = len(frames)
+    if chans is not None:
+        xp = xp.reshape(-1, c).index_select(1, chans.to(x.device))
+        c = len(chans)
+    return xp.reshape(n, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+def _bias_filled(shape: tuple[int, ...], bias: torch.Tensor | None, like: torch.Tensor):
+    out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_CL)
+    if bias is None:
+        return out.zero_()
+    return out.copy_(bias.to(like.dtype).view(1, -1, 1, 1, 1).expand(shape))
+
+
+def _pads(lo: tuple[int, ...], hi: tuple[int, ...]) -> list[int]:
+    """F.pad order (last dim first) for per-dim (lo, hi)."""
+    out = []
+    for a, b in zip(reversed(lo), reversed(hi), strict=True):
+        out += [a, b]
+    return out
+
+
+def _run_part(
+    conv: nn.Conv3d,
+    g: ConvGeometry,
+    x: torch.Tensor,
+    part: _ChannelPart,
+    frames: _FramePlan | None,
+    zero: torch.Tensor | None,
+    rects: list[tuple[int, int, int, int]] | None,
+) -> torch.Tensor:
+    """Output ``[N, C_part, T_out, H_out, W_out]`` of one channel part (bias where skipped).
+
+    ``zero``: a 0/1 ``[T, H, W]`` (or broadcastable) multiplier for the input dims that are
+    masked but not skipped (features always: rectangles only skip whole output positions; frames
+    when a tuning chose the masked dense conv over the tap decomposition)."""
+    n = x.shape[0]
+    t_out, h_out, w_out = g.output
+    xs = _gather(x, frames.gather if frames is not None else None, part.in_idx)
+    zeros_mode = g.padding_mode == "zeros"
+    sym = g.pad_lo == g.pad_hi
+    native_hw = rects is None and zeros_mode and sym
+    if zero is not None:
+        xs = xs * zero.to(xs.dtype).view(1, 1, *zero.shape)
+    hw_lo = (0, 0) if native_hw else g.pad_lo[1:]
+    hw_hi = (0, 0) if native_hw else g.pad_hi[1:]
+    native_t = frames is None and zeros_mode and g.pad_lo[0] == g.pad_hi[0]
+    pad_t = g.pad_lo[0] if native_t else 0
+    explicit_t = frames is None and not native_t  # frames masked: taps never read padding
+    lo = (g.pad_lo[0] if explicit_t else 0, *hw_lo)
+    hi = (g.pad_hi[0] if explicit_t else 0, *hw_hi)
+    if any(lo) or any(hi):
+        mode = "constant" if zeros_mode else g.padding_mode
+        xs = to_fast_layout(F.pad(xs, _pads(lo, hi), mode=mode))
+    pad_hw = g.pad_lo[1:] if native_hw else (0, 0)
+    w, b, groups = part.weight, part.bias, part.groups
+    c_part = w.shape[0]
+    sh, sw = g.stride[1:]
+    dh, dw = g.dilation[1:]
+    kh, kw = g.kernel[1:]
+
+    def crop(r0, r1, c0, c1):
+        if rects is None:
+            return xs
+        ih0, ih1 = r0 * sh, (r1 - 1) * sh + dh * (kh - 1) + 1
+        iw0, iw1 = c0 * sw, (c1 - 1) * sw + dw * (kw - 1) + 1
+        return to_fast_layout(xs[..., ih0:ih1, iw0:iw1])
+
+    regions = rects if rects is not None else [(0, h_out, 0, w_out)]
+    full = rects is None or (len(rects) == 1 and rects[0] == (0, h_out, 0, w_out))
+    if frames is None:
+        stride, pad = (g.stride[0], sh, sw), (pad_t, *pad_hw)
+        if full:
+            return _conv(crop(*regions[0]), w, b, stride, pad, g.dilation, groups)
+        out = _bias_filled((n, c_part, t_out, h_out, w_out), b, x)
+        for r0, r1, c0, c1 in regions:
+            y = _conv(crop(r0, r1, c0, c1), w, b, stride, pad, g.dilation, groups)
+            out[..., r0:r1, c0:c1] = y
+        return out
+    # temporal-tap decomposition: one (1, kh, kw) conv per tap over the frames it reads
+    stride, pad, dil = (1, sh, sw), (0, *pad_hw), (1, dh, dw)
+    taps = [(pos, dst, cover, _tap_weight(w, k)) for k, pos, dst, cover in frames.taps]
+    out = None if full else _bias_filled((n, c_part, t_out, h_out, w_out), b, x)
+    for r0, r1, c0, c1 in regions:
+        xr = crop(r0, r1, c0, c1)
+        acc = None
+        for pos, dst, cover, wk in taps:
+            xk = to_fast_layout(
+                xr[:, :, pos] if isinstance(pos, slice) else xr.index_select(2, pos)
+            )
+            if acc is None:  # first tap: conv + bias on its frames, the bias alone elsewhere
+                acc = _conv(xk, wk, b, stride, pad, dil, groups)
+                if not cover:
+                    acc = _place_frames(acc, dst, t_out, b)
+                continue
+            _add_frames(acc, dst, _conv(xk, wk, None, stride, pad, dil, groups))
+        if full:
+            return acc
+        out[..., r0:r1, c0:c1] = acc
+    return out
+
+
+def _place_frames(
+    y: torch.Tensor, dst: torch.Tensor | slice, t_out: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``[N, C, t_out, H, W]`` with ``y``'s frames at ``dst`` and the bias (or 0) elsewhere.
+
+    Frames are contiguous blocks in ``channels_last_3d`` at batch 1: plain block copies and
+    fills (``index_copy_`` and fill + ``index_add_`` measured 2-3x slower)."""
+    n, c, _, h, w = y.shape
+    out = torch.empty((n, c, t_out, h, w), dtype=y.dtype, device=y.device, memory_format=_CL)
+    dst_list = list(range(t_out))[dst] if isinstance(dst, slice) else dst.tolist()
+    rest = [t for t in range(t_out) if t not in set(dst_list)]
+    if n != 1 or not y.is_contiguous(memory_format=_CL):
+        out.copy_(_bias_filled(out.shape, bias, y))
+        out.index_copy_(2, torch.tensor(dst_list, device=y.device), y)
+        return out
+    rows = out.permute(0, 2, 3, 4, 1).view(t_out, h * w, c)
+    src = y.permute(0, 2, 3, 4, 1).view(len(dst_list), h * w, c)
+    for i, t in enumerate(dst_list):
+        rows[t].copy_(src[i])
+    if rest:
+        fill = bias.to(y.dtype).view(1, c) if bias is not None else y.new_zeros(1, c)
+        for t in rest:
+            rows[t].copy_(fill.expand(h * w, c))
+    return out
+
+
+def _add_frames(acc: torch.Tensor, dst: torch.Tensor | slice, y: torch.Tensor) -> None:
+    """``acc[:, :, dst] += y`` (frame-major row adds; ``index_copy_`` measured 3x slower)."""
+    if isinstance(dst, slice):
+        acc[:, :, dst].add_(y)
+    elif acc.shape[0] == 1 and acc.is_contiguous(memory_format=_CL):
+        rows = acc.permute(0, 2, 3, 4, 1).view(acc.shape[2], -1)  # [T, H*W*C]
+        rows.index_add_(
+            0, dst.to(acc.device), to_fast_layout(y).permute(0, 2, 3, 4, 1).reshape(len(dst), -1)
+        )
+    else:
+        acc.index_add_(2, dst.to(acc.device), y)
+
+
+def _tap_weight(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Temporal tap ``k`` of a weight, ``[C_out, C_in, 1, kh, kw]``, in the weight's layout."""
+    if w.shape[2] == 1:
+        return w
+    cl = w.is_contiguous(memory_format=_CL) and not w.is_contiguous()
+    return w[:, :, k : k + 1].contiguous(memory_format=_CL if cl else torch.contiguous_format)
+
+
+def _skip_unread(g: ConvGeometry, x: torch.Tensor, m_t, m_f):
+    """A dim with kernel 1, stride ``s > 1`` and no padding reads every ``s``-th position only:
+    take those first (a view), so gathers and the conv touch nothing else. Same outputs, same
+    MACs; the conv then has stride 1 in that dim."""
+    cut = [slice(None)] * 3
+    stride, size = list(g.stride), list(g.input[1:])
+    for i in range(3):
+        if g.kernel[i] == 1 and g.stride[i] > 1 and g.pad_lo[i] == 0 and g.pad_hi[i] == 0:
+            cut[i] = slice(0, (g.output[i] - 1) * g.stride[i] + 1, g.stride[i])
+            stride[i], size[i] = 1, g.output[i]
+    if size == list(g.input[1:]) and stride == list(g.stride):
+        return g, x, m_t, m_f
+    x = x[:, :, cut[0], cut[1], cut[2]]
+    m_t = m_t[cut[0]] if m_t is not None else None
+    m_f = m_f[cut[1], cut[2]] if m_f is not None else None
+    g = dataclasses.replace(g, stride=tuple(stride), input=(g.input[0], *size))
+    return g, x, m_t, m_f
+
+
+def _snap_channels(
+    conv: nn.Conv3d, m_c: torch.Tensor, kept: torch.Tensor, tuning: LayerTuning
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kept channels snapped UP to the tuned fastest count: ``(channels to read, zeroed)``.
+
+    The extra channels are dropped ones (lowest indices first); their weight is zeroed
+    (``zeroed``: bool over the channels read), so the result is unchanged. Only for
+    ``groups == 1`` and depthwise convs (other grouped convs keep their exact counts)."""
+    c_in = conv.in_channels
+    if conv.groups not in (1, c_in):
+        return kept, None
+    target = tuning.snap_channels(len(kept), c_in)
+    if target <= len(kept):
+        return kept, None
+    dropped = (~m_c).nonzero().flatten()[: target - len(kept)]
+    read = torch.cat([kept, dropped]).sort().values
+    return read, ~m_c[read]
+
+
+def _compact_same_masks(
+    conv: nn.Conv3d,
+    g: ConvGeometry,
+    x: torch.Tensor,
+    m_t: torch.Tensor | None,
+    m_c: torch.Tensor | None,
+    m_f: torch.Tensor | None,
+    tuning: LayerTuning | None = None,
+) -> torch.Tensor:
+    """Compact conv of a batch whose samples share the masks ``[T]``, ``[C]``, ``[H, W]``."""
+    g, x, m_t, m_f = _skip_unread(g, x, m_t, m_f)
+    x = to_fast_layout(x)
+    frames = _frame_plan(g, m_t.cpu()) if m_t is not None else None
+    rects = None
+    if m_f is not None:
+        m_cpu = m_f.cpu()
+        rects = _rects_cached(g, m_cpu.numpy().tobytes(), m_cpu)
+    shape = (x.shape[0], conv.out_channels, *g.output)
+    kept = m_c.nonzero().flatten() if m_c is not None else None
+    nothing = (frames is not None and not frames.taps) or rects == []
+    if nothing or (kept is not None and len(kept) == 0):  # no output reads a kept input
+        return _bias_filled(shape, conv.bias, x)
+    zero_t = zero_f = None
+    zeroed = None  # channels read whose weight is zeroed (snapped up)
+    if tuning is not None:
+        if kept is not None:
+            kept, zeroed = _snap_channels(conv, m_c, kept, tuning)
+        if frames is not None and not tuning.frames_pay(int(m_t.sum())):
+            frames, zero_t = None, m_t.view(-1, 1, 1)  # masked dense conv over all frames
+        if rects is not None:
+            active = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in rects)
+            if not tuning.features_pay(active / (g.output[1] * g.output[2])):
+                rects = None
+    if m_f is not None:
+        zero_f = m_f.unsqueeze(0)
+    zero = zero_t * zero_f if zero_t is not None and zero_f is not None else zero_t
+    zero = zero if zero is not None else zero_f
+    parts = _channel_parts(conv, m_c, kept, zeroed)
+    if len(parts) == 1 and parts[0].out_idx is None:
+        return _run_part(conv, g, x, parts[0], frames, zero, rects)
+    out = _bias_filled(shape, conv.bias, x)
+    flat = out.permute(0, 2, 3, 4, 1).view(-1, conv.out_channels)  # [pixels, C_out]
+    for part in parts:
+        y = to_fast_layout(_run_part(conv, g, x, part, frames, zero, rects))
+        y2 = y.permute(0, 2, 3, 4, 1).view(-1, y.shape[1])
+        flat.scatter_(1, part.out_idx.to(y.device).expand(y2.shape[0], -1), y2)
+    return out
+
+
+_geometries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _geometry(conv: nn.Conv3d, shape: tuple[int, ...]) -> ConvGeometry:
+    """``ConvGeometry.of``, cached per layer and input shape (hyper-parameters are fixed)."""
+    per_conv = _geometries.setdefault(conv, {})
+    if shape not in per_conv:
+        per_conv[shape] = ConvGeometry.of(conv, shape)
+    return per_conv[shape]
+
+
+def _check(conv: nn.Conv3d, x: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+    if not isinstance(conv, nn.Conv3d):
+        raise TypeError(f"compact_conv3d needs an nn.Conv3d, got {type(conv).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"a Conv3d input must be [N, C, T, H, W], got {shape}")
+    if not isinstance(values, dict):
+        raise TypeError(f"values must be a dict dim -> mask tensor, got {type(values).__name__}")
+    unknown = [d for d in values if d not in DIMS]
+    if unknown:
+        raise ValueError(f"unknown mask dims {unknown}; choose from {DIMS}")
+    n, c, t, h, w = x.shape
+    want = {"frame": (n, t), "channel": (n, c), "feature": (n, h, w)}
+    for dim, v in values.items():
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != want[dim]:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(
+                f"the {dim} mask must have shape {list(want[dim])} for an input of shape "
+                f"{list(x.shape)}, got {got}"
+            )
+
+
+def compact_conv3d(
+    conv: nn.Conv3d,
+    x: torch.Tensor,
+    values: dict[str, torch.Tensor],
+    *,
+    tuning: LayerTuning | None = None,
+    batch_mode: str = "group",
+) -> torch.Tensor:
+    """``conv(apply_masks(x, values))``, computing only the kept work (see module docstring).
+
+    Args:
+        conv: any ``nn.Conv3d`` (groups, stride, dilation, padding incl. ``"same"``, every
+            ``padding_mode``, with or without bias).
+        x: input ``[N, C, T, H, W]`` (any layout; ``channels_last_3d`` avoids a copy).
+        values: per-sample 0/1 masks ``{"frame": [N, T], "channel": [N, C], "feature": [N, H, W]}``;
+            an absent dim is not pruned. Entries > 0.5 are kept (straight-through masks are
+            fine, they are detached: this is an inference path).
+        tuning: this layer's measured kernel costs
+            (:class:`~lightning_dance.execution.tuning.LayerTuning`, from
+            :func:`~lightning_dance.execution.tuning.tune_conv3d`). ``None`` (default): always
+            the exact compact plan, whose multiply-adds equal
+            :func:`lightning_dance.macs.conv3d_executed_macs_batch`. With a tuning, a kept channel
+            count may be snapped up to a faster size (extra channels read with a zeroed weight)
+            and frame taps / feature rectangles that would be slower than the dense conv fall
+            back to it on the masked input: the result is the same, the work may be larger than
+            counted (:func:`count_executed_macs` reports what really ran).
+        batch_mode: ``"group"`` (samples with equal masks together, the others one by one;
+            exact) or ``"union"`` (one compact conv over the union of kept entries, the masked
+            input zeroing what each sample dropped). Only matters for ``N > 1``.
+
+    Returns:
+        ``[N, C_out, T_out, H_out, W_out]`` in ``channels_last_3d`` layout.
+    """
+    _check(conv, x, values)
+    check_batch_mode(batch_mode)
+    g = _geometry(conv, tuple(x.shape[1:]))
+    masks = {d: v.detach() > 0.5 for d, v in values.items()}
+    n = x.shape[0]
+
+    def sample(i: int) -> tuple[torch.Tensor | None, ...]:
+        return tuple(masks[d][i] if d in masks else None for d in DIMS)
+
+    if n == 1 or not masks:
+        m_t, m_c, m_f = sample(0)
+        return _compact_same_masks(conv, g, x, m_t, m_c, m_f, tuning)
+    if batch_mode == "union":
+        union = {d: m.any(0) for d, m in masks.items()}
+        xz = apply_masks(x, {d: v.to(x.dtype) for d, v in masks.items()})
+        return _compact_same_masks(conv, g, xz, *(union.get(d) for d in DIMS), tuning)
+    rows = torch.cat([masks[d].reshape(n, -1) for d in DIMS if d in masks], 1)
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if len(uniq) == 1:
+        m_t, m_c, m_f = sample(0)
+        return _compact_same_masks(conv, g, x, m_t, m_c, m_f, tuning)
+    out = None
+    for u in range(len(uniq)):
+        idx = (inverse == u).nonzero().flatten()
+        m_t, m_c, m_f = sample(int(idx[0]))
+        xb = x[idx] if len(idx) > 1 else x[int(idx[0]) : int(idx[0]) + 1]
+        y = _compact_same_masks(conv, g, xb, m_t, m_c, m_f, tuning)
+        if out is None:
+            out = torch.empty((n, *y.shape[1:]), dtype=y.dtype, device=y.device,
+                              memory_format=_CL)  # fmt: skip
+        out.index_copy_(0, idx.to(y.device), y)
+    return out

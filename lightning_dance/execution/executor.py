@@ -1,0 +1,311 @@
+"""Run a whole model with per-layer masks, each masked Conv3d computed compactly.
+
+:class:`CompactExecutor` routes the instrumented Conv3d layers of a model through
+:func:`~lightning_dance.execution.compact.compact_conv3d` with the masks of one forward pass
+(``{layer name: {dim: mask}}``), and every other Conv3d (the stem, unmasked layers) through
+:func:`~lightning_dance.execution.kernels.fast_conv3d`: the same kernels as
+:func:`~lightning_dance.execution.kernels.accelerate_dense` gives the dense model, so a
+dense / compact latency ratio measures pruning only.
+
+:class:`CompactPruner` does the same for an :class:`~lightning_dance.aap.AdaptivePruner`: the stem
+runs dense, the controller reads its output, and every instrumented layer gets its masks from
+the controller and runs compactly: DANCE's inference with the savings made real. Its outputs
+equal ``pruner(clip)`` (the masked model) in eval mode.
+
+Both take optional per-layer :class:`~lightning_dance.execution.tuning.LayerTuning` (``.tune``):
+measured kernel costs that let a layer snap its kept counts to faster kernel sizes or fall back
+to the dense conv where compact would be slower (same outputs; see
+:mod:`lightning_dance.execution.tuning`).
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> net = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1))
+    >>> ex = CompactExecutor(net)
+    >>> clip = torch.randn(1, 3, 4, 16, 16)
+    >>> masks = {"2": {"channel": torch.tensor([[1., 0, 1, 0, 1, 1, 0, 0]])}}
+    >>> y = ex(clip, masks)
+    >>> y.shape
+    torch.Size([1, 8, 4, 16, 16])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from lightning_dance.execution.compact import check_batch_mode, compact_conv3d
+from lightning_dance.execution.kernels import conv3d_fast_forward, route_conv3d, to_fast_layout
+from lightning_dance.execution.tuning import LayerTuning, best_ms, tune_layers
+from lightning_dance.layers import LayerSelector, all_conv3d, select_conv3d
+from lightning_dance.masks import DIMS
+
+if TYPE_CHECKING:
+    from lightning_dance.aap import AdaptivePruner
+
+__all__ = ["CompactExecutor", "CompactPruner", "compact_forward", "profile_layers", "random_masks"]
+
+
+def compact_forward(
+    conv: nn.Conv3d,
+    x: torch.Tensor,
+    values: dict[str, torch.Tensor] | None,
+    tuning: LayerTuning | None = None,
+    batch_mode: str = "group",
+) -> torch.Tensor:
+    """What a masked Conv3d's forward should return in ``execution="compact"`` mode.
+
+    ``values``: the layer's hard masks for this batch (``{dim: [N, ...]}``, as
+    :class:`~lightning_dance.masks.LayerMasks` ``.values``); ``None`` or ``{}``: the layer runs
+    dense on the fast kernel. Equals ``conv(apply_masks(x, values))``.
+    """
+    if not values:
+        return conv3d_fast_forward(conv, x)
+    return compact_conv3d(conv, x, values, tuning=tuning, batch_mode=batch_mode)
+
+
+class CompactExecutor:
+    """Run ``model`` with the given per-layer masks, computing only the kept work.
+
+    Args:
+        model: a 3D CNN (``model(clip)``).
+        layers: the instrumented Conv3d layers masks may name (default: all but the stem, as
+            :func:`lightning_dance.layers.select_conv3d`).
+        tunings: per-layer measured kernel costs (see :meth:`tune`); ``None``: the exact plan.
+        batch_mode: how batches with per-sample masks run (see
+            :func:`~lightning_dance.execution.compact.compact_conv3d`).
+
+    ``executor(clip, masks)`` equals the model run with each named layer reading
+    ``apply_masks(x, masks[name])`` (up to float rounding); layers without masks run dense.
+    Use it in eval mode under ``torch.no_grad()`` (an inference path). The model is only
+    modified inside the call.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSelector = None,
+        tunings: dict[str, LayerTuning] | None = None,
+        batch_mode: str = "group",
+    ) -> None:
+        self.model = model
+        self.layer_names = list(select_conv3d(model, layers))
+        self.tunings: dict[str, LayerTuning] = dict(tunings or {})
+        self.batch_mode = check_batch_mode(batch_mode)
+
+    def tune(
+        self, clip: torch.Tensor, dims: Iterable[str] = DIMS, **kwargs: object
+    ) -> dict[str, LayerTuning]:
+        """Measure every instrumented layer at its input shape on ``clip`` (see
+        :func:`~lightning_dance.execution.tuning.tune_conv3d`; ``kwargs`` go there) and use the
+        tunings from now on. Tune in the threads, layout and machine you will run on."""
+        self.tunings = tune_layers(self.model, clip, self.layer_names, dims, **kwargs)
+        return self.tunings
+
+    def _check(self, masks: dict[str, dict[str, torch.Tensor]]) -> None:
+        if not isinstance(masks, dict):
+            raise TypeError(f"masks must be a dict layer -> {{dim: mask}}, got {type(masks)}")
+        unknown = sorted(set(masks) - set(self.layer_names))
+        if unknown:
+            raise KeyError(
+                f"masks name layers that are not instrumented: {unknown[:5]}; instrumented "
+                f"layers are e.g. {self.layer_names[:5]}"
+            )
+
+    @contextlib.contextmanager
+    def route(self, masks: dict[str, dict[str, torch.Tensor]]) -> Iterator[None]:
+        """Inside the context, ``model(clip)`` runs compactly with ``masks``."""
+        self._check(masks)
+
+        def forward(name: str, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+            return compact_forward(
+                conv, x, masks.get(name), self.tunings.get(name), self.batch_mode
+            )
+
+        with route_conv3d(all_conv3d(self.model), forward):
+            yield
+
+    def __call__(
+        self, clip: torch.Tensor, masks: dict[str, dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        with self.route(masks):
+            return self.model(to_fast_layout(clip))
+
+
+class CompactPruner:
+    """DANCE inference that skips the pruned work: an ``AdaptivePruner`` run compactly.
+
+    Per clip: the stem runs dense (fast kernel), the pruner's controller reads the stem output,
+    and each instrumented Conv3d gets its masks from the controller
+    (``pruner.layer_masks``) and runs through
+    :func:`~lightning_dance.execution.compact.compact_conv3d`; every other Conv3d runs dense on
+    the fast kernel. The result equals ``pruner(clip)`` in eval mode (the masked model), for any
+    policy, dims, budget and calibration; batches are fine (samples with equal masks run
+    together, the others one by one).
+
+    Args:
+        pruner: an :class:`~lightning_dance.aap.AdaptivePruner` (eval mode).
+        tunings: per-layer measured kernel costs (see :meth:`tune`); ``None``: the exact plan
+            (multiply-adds equal the pruner's executed count).
+        batch_mode: how batches with per-sample masks run (see
+            :func:`~lightning_dance.execution.compact.compact_conv3d`).
+
+    Example:
+        >>> import torch
+        >>> from lightning_dance.aap import AdaptivePruner
+        >>> from lightning_dance.models import create_model
+        >>> pruner = AdaptivePruner(create_model("tiny_c3d", num_classes=4), budget=0.5).eval()
+        >>> fast = CompactPruner(pruner)
+        >>> clip = torch.randn(1, 3, 8, 32, 32)
+        >>> with torch.no_grad():
+        ...     torch.allclose(fast(clip), pruner(clip), atol=1e-4)
+        True
+    """
+
+    def __init__(
+        self,
+        pruner: AdaptivePruner,
+        tunings: dict[str, LayerTuning] | None = None,
+        batch_mode: str = "group",
+    ) -> None:
+        self.pruner = pruner
+        self.tunings: dict[str, LayerTuning] = dict(tunings or {})
+        self.batch_mode = check_batch_mode(batch_mode)
+
+    def tune(self, clip: torch.Tensor, **kwargs: object) -> dict[str, LayerTuning]:
+        """Measure every instrumented layer for the pruner's dims at its input shape on ``clip``
+        (see :func:`~lightning_dance.execution.tuning.tune_conv3d`) and use the tunings."""
+        p = self.pruner
+        kwargs.setdefault("grid", p.controller.grid)
+        self.tunings = tune_layers(p.model, clip, p.layer_names, p.dims, **kwargs)
+        return self.tunings
+
+    def _prepare(self, clip: torch.Tensor) -> None:
+        """What ``AdaptivePruner.forward`` sets up before its hooks run (the topk keep ratio
+        depends on the dense share of the instrumented layers for this clip shape)."""
+        self.pruner.prepare(clip)
+
+    def __call__(self, clip: torch.Tensor) -> torch.Tensor:
+        p = self.pruner
+        if p.training:
+            raise RuntimeError(
+                "CompactPruner is an inference path: call pruner.eval() first (training masks "
+                "are stochastic and need gradients through the masked model)"
+            )
+        self._prepare(clip)
+        stem, layers = p.stem_name, set(p.layer_names)
+        ctx = []  # the controller's context, set by the stem's first call
+
+        def forward(name: str, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+            if name in layers:
+                if not ctx:
+                    raise RuntimeError(f"instrumented layer {name!r} ran before the stem {stem!r}")
+                masks = p.layer_masks(ctx[0], name, tuple(x.shape[1:]))
+                return compact_conv3d(
+                    conv, x, masks.values, tuning=self.tunings.get(name),
+                    batch_mode=self.batch_mode,
+                )  # fmt: skip
+            y = conv3d_fast_forward(conv, x)
+            if name == stem and not ctx:
+                budget = p.budget.to(y.dtype) if p.budget_conditioned else None
+                ctx.append(p.controller(y, budget))
+            return y
+
+        with torch.no_grad(), route_conv3d(all_conv3d(p.model), forward):
+            return p.model(to_fast_layout(clip))
+
+
+def random_masks(
+    shapes: dict[str, tuple[int, int, int, int]],
+    keep: dict[str, float],
+    *,
+    batch_size: int = 1,
+    grid: int = 4,
+    generator: torch.Generator | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Random per-sample masks with exact kept fractions, for tests and benchmarks.
+
+    Args:
+        shapes: ``{layer: (C, T, H, W)}`` input shapes (``lightning_dance.macs.conv3d_input_shapes``).
+        keep: ``{dim: kept fraction}``; each sample keeps ``max(1, round(f * size))`` random
+            channels / frames, or blocks of a ``grid x grid`` block grid for features.
+
+    Example:
+        >>> m = random_masks({"a": (8, 4, 8, 8)}, {"channel": 0.5})
+        >>> int(m["a"]["channel"].sum())
+        4
+    """
+    from lightning_dance.masks import expand_blocks
+
+    def pick(n: int, size: int, frac: float) -> torch.Tensor:
+        k = max(1, min(size, round(frac * size)))
+        out = torch.zeros(n, size)
+        for i in range(n):
+            out[i, torch.randperm(size, generator=generator)[:k]] = 1.0
+        return out
+
+    masks = {}
+    for name, (c, t, h, w) in shapes.items():
+        m = {}
+        if "frame" in keep:
+            m["frame"] = pick(batch_size, t, keep["frame"])
+        if "channel" in keep:
+            m["channel"] = pick(batch_size, c, keep["channel"])
+        if "feature" in keep:
+            gh, gw = min(grid, h), min(grid, w)
+            blocks = pick(batch_size, gh * gw, keep["feature"]).view(batch_size, gh, gw)
+            m["feature"] = expand_blocks(blocks, (h, w))
+        masks[name] = m
+    return masks
+
+
+def profile_layers(
+    model: nn.Module,
+    clip: torch.Tensor,
+    masks: dict[str, dict[str, torch.Tensor]],
+    *,
+    repeats: int = 5,
+) -> dict[str, dict[str, float]]:
+    """Per masked layer: best-of-``repeats`` ms of the dense fast conv and of the compact conv on
+    the layer's real input (captured from one dense forward pass of ``clip``).
+
+    Returns ``{layer: {"dense_ms", "compact_ms", "ratio"}}`` (``ratio`` = compact / dense). Use
+    it to find layers where pruning does not pay on this machine (``ratio >= 1``: memory-bound
+    convs such as depthwise or 1x1x1 ones with few channels, tiny maps where fixed per-call
+    costs dominate) and leave them, or a dim of them, out of the pruner's ``layers=``.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1))
+        >>> masks = {"1": {"channel": torch.tensor([[1.0, 0, 1, 0, 1, 0, 1, 0]])}}
+        >>> sorted(profile_layers(net, torch.randn(1, 3, 4, 8, 8), masks, repeats=1)["1"])
+        ['compact_ms', 'dense_ms', 'ratio']
+    """
+    mods = dict(model.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        mods[name].register_forward_pre_hook(
+            lambda m, a, name=name: inputs.__setitem__(name, to_fast_layout(a[0].detach()))
+        )
+        for name in masks
+    ]
+    try:
+        with torch.no_grad():
+            model(clip)
+    finally:
+        for h in handles:
+            h.remove()
+
+    out = {}
+    with torch.no_grad():
+        for name, x in inputs.items():
+            conv = mods[name]
+            d = best_ms(lambda conv=conv, x=x: conv3d_fast_forward(conv, x), repeats)
+            c = best_ms(
+                lambda conv=conv, x=x, name=name: compact_conv3d(conv, x, masks[name]), repeats
+            )
+            out[name] = {"dense_ms": d, "compact_ms": c, "ratio": c / d}
+    return out

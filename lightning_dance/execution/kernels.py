@@ -1,0 +1,198 @@
+"""Kernel dispatch for Conv3d on CPU: pick the fastest correct kernel and memory layout.
+
+Measured on this project's CPU (AMD EPYC, AVX-512, torch 2.15; see
+``docs/execution.md``):
+
+- ``F.conv3d`` decides between oneDNN (``aten::mkldnn_convolution``) and the reference
+  ``aten::slow_conv3d`` with a heuristic that, at batch 1 and ``groups == 1``, picks oneDNN only
+  when ``N * C * T * H > 20480``: most layers of a video CNN at 8 x 112 x 112 (and every pruned
+  layer with few channels) land on ``slow_conv3d``, 3-60x slower.
+- oneDNN itself stays fast at small channel counts only for ``channels_last_3d`` inputs (with
+  NCDHW inputs it is 1.2-30x slower and erratic; 1x1x1 convs worst). Its speed is not monotone
+  in the channel count, though (e.g. 1x3x3 conv, 72 outputs, 8x56x56, one thread: 24 input
+  channels 12.5 ms, 20 channels 7.4 ms): :mod:`lightning_dance.execution.tuning` measures the
+  exact pruned shapes and snaps kept counts up where a larger count is faster.
+
+So :func:`fast_conv3d` calls ``torch.ops.aten.mkldnn_convolution`` directly on a
+``channels_last_3d`` input (converted if needed; the output stays ``channels_last_3d``), and
+falls back to ``F.conv3d`` for what oneDNN does not take here (non-CPU tensors, dtypes other
+than float32/bfloat16, oneDNN disabled). ``mkldnn_convolution`` has an autograd formula, so the
+fast path is differentiable too.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> conv = nn.Conv3d(8, 16, 3, padding=1)
+    >>> x = torch.randn(1, 8, 4, 16, 16)
+    >>> y = fast_conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+    >>> torch.allclose(y, conv(x), atol=1e-5)
+    True
+    >>> with accelerate_dense(conv):  # every Conv3d of a model through fast_conv3d
+    ...     z = conv(x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_dance.layers import all_conv3d
+
+__all__ = [
+    "accelerate_dense",
+    "fast_conv3d",
+    "fast_kernel_available",
+    "route_conv3d",
+    "to_fast_layout",
+]
+
+_CL = torch.channels_last_3d
+_FAST_DTYPES = (torch.float32, torch.bfloat16)
+_mkldnn_conv = torch.ops.aten.mkldnn_convolution
+
+
+def _triple(v: int | Sequence[int]) -> list[int]:
+    if isinstance(v, int):
+        return [v, v, v]
+    out = [int(i) for i in v]
+    if len(out) != 3:
+        raise ValueError(f"expected an int or 3 ints, got {v!r}")
+    return out
+
+
+def fast_kernel_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`fast_conv3d` can run ``x`` and ``weight`` through oneDNN directly."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype in _FAST_DTYPES
+        and weight.dtype == x.dtype
+    )
+
+
+def to_fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``channels_last_3d`` (a no-op when it already is): the layout oneDNN is fast in."""
+    return x.contiguous(memory_format=_CL)
+
+
+def fast_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv3d`` on the fastest kernel for this CPU (zero padding given as ints only).
+
+    oneDNN on a ``channels_last_3d`` input when available (output in ``channels_last_3d``),
+    else ``F.conv3d``. Equal to ``F.conv3d(x, weight, bias, stride, padding, dilation, groups)``
+    up to float rounding.
+    """
+    if isinstance(padding, str):
+        raise ValueError("fast_conv3d takes integer padding; resolve 'same'/'valid' first")
+    if x.dim() != 5 or weight.dim() != 5:
+        raise ValueError(
+            f"fast_conv3d needs a 5-d input and weight, got {tuple(x.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if fast_kernel_available(x, weight):
+        return _mkldnn_conv(
+            to_fast_layout(x),
+            weight,
+            bias,
+            _triple(padding),
+            _triple(stride),
+            _triple(dilation),
+            groups,
+        )
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
+# ----------------------------------------------------------------------------- routing
+class _Routed:
+    """Replacement ``forward`` of one Conv3d instance: ``fn(name, conv, x)``.
+
+    A small callable (not a bound method of a big object), removed again on exit.
+    """
+
+    def __init__(self, name: str, conv: nn.Conv3d, fn: Callable) -> None:
+        self.name, self.conv, self.fn = name, conv, fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.name, self.conv, x)
+
+
+@contextlib.contextmanager
+def route_conv3d(
+    convs: nn.Module | dict[str, nn.Conv3d],
+    fn: Callable[[str, nn.Conv3d, torch.Tensor], torch.Tensor],
+) -> Iterator[None]:
+    """Temporarily replace the ``forward`` of Conv3d instances by ``fn(name, conv, x)``.
+
+    ``convs``: a model (every ``nn.Conv3d`` in it) or ``{name: conv}``. Forward pre-hooks and
+    hooks of the convs still run around ``fn`` (a pre-hook's returned input is what ``fn``
+    gets). The original ``forward`` is restored on exit, also on error, so the model is never
+    left modified (deep copies and pickles made *inside* the context carry the route; don't).
+    """
+    if isinstance(convs, nn.Module):
+        convs = all_conv3d(convs)
+    patched = []
+    try:
+        for name, conv in convs.items():
+            if "forward" in conv.__dict__:
+                raise RuntimeError(
+                    f"Conv3d {name!r} already has an instance-level forward (nested routing "
+                    "of the same layer is not supported)"
+                )
+            conv.forward = _Routed(name, conv, fn)
+            patched.append(conv)
+        yield
+    finally:
+        for conv in patched:
+            conv.__dict__.pop("forward", None)
+
+
+def conv3d_fast_forward(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` through :func:`fast_conv3d` (any padding / padding mode; same result)."""
+    from lightning_dance.macs import ConvGeometry
+
+    pad = conv.padding
+    if conv.padding_mode != "zeros" or isinstance(pad, str):
+        g = ConvGeometry.of(conv, tuple(x.shape[1:]))
+        if conv.padding_mode == "zeros" and g.pad_lo == g.pad_hi:
+            pad = g.pad_lo
+        else:
+            pads = []
+            for lo, hi in zip(reversed(g.pad_lo), reversed(g.pad_hi), strict=True):
+                pads += [lo, hi]
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, pads, mode=mode)
+            pad = 0
+    return fast_conv3d(x, conv.weight, conv.bias, conv.stride, pad, conv.dilation, conv.groups)
+
+
+@contextlib.contextmanager
+def accelerate_dense(model: nn.Module) -> Iterator[nn.Module]:
+    """Route every ``nn.Conv3d`` of ``model`` through :func:`fast_conv3d` inside the context.
+
+    The dense model gets the same kernel choices as the compact path (oneDNN on
+    ``channels_last_3d``), so speedups of pruning are never inflated by a slow dense baseline.
+    Outputs equal the plain model's up to float rounding. Feed a ``channels_last_3d`` clip
+    (:func:`to_fast_layout`) to save one layout conversion at the stem; elementwise ops keep
+    the layout, so the rest of the network stays in it.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Conv3d(3, 8, 3), nn.ReLU(), nn.Conv3d(8, 4, 1))
+        >>> with accelerate_dense(net):
+        ...     y = net(torch.randn(1, 3, 4, 8, 8))
+    """
+    with route_conv3d(model, lambda _name, conv, x: conv3d_fast_forward(conv, x)):
+        yield model
