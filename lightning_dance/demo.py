@@ -1,27 +1,40 @@
 """``lightning-dance demo``: the main job, end to end on the built-in synthetic video data.
 
-Stage 1 trains the dense baseline (:class:`~lightning_dance.classifier.VideoClassifier`) with
-Lightning's Trainer and progress bar and reports its held-out accuracy. Later stages (AVA
-fine-tuning, the DANCE controller, MAC accounting, the fast path) are added as they land.
+1. **dense**: train the baseline :class:`~lightning_dance.classifier.VideoClassifier` (Lightning's
+   Trainer and progress bar) and test it;
+2. **AVA**: fine-tune a copy with :class:`~lightning_dance.ava_callback.AVACallback`, the user's
+   module unchanged;
+3. **DANCE**: wrap the AVA model in :class:`~lightning_dance.wrapper.DANCEWrapper`, train the
+   controller toward ``--budget`` (backbone frozen), calibrate it on validation clips and test it;
+4. **accounting**: a per-layer :class:`~lightning_dance.report.MacReport` over the test clips
+   (executed MACs mean/p5/p95, memory traffic, estimated energy), printed and saved.
+
+Figures go to ``--out/results.json`` (the report to ``--out/mac_report.json``), CSV logs to
+``--out/<stage>/``. The defaults take a few minutes on 2 CPU cores.
 
 Example:
     $ lightning-dance demo                 # a few minutes on 2 CPU cores
     $ lightning-dance demo --quick         # a smoke run in seconds
+    $ lightning-dance demo --budget 0.3 --model r2plus1d_18 --width 0.25
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger
+import torch
 
+from lightning_dance.ava_callback import AVACallback
 from lightning_dance.classifier import VideoClassifier
 from lightning_dance.data import SyntheticVideoDataModule
+from lightning_dance.recipes import evaluate_dance, fit, train_controller
+from lightning_dance.report import MacReport
 
 __all__ = ["main", "parse_args", "run_demo"]
 
@@ -33,23 +46,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="tiny_c3d", help="factory model name (default: tiny_c3d)")
     p.add_argument("--width", type=float, default=1.0, help="model width multiplier")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--train-size", type=int, default=2048)
-    p.add_argument("--val-size", type=int, default=512)
+    p.add_argument("--num-classes", type=int, default=6)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--train-size", type=int, default=1536)
+    p.add_argument("--val-size", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=4, help="epochs of dense training")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--epochs", type=int, default=8, help="epochs of dense training")
+    p.add_argument("--ava-epochs", type=int, default=2, help="epochs of AVA fine-tuning")
+    p.add_argument("--ava-weight", type=float, default=0.1, help="AVA loss weight (lambda)")
+    p.add_argument("--dance-epochs", type=int, default=3, help="epochs of controller training")
+    p.add_argument("--budget", type=float, default=0.5, help="target executed/dense MAC ratio")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="logs and results folder")
     p.add_argument(
-        "--quick", action="store_true", help="tiny sizes, one epoch: a smoke run in seconds"
+        "--quick", action="store_true", help="tiny sizes, one epoch per stage: a smoke run"
     )
     args = p.parse_args(argv)
+    if not 0.0 < args.budget <= 1.0:
+        p.error(f"--budget must be in (0, 1], got {args.budget}")
     if args.quick:
         args.frames, args.size = 8, 32
-        args.train_size, args.val_size, args.epochs = 64, 32, 1
+        args.train_size, args.val_size = 64, 32
+        args.epochs = args.ava_epochs = args.dance_epochs = 1
     return args
 
 
@@ -66,38 +86,59 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    model = VideoClassifier(
+    results: dict[str, float] = {"chance": 1.0 / args.num_classes}
+    timer = time.perf_counter()
+
+    _banner("1/4 dense baseline")
+    dense = VideoClassifier(
         args.model, num_classes=args.num_classes, lr=args.lr, model_kwargs={"width": args.width}
     )
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        default_root_dir=str(args.out),
-        logger=CSVLogger(str(args.out), name="dense"),
-        enable_checkpointing=False,
-        log_every_n_steps=10,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    train_s = time.perf_counter() - start
-    metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
-    results = {
-        "dense/test_acc": float(metrics["test/acc"]),
-        "dense/test_acc_top5": float(metrics["test/acc_top5"]),
-        "dense/train_seconds": train_s,
-        "chance": 1.0 / args.num_classes,
-    }
+    trainer = fit(dense, dm, epochs=args.epochs, out=args.out, name="dense", progress=True)
+    results["dense/test_acc"] = _test_acc(trainer, dense, dm)
+
+    _banner("2/4 AVA fine-tuning (the user's module, unmodified, plus AVACallback)")
+    ava = copy.deepcopy(dense)
+    ava.hparams.lr = args.lr * 0.3
+    trainer = fit(ava, dm, epochs=args.ava_epochs, out=args.out, name="ava", progress=True,
+                  callbacks=[AVACallback(weight=args.ava_weight)])  # fmt: skip
+    results["ava/test_acc"] = _test_acc(trainer, ava, dm)
+
+    _banner(f"3/4 DANCE controller (budget {args.budget}, backbone frozen)")
+    wrapper = train_controller(ava, dm, budget=args.budget, epochs=args.dance_epochs,
+                               out=args.out, name="dance", progress=True)  # fmt: skip
+    _banner("4/4 accounting over the test clips")
+    report = MacReport.for_pruner(wrapper.pruner, (3, args.frames, args.size, args.size))
+    figures = evaluate_dance(wrapper, dm, "test", report=report)
+    results.update({f"dance/{k}" if k != "acc" else "dance/test_acc": v
+                    for k, v in figures.items()})  # fmt: skip
+    summary = report.to_dict()
+    results["dance/energy_saving_estimate"] = summary["energy_saving"]
+    results["dance/traffic_saving"] = summary["traffic_saving"]
+    results["demo_seconds"] = time.perf_counter() - timer
+
     args.out.mkdir(parents=True, exist_ok=True)
+    report.to_json(args.out / "mac_report.json")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    _print_summary(results)
+    print(report.render())
+    _print_summary(results, args.budget)
     return results
 
 
-def _print_summary(results: dict[str, float]) -> None:
+def _test_acc(trainer: L.Trainer, module: L.LightningModule, dm: L.LightningDataModule) -> float:
+    return float(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])
+
+
+def _banner(text: str) -> None:
+    from rich.console import Console
+
+    Console().rule(f"[bold]lightning-dance demo: {text}")
+
+
+def _print_summary(results: dict[str, float], budget: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="lightning-dance demo")
+    table = Table(title=f"lightning-dance demo (budget {budget})")
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in results.items():
@@ -106,4 +147,5 @@ def _print_summary(results: dict[str, float]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     run_demo(parse_args(argv))

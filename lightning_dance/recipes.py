@@ -24,9 +24,10 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_dance.report import MacReport
 from lightning_dance.wrapper import DANCEWrapper
 
-__all__ = ["fit", "accuracy", "train_controller", "evaluate_dance"]
+__all__ = ["fit", "accuracy", "train_controller", "calibrate", "evaluate_dance"]
 
 
 def fit(
@@ -116,9 +117,15 @@ def calibrate(wrapper: DANCEWrapper, datamodule: L.LightningDataModule, batches:
 
 
 @torch.no_grad()
-def evaluate_dance(wrapper: DANCEWrapper, datamodule: L.LightningDataModule,
-                   split: str = "test") -> dict[str, float]:  # fmt: skip
-    """Accuracy and executed/dense MAC ratio (mean, p5, p95 over clips) on ``split``."""
+def evaluate_dance(
+    wrapper: DANCEWrapper,
+    datamodule: L.LightningDataModule,
+    split: str = "test",
+    *,
+    report: MacReport | None = None,
+) -> dict[str, float]:
+    """Accuracy and executed/dense MAC ratio (mean, p5, p95 over clips) on ``split``; every
+    batch's statistics also go to ``report`` when given (see :class:`MacReport`)."""
     loader = getattr(datamodule, f"{split}_dataloader")()
     wrapper.eval()
     correct = total = 0
@@ -128,6 +135,8 @@ def evaluate_dance(wrapper: DANCEWrapper, datamodule: L.LightningDataModule,
         correct += int((logits.argmax(-1) == label).sum())
         total += int(label.numel())
         ratios.append(wrapper.last_stats.mac_ratio())
+        if report is not None:
+            report.update_stats(wrapper.last_stats)
     r = torch.cat(ratios).double()
     return {
         "acc": correct / max(1, total),

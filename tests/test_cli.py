@@ -44,5 +44,10 @@ def test_cli_rejects_an_unknown_option(capsys):
 def test_demo_quick_runs_end_to_end(tmp_path):
     main(["demo", "--quick", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert 0.0 <= results["dense/test_acc"] <= 1.0
-    assert results["chance"] == pytest.approx(0.1)
+    for stage in ("dense", "ava", "dance"):
+        assert 0.0 <= results[f"{stage}/test_acc"] <= 1.0
+    assert results["chance"] == pytest.approx(1 / 6)
+    # the controller was trained and calibrated toward the default budget of 0.5
+    assert 0.05 < results["dance/mac_ratio_p5"] <= results["dance/mac_ratio"] < 0.9
+    report = json.loads((tmp_path / "mac_report.json").read_text())
+    assert report["samples"] == 32 and report["layers"]
