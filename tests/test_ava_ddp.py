@@ -1,0 +1,92 @@
+"""AVACallback under DDP: 2 CPU processes on gloo train the same parameters as a by-hand run.
+
+Lightning's ``strategy="ddp"`` re-launches the running *script* for the other ranks, so the
+training runs in a subprocess executing this file (``__main__`` below), never inside pytest.
+With 8 clips, 2 ranks and 4 clips per rank, each optimizer step sees the whole data set; the
+mean of the ranks' gradients of ``CE + weight * penalty`` (both means over samples) equals the
+gradient on the full batch, which the test computes by hand in one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_ava import DIMS, LitTiny, make_data, penalty_torch_ref  # noqa: E402
+
+WEIGHT, STEPS = 0.7, 3
+
+
+def _train_ddp(out: Path) -> None:
+    import lightning as L
+
+    from lightning_dance.ava_callback import AVACallback
+
+    torch.manual_seed(0)
+    model = LitTiny(lr=0.5)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[AVACallback(weight=WEIGHT)],
+    )
+    trainer.fit(model, DataLoader(make_data(8), batch_size=4))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state["penalty"] = trainer.callback_metrics["ava/penalty"]
+    state["hooks_left"] = sum(len(m._forward_pre_hooks) for m in model.modules())
+    state["wrapped"] = "training_step" in model.__dict__
+    torch.save(state, out / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_agree_with_full_batch_by_hand(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [tmp_path / "rank0.pt", tmp_path / "rank1.pt"]
+    deadline = time.time() + 60  # rank 1 is a child of rank 0 and may finish a bit later
+    while not all(f.exists() for f in files) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(0.5)
+    r0, r1 = (torch.load(f) for f in files)
+    for r in (r0, r1):
+        assert r["hooks_left"] == 0 and not r["wrapped"]
+        assert -1.0 <= r["penalty"].item() < 0.0
+
+    torch.manual_seed(0)
+    ref = LitTiny(lr=0.5)
+    plain = copy.deepcopy(ref)
+    x, y = make_data(8).tensors
+    for model, weight in ((ref, WEIGHT), (plain, 0.0)):
+        opt = torch.optim.SGD(model.parameters(), lr=model.lr)
+        for _ in range(STEPS):
+            logits, inputs = model.net(x, return_inputs=True)
+            pen = penalty_torch_ref(inputs, dict.fromkeys(DIMS, 1.0))
+            (F.cross_entropy(logits, y) + weight * pen).backward()
+            opt.step()
+            opt.zero_grad()
+    moved = 0.0
+    for name, p in ref.state_dict().items():
+        torch.testing.assert_close(r0[name], r1[name], rtol=0, atol=0)  # ranks agree exactly
+        torch.testing.assert_close(r0[name], p, rtol=0, atol=1e-5)
+        moved = max(moved, (p - plain.state_dict()[name]).abs().max().item())
+    assert moved > 1e-3  # the penalty changed what DDP trained
+
+
+if __name__ == "__main__":
+    _train_ddp(Path(sys.argv[1]))
