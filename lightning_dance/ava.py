@@ -107,7 +107,7 @@ def spread(s: Tensor, measure: str = "gini") -> Tensor:
         >>> spread(torch.tensor([0.0, 0.0, 0.0, 5.0])).item()
         1.0
         >>> round(spread(torch.tensor([1.0, 1.0, 2.0, 4.0])).item(), 4)  # same for 10x the values
-        0.3333
+        0.4167
     """
     check_measure(measure)
     k = s.shape[-1]

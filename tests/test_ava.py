@@ -51,23 +51,7 @@ def hhi_ref(s: np.ndarray) -> np.ndarray:
     return s.var(-1) / s.mean(-1) ** 2 / (s.shape[-1] - 1)
 
 
-def tail_ref(s: np.ndarray, fractions=(0.3, 0.5, 0.7)) -> np.ndarray:
-    """1 - mean over q of (share of the mass in the K - round((1-q) K) smallest entries) over
-    (that share for a constant vector); a per-row loop."""
-    s = np.asarray(s, dtype=np.float64).reshape(-1, np.shape(s)[-1])
-    k = s.shape[1]
-    out = []
-    for row in s:
-        terms = []
-        for q in fractions:
-            m = k - min(k, max(1, round((1 - q) * k)))
-            if m > 0:
-                terms.append(np.sort(row)[:m].sum() / row.sum() / (m / k))
-        out.append(1 - np.mean(terms))
-    return np.array(out)
-
-
-REFS = {"gini": gini_ref, "tail": tail_ref, "entropy": entropy_ref, "hhi": hhi_ref}
+REFS = {"gini": gini_ref, "entropy": entropy_ref, "hhi": hhi_ref}
 MEASURES = list(REFS)
 
 
@@ -200,28 +184,15 @@ def no_hooks(module: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- measures
 
 
-def tail_closed_form(k: int, m: int) -> float:
-    """m equal non-zero entries out of K: at ratio q a top-k pruner drops p = K - round((1-q) K)
-    entries (kept >= 1), max(0, p - (K - m)) of them non-zero, each 1/m of the mass."""
-    terms = []
-    for q in (0.3, 0.5, 0.7):
-        p = k - min(k, max(1, round((1 - q) * k)))  # entries dropped at ratio q
-        if p > 0:
-            nonzero_dropped = max(0, p - (k - m))
-            terms.append(1 - (nonzero_dropped / m) / (p / k))
-    return sum(terms) / len(terms)
-
-
 @pytest.mark.parametrize("measure", MEASURES)
 @pytest.mark.parametrize("k,m", [(4, 1), (4, 2), (6, 3), (10, 7), (8, 8), (2, 1)])
 def test_spread_closed_form(measure: str, k: int, m: int) -> None:
     """m equal non-zero entries out of K: Gini (K-m)/(K-1), entropy 1-log m/log K,
-    HHI (K/m-1)/(K-1), tail as in tail_closed_form."""
+    HHI (K/m-1)/(K-1)."""
     s = torch.zeros(k)
     s[:m] = 3.7
     expected = {
         "gini": (k - m) / (k - 1),
-        "tail": tail_closed_form(k, m),
         "entropy": 1 - math.log(m) / math.log(k),
         "hhi": (k / m - 1) / (k - 1),
     }[measure]
@@ -401,8 +372,6 @@ def test_module_deepcopies_and_pickles_with_hooks_and_records() -> None:
         ({"warmup_steps": 2.5}, ValueError, "warmup_steps"),
         ({"weight": lambda s: 0.1, "warmup_steps": 10}, ValueError, "fold it into"),
         ({"measure": "variance"}, ValueError, "unknown measure"),
-        ({"measure": "tail", "tail_fractions": ()}, ValueError, "tail_fractions"),
-        ({"measure": "tail", "tail_fractions": (0.5, 1.0)}, ValueError, r"in \(0, 1\)"),
     ],
 )
 def test_callback_bad_arguments(kwargs, exc, match) -> None:
