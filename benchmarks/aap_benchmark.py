@@ -32,7 +32,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_dance.ava_callback import AVACallback
+from lightning_dance.ava_callback import DEFAULT_WEIGHT, AVACallback
 from lightning_dance.classifier import VideoClassifier
 from lightning_dance.data import SyntheticVideoDataModule
 from lightning_dance.recipes import calibrate, evaluate_dance, fit, train_controller
@@ -58,7 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dense-epochs", type=int, default=10)
     p.add_argument("--ava-epochs", type=int, default=3)
-    p.add_argument("--ava-weight", type=float, default=0.1)
+    p.add_argument("--ava-weight", type=float, default=DEFAULT_WEIGHT)
     p.add_argument("--controller-epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.4, 0.3])
@@ -67,8 +67,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim-sets", nargs="+", default=list(DIM_SETS), choices=list(DIM_SETS))
     p.add_argument("--budget-range", nargs=2, type=float, default=[0.25, 0.8])
     p.add_argument("--no-conditioned", action="store_true", help="skip the budget-conditioned run")
-    p.add_argument("--joint", action="store_true",
-                   help="fine-tune the backbone with the controller (default: frozen backbone)")
+    p.add_argument(
+        "--joint",
+        action="store_true",
+        help="fine-tune the backbone with the controller (default: frozen backbone)",
+    )
     p.add_argument("--controller-lr", type=float, default=3e-3)  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -172,8 +175,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "budget_conditioned": conditioned,
         "total_seconds": time.perf_counter() - start,
-        "machine": {"torch": torch.__version__, "threads": args.threads,
-                    "cpu": platform.processor() or platform.machine()},  # fmt: skip
+        "machine": {
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "cpu": platform.processor() or platform.machine(),
+        },  # fmt: skip
     }
     _print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dance.ava import MEASURES, saliency, spread
-from lightning_dance.ava_callback import AVACallback
+from lightning_dance.ava_callback import DEFAULT_WARMUP_STEPS, DEFAULT_WEIGHT, AVACallback
 from lightning_dance.classifier import VideoClassifier
 from lightning_dance.data import SyntheticVideoConfig, render_clips
 from lightning_dance.layers import select_conv3d
@@ -67,8 +67,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ft-epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=3e-3, help="dense training peak lr (AdamW, cosine)")
     p.add_argument("--ft-lr", type=float, default=1e-3, help="fine-tuning peak lr")
-    p.add_argument("--weights", nargs="+", type=float, default=[1.0], help="AVA lambda(s)")
-    p.add_argument("--warmup-steps", type=int, default=50, help="AVA lambda warm-up")
+    p.add_argument(
+        "--weights", nargs="+", type=float, default=[DEFAULT_WEIGHT], help="AVA lambda(s)"
+    )
+    p.add_argument(
+        "--warmup-steps", type=int, default=DEFAULT_WARMUP_STEPS, help="AVA lambda warm-up"
+    )
     p.add_argument("--dims", nargs="+", default=list(DIMS), choices=DIMS)
     p.add_argument("--measures", nargs="+", default=["gini"], choices=MEASURES)
     p.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.5, 0.7])

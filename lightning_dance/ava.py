@@ -27,9 +27,9 @@ Plain PyTorch::
 
     with ava_penalty(model) as ava:            # forward pre-hooks on the selected Conv3d
         logits = model(clips)
-    loss = F.cross_entropy(logits, labels) + 0.1 * ava.penalty()
+    loss = F.cross_entropy(logits, labels) + 2.0 * ava.penalty()
 
-Lightning: ``trainer = L.Trainer(callbacks=[AVACallback(weight=0.1)])`` (see
+Lightning: ``trainer = L.Trainer(callbacks=[AVACallback()])`` (lambda 2.0, warm-up 50 steps) (see
 ``lightning_dance.ava_callback``).
 
 Limits: only ``nn.Conv3d`` inputs are observed (``lightning_dance.layers.select_conv3d``); the

@@ -30,7 +30,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_dance.ava_callback import AVACallback
+from lightning_dance.ava_callback import DEFAULT_WEIGHT, AVACallback
 from lightning_dance.classifier import VideoClassifier
 from lightning_dance.data import SyntheticVideoDataModule
 from lightning_dance.recipes import evaluate_dance, fit, train_controller
@@ -54,7 +54,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=8, help="epochs of dense training")
     p.add_argument("--ava-epochs", type=int, default=2, help="epochs of AVA fine-tuning")
-    p.add_argument("--ava-weight", type=float, default=0.1, help="AVA loss weight (lambda)")
+    p.add_argument(
+        "--ava-weight", type=float, default=DEFAULT_WEIGHT, help="AVA loss weight (lambda)"
+    )
     p.add_argument("--dance-epochs", type=int, default=3, help="epochs of controller training")
     p.add_argument("--budget", type=float, default=0.5, help="target executed/dense MAC ratio")
     p.add_argument("--lr", type=float, default=1e-3)

@@ -22,7 +22,12 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dance.ava import AVARecorder, ava_penalty, saliency, spread
-from lightning_dance.ava_callback import AVACallback, ava_loss_term
+from lightning_dance.ava_callback import (
+    DEFAULT_WARMUP_STEPS,
+    DEFAULT_WEIGHT,
+    AVACallback,
+    ava_loss_term,
+)
 from lightning_dance.layers import NoConv3dError
 from lightning_dance.masks import DIMS
 
@@ -379,6 +384,21 @@ def test_callback_bad_arguments(kwargs, exc, match) -> None:
         AVACallback(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        ({}, [0.0, DEFAULT_WEIGHT / 2, DEFAULT_WEIGHT, DEFAULT_WEIGHT]),
+        ({"weight": 0.3, "warmup_steps": 0}, [0.3, 0.3, 0.3, 0.3]),
+        ({"weight": lambda s: 0.01 * s}, [0.0, 0.01 * DEFAULT_WARMUP_STEPS / 2, 0.5, 1.0]),
+    ],
+)
+def test_callback_default_schedule(kwargs, expected) -> None:
+    """The default is the measured lambda with a linear warm-up; a callable gets no warm-up."""
+    cb = AVACallback(**kwargs)
+    steps = [0, DEFAULT_WARMUP_STEPS // 2, DEFAULT_WARMUP_STEPS, 100]
+    assert [cb.weight_at(s) for s in steps] == pytest.approx(expected)
+
+
 def test_recorder_bad_arguments() -> None:
     with pytest.raises(NoConv3dError):
         AVARecorder(nn.Linear(2, 2))
@@ -413,7 +433,8 @@ def test_two_callbacks_rejected_by_lightning() -> None:
 
 
 def test_weight_schedules() -> None:
-    assert [AVACallback(weight=0.3).weight_at(s) for s in (0, 7, 10**6)] == [0.3, 0.3, 0.3]
+    const = AVACallback(weight=0.3, warmup_steps=0)
+    assert [const.weight_at(s) for s in (0, 7, 10**6)] == [0.3, 0.3, 0.3]
     warm = AVACallback(weight=2.0, warmup_steps=4)
     assert [warm.weight_at(s) for s in range(6)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
     fn = AVACallback(weight=lambda s: 0.1 * s)
@@ -474,7 +495,7 @@ def test_parameters_equal_training_on_loss_plus_weighted_penalty(precision, ret,
     plain = copy.deepcopy(model)
     loader = DataLoader(make_data(8), batch_size=2)
     weight, steps = 0.7, 2
-    ava = AVACallback(weight=weight)
+    ava = AVACallback(weight=weight, warmup_steps=0)
     trainer = make_trainer(
         max_steps=steps, accumulate_grad_batches=accumulate, callbacks=[ava], **_plugins(precision)
     )
@@ -508,7 +529,7 @@ def test_manual_optimization_documented_path_matches_by_hand() -> None:
     model = LitManual(add_term=True)
     start = copy.deepcopy(model)
     loader = DataLoader(make_data(8), batch_size=2)
-    make_trainer(max_steps=3, callbacks=[AVACallback(weight=0.7)]).fit(model, loader)
+    make_trainer(max_steps=3, callbacks=[AVACallback(weight=0.7, warmup_steps=0)]).fit(model, loader)
     _by_hand(start, loader, 0.7, 3, 1, "32-true")
     for p, q in zip(model.parameters(), start.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
@@ -617,7 +638,7 @@ def test_unmodified_video_classifier_on_synthetic_data() -> None:
     dm = SyntheticVideoDataModule(
         num_classes=3, frames=4, size=16, train_size=4, val_size=2, test_size=0, batch_size=2
     )
-    ava = AVACallback(weight=0.5)
+    ava = AVACallback(weight=0.5, warmup_steps=0)
     trainer = make_trainer(max_steps=2, callbacks=[ava])
     trainer.fit(model, datamodule=dm)
     assert -1.0 < trainer.callback_metrics["ava/penalty"].item() < 0.0
@@ -666,11 +687,11 @@ def test_benchmark_quick_mode_runs(tmp_path) -> None:
     )  # fmt: skip
     result = bench.run(args)
     rows = result["results"]
-    assert list(rows) == ["dense", "finetune", "ava gini λ=1"]
+    assert list(rows) == ["dense", "finetune", "ava gini λ=2"]
     for r in rows.values():
         assert 0 <= r["acc"] <= 100
         assert set(r["ablation"]) == set(DIMS) and 0 <= r["variability"]["gini_channel"] <= 1
-    assert "acc_cost_pp" in rows["ava gini λ=1"]
+    assert "acc_cost_pp" in rows["ava gini λ=2"]
     assert (tmp_path / "dense.pt").exists()
     assert bench.run(args)["fit_seconds"]["dense"] == 0.0  # the cached dense start is reused
     assert "| finetune |" in bench.format_table(result)

@@ -42,7 +42,7 @@ def _train_ddp(out: Path) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[AVACallback(weight=WEIGHT)],
+        callbacks=[AVACallback(weight=WEIGHT, warmup_steps=0)],
     )
     trainer.fit(model, DataLoader(make_data(8), batch_size=4))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
