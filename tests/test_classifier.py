@@ -100,3 +100,29 @@ def test_bad_arguments(kw, match):
 def test_model_kwargs_need_a_factory_name():
     with pytest.raises(ValueError, match="model_kwargs"):
         VideoClassifier(torch.nn.Conv3d(3, 4, 1), num_classes=4, model_kwargs={"width": 0.5})
+
+
+@pytest.mark.slow
+def test_baseline_benchmark_quick_mode(tmp_path) -> None:
+    """benchmarks/baseline_benchmark.py trains two factory models and writes its JSON table."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "baseline_benchmark.py"
+    spec = importlib.util.spec_from_file_location("baseline_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "baseline.json"
+    result = bench.main(
+        ["--quick", "--threads", "1", "--models", "tiny_c3d:0.5", "r3d_18:0.125",
+         "--train-size", "16", "--test-size", "12", "--out", str(out)]
+    )  # fmt: skip
+    assert [(r["model"], r["width"]) for r in result["rows"]] == [
+        ("tiny_c3d", 0.5),
+        ("r3d_18", 0.125),
+    ]
+    for row in result["rows"]:
+        assert 0.0 <= row["test_acc"] <= row["test_acc_top5"] <= 1.0
+        assert row["macs_per_clip"] > 0 and row["params"] > 0
+    assert json.loads(out.read_text())["rows"] == result["rows"]
