@@ -43,6 +43,8 @@ __all__ = ["Controller", "ControllerContext"]
 
 _FRAME_BINS = 8
 _EPS = 1e-6
+#: initial weight of the per-layer local frame / block statistics (energy, motion)
+LOCAL_INIT = 0.01
 
 
 def _zscore(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
@@ -120,10 +122,12 @@ class Controller(nn.Module):
         self.channel_head = nn.Linear(hidden, offsets[-1]) if "channel" in self.dims else None
         if "frame" in self.dims:
             self.frame_global = nn.Linear(hidden, n_layers)
-            self.frame_local = nn.Parameter(torch.zeros(n_layers, 2))
+            # a slight prior toward high-energy / moving frames; zeros would tie every frame of
+            # an untrained controller, and runtimes break top-k ties differently
+            self.frame_local = nn.Parameter(torch.full((n_layers, 2), LOCAL_INIT))
         if "feature" in self.dims:
             self.feature_global = nn.Linear(hidden, n_layers)
-            self.feature_local = nn.Parameter(torch.zeros(n_layers, 2))
+            self.feature_local = nn.Parameter(torch.full((n_layers, 2), LOCAL_INIT))
         if budget_conditioned:
             self.budget_scale = nn.Parameter(torch.ones(n_layers, len(self.dims)))
         for head in (
