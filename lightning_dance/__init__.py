@@ -6,7 +6,7 @@ Example:
     ...                              VideoClassifier)
     >>> dm = SyntheticVideoDataModule(num_classes=6, frames=8, size=32)
     >>> model = VideoClassifier("tiny_c3d", num_classes=6)
-    >>> L.Trainer(max_epochs=2).fit(model, dm, callbacks=[AVACallback()])  # doctest: +SKIP
+    >>> L.Trainer(max_epochs=2, callbacks=[AVACallback()]).fit(model, dm)  # doctest: +SKIP
     >>> dance = DANCEWrapper(model, budget=0.5)                              # AAP
     >>> L.Trainer(max_epochs=2).fit(dance, dm)                               # doctest: +SKIP
 

@@ -95,6 +95,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
     dense = VideoClassifier(
         args.model, num_classes=args.num_classes, lr=args.lr, model_kwargs={"width": args.width}
     )
+    # Lightning's model summary then shows the layer shapes and the dense FLOPs (2 x MACs)
+    dense.example_input_array = torch.zeros(1, 3, args.frames, args.size, args.size)
     trainer = fit(dense, dm, epochs=args.epochs, out=args.out, name="dense", progress=True)
     results["dense/test_acc"] = _test_acc(trainer, dense, dm)
 
