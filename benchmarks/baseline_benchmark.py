@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
             name, num_classes=args.num_classes, lr=args.lr, model_kwargs={"width": width}
         )
         clip = torch.zeros(1, 3, args.frames, args.size, args.size)
-        macs = count_macs(module.model.eval(), clip).total
+        macs = count_macs(module.model, clip).total  # eval for the count, mode restored
         start = time.perf_counter()
         trainer = fit(module, dm, epochs=args.epochs, validate=False)
         seconds = time.perf_counter() - start

@@ -529,7 +529,9 @@ def test_manual_optimization_documented_path_matches_by_hand() -> None:
     model = LitManual(add_term=True)
     start = copy.deepcopy(model)
     loader = DataLoader(make_data(8), batch_size=2)
-    make_trainer(max_steps=3, callbacks=[AVACallback(weight=0.7, warmup_steps=0)]).fit(model, loader)
+    make_trainer(max_steps=3, callbacks=[AVACallback(weight=0.7, warmup_steps=0)]).fit(
+        model, loader
+    )
     _by_hand(start, loader, 0.7, 3, 1, "32-true")
     for p, q in zip(model.parameters(), start.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
