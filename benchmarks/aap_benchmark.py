@@ -73,6 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="fine-tune the backbone with the controller (default: frozen backbone)",
     )
     p.add_argument("--controller-lr", type=float, default=3e-3)  # fmt: skip
+    p.add_argument("--backbone-lr", type=float, default=None,
+                   help="with --joint: the backbone's lr (default: controller lr / 10)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=None,
@@ -142,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     copy.deepcopy(ava), dm, budget=budget, policy=policy,
                     dims=DIM_SETS[dim_set], epochs=args.controller_epochs,
                     calibrate_batches=len(dm.val_dataloader()), lr=args.controller_lr,
-                    freeze_backbone=not args.joint,
+                    freeze_backbone=not args.joint, backbone_lr=args.backbone_lr,
                 )  # fmt: skip
                 row = {"policy": policy + ("+joint" if args.joint else ""), "dims": dim_set,
                        "budget": budget,

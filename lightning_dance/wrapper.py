@@ -54,7 +54,9 @@ class DANCEWrapper(L.LightningModule):
             labels needed) or ``"both"``.
         distill_temperature: softmax temperature of the distillation loss.
         freeze_backbone: train only the controller (default); ``False`` fine-tunes jointly.
-        lr, weight_decay: AdamW settings.
+        lr, weight_decay: AdamW settings (the controller's learning rate).
+        backbone_lr: with ``freeze_backbone=False``, the backbone's learning rate (default
+            ``lr / 10``: the controller starts from scratch, the backbone is already trained).
         budget_weight: weight of ``(E[executed]/dense - budget)^2``.
         bound_weight, min_layer_keep: per-layer lower bound on the kept MAC fraction (so that no
             layer collapses) and its weight.
@@ -83,6 +85,7 @@ class DANCEWrapper(L.LightningModule):
         distill_temperature: float = 2.0,
         freeze_backbone: bool = True,
         lr: float = 3e-3,
+        backbone_lr: float | None = None,
         weight_decay: float = 0.0,
         budget_weight: float = 10.0,
         bound_weight: float = 1.0,
@@ -101,6 +104,8 @@ class DANCEWrapper(L.LightningModule):
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if backbone_lr is not None and backbone_lr <= 0:
+            raise ValueError(f"backbone_lr must be > 0, got {backbone_lr}")
         if budget_weight < 0 or bound_weight < 0:
             raise ValueError("budget_weight and bound_weight must be >= 0")
         if not 0.0 <= min_layer_keep < 1.0:
@@ -333,8 +338,15 @@ class DANCEWrapper(L.LightningModule):
             self._teacher.to(self.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        backbone = {id(p) for p in self.model.parameters()}
+        groups = [
+            {"params": [p for p in self.parameters() if p.requires_grad and id(p) not in backbone]},
+        ]
+        tuned = [p for p in self.model.parameters() if p.requires_grad]
+        if tuned:  # joint fine-tuning
+            lr = self.hparams.get("backbone_lr") or self.hparams.lr / 10
+            groups.append({"params": tuned, "lr": lr})
+        return torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -50,6 +50,27 @@ def test_fit_trains_only_the_controller_and_logs(tmp_path):
     assert 0 < float(logged["dance/val_mac_ratio"]) <= 1
 
 
+@pytest.mark.parametrize("backbone_lr,expected", [(None, 1e-3), (5e-5, 5e-5)])
+def test_joint_fine_tuning_uses_a_smaller_backbone_lr(tmp_path, backbone_lr, expected):
+    """Frozen: one parameter group (the controller). Joint: the backbone gets its own group,
+    ``lr / 10`` by default, and its weights move while the dense teacher stays fixed."""
+    assert len(DANCEWrapper(SmallNet(), lr=1e-2).configure_optimizers().param_groups) == 1
+    torch.manual_seed(0)
+    net = SmallNet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    wrapper = DANCEWrapper(net, lr=1e-2, freeze_backbone=False, backbone_lr=backbone_lr)
+    controller, backbone = wrapper.configure_optimizers().param_groups
+    assert controller["lr"] == 1e-2 and backbone["lr"] == pytest.approx(expected)
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in net.parameters()}
+    assert {id(p) for p in controller["params"]} == {
+        id(p) for p in wrapper.pruner.parameters() if id(p) not in {id(q) for q in net.parameters()}
+    }
+    _trainer(tmp_path).fit(wrapper, _loader())
+    assert not torch.equal(before["conv_a.0.weight"], net.state_dict()["conv_a.0.weight"])
+    teacher = wrapper._teacher.state_dict()
+    assert all(torch.equal(before[k], teacher[k]) for k in before)
+
+
 def test_distillation_needs_no_labels(tmp_path):
     wrapper = DANCEWrapper(SmallNet(), task="distill")
     _trainer(tmp_path).fit(wrapper, _loader(labels=False))
@@ -100,6 +121,7 @@ def test_user_lightning_module_is_recoverable(tmp_path):
         (dict(budget=1.2), "budget"),
         (dict(budget_range=(0.6, 0.3)), "budget_range"),
         (dict(lr=0), "lr"),
+        (dict(backbone_lr=-1e-4), "backbone_lr"),
         (dict(min_layer_keep=1.0), "min_layer_keep"),
     ],
 )
