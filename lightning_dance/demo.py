@@ -59,6 +59,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dance-epochs", type=int, default=3, help="epochs of controller training")
     p.add_argument("--budget", type=float, default=0.5, help="target executed/dense MAC ratio")
+    p.add_argument(
+        "--joint",
+        action="store_true",
+        help="fine-tune the backbone with the controller (slower; more accurate at low budgets: "
+        "give it more --dance-epochs, e.g. 20)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="logs and results folder")
@@ -107,9 +113,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
                   callbacks=[AVACallback(weight=args.ava_weight)])  # fmt: skip
     results["ava/test_acc"] = _test_acc(trainer, ava, dm)
 
-    _banner(f"3/4 DANCE controller (budget {args.budget}, backbone frozen)")
+    backbone = "fine-tuned jointly" if args.joint else "backbone frozen"
+    _banner(f"3/4 DANCE controller (budget {args.budget}, {backbone})")
     wrapper = train_controller(ava, dm, budget=args.budget, epochs=args.dance_epochs,
-                               out=args.out, name="dance", progress=True)  # fmt: skip
+                               out=args.out, name="dance", progress=True,
+                               freeze_backbone=not args.joint)  # fmt: skip
     _banner("4/4 accounting over the test clips")
     report = MacReport.for_pruner(wrapper.pruner, (3, args.frames, args.size, args.size))
     figures = evaluate_dance(wrapper, dm, "test", report=report)

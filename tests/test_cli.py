@@ -41,8 +41,9 @@ def test_cli_rejects_an_unknown_option(capsys):
 
 
 @pytest.mark.slow
-def test_demo_quick_runs_end_to_end(tmp_path):
-    main(["demo", "--quick", "--out", str(tmp_path)])
+@pytest.mark.parametrize("extra", [[], ["--joint"]])
+def test_demo_quick_runs_end_to_end(tmp_path, extra):
+    main(["demo", "--quick", "--out", str(tmp_path), *extra])
     results = json.loads((tmp_path / "results.json").read_text())
     for stage in ("dense", "ava", "dance"):
         assert 0.0 <= results[f"{stage}/test_acc"] <= 1.0
