@@ -29,8 +29,8 @@ Plain PyTorch::
         logits = model(clips)
     loss = F.cross_entropy(logits, labels) + 2.0 * ava.penalty()
 
-Lightning: ``trainer = L.Trainer(callbacks=[AVACallback()])`` (lambda 2.0, warm-up 50 steps) (see
-``lightning_dance.ava_callback``).
+Lightning: ``trainer = L.Trainer(callbacks=[AVACallback()])``: lambda 2.0 with a 50-step warm-up
+by default, see ``lightning_dance.ava_callback``.
 
 Limits: only ``nn.Conv3d`` inputs are observed (``lightning_dance.layers.select_conv3d``); the
 spread of the feature axis is taken per position, not per block of positions; a layer called
