@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -45,6 +46,20 @@ _FRAME_BINS = 8
 _EPS = 1e-6
 #: initial weight of the per-layer local frame / block statistics (energy, motion)
 LOCAL_INIT = 0.01
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_matrix(length: int, bins: int) -> tuple[tuple[float, ...], ...]:
+    """``[length, bins]`` weights of ``F.adaptive_avg_pool1d(x, bins)`` as a matrix (bin ``j``
+    averages ``x[floor(j L / B) : ceil((j + 1) L / B)]``), so that pooling is a ``matmul``:
+    up-sampling with ``adaptive_avg_pool1d`` exports to ONNX as GatherND + a 6D ReduceMean,
+    which the Hexagon NPU (QNN HTP) cannot run."""
+    rows = [[0.0] * bins for _ in range(length)]
+    for j in range(bins):
+        lo, hi = (j * length) // bins, -((-(j + 1) * length) // bins)
+        for t in range(lo, hi):
+            rows[t][j] = 1.0 / (hi - lo)
+    return tuple(tuple(r) for r in rows)
 
 
 def _zscore(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
@@ -168,7 +183,8 @@ class Controller(nn.Module):
         g = self.grid
         blocks = torch.cat([magnitude_map, motion_map], dim=1)
         block_summary = _zscore(F.adaptive_avg_pool2d(blocks, (g, g)), (2, 3)).flatten(1)
-        frame_summary = F.adaptive_avg_pool1d(frame_stats, _FRAME_BINS).flatten(1)
+        pool = torch.tensor(_pool_matrix(t0, _FRAME_BINS), dtype=s.dtype, device=s.device)
+        frame_summary = (frame_stats @ pool).flatten(1)  # adaptive_avg_pool1d to 8 bins
         parts = [chan_mean, chan_std, frame_summary, block_summary]
         budget_logit = None
         if self.budget_conditioned:
@@ -202,7 +218,8 @@ class Controller(nn.Module):
         stats = ctx.frame_stats
         if stats.shape[-1] != frames:
             stats = F.interpolate(stats, size=frames, mode="linear", align_corners=False)
-        local = torch.einsum("f,nft->nt", self.frame_local[i], stats)
+        # multiply-and-sum rather than einsum: the Hexagon NPU (QNN) has no Einsum
+        local = (self.frame_local[i].view(1, -1, 1) * stats).sum(1)
         glob = self.frame_global(ctx.embedding)[:, i : i + 1]
         return local + glob + self._budget_shift(ctx, i, "frame")
 
@@ -214,7 +231,7 @@ class Controller(nn.Module):
         gh, gw = min(self.grid, size[0]), min(self.grid, size[1])
         maps = torch.cat([ctx.magnitude_map, ctx.motion_map], dim=1)
         stats = _zscore(F.adaptive_avg_pool2d(maps, (gh, gw)), (2, 3))  # [N, 2, gh, gw]
-        local = torch.einsum("f,nfhw->nhw", self.feature_local[i], stats)
+        local = (self.feature_local[i].view(1, -1, 1, 1) * stats).sum(1)
         glob = self.feature_global(ctx.embedding)[:, i : i + 1, None]
         shift = self._budget_shift(ctx, i, "feature")
         if isinstance(shift, torch.Tensor):

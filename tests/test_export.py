@@ -84,15 +84,18 @@ def test_topk_plan_counts_real_savings():
     assert all(k >= 1 for layer in topk.keep_counts.values() for k in layer.values())
 
 
-def test_torch_export_strict_on_topk():
+@pytest.mark.parametrize("mode", ["masked", "topk"])
+def test_torch_export_strict(mode):
     clip = _clip()
-    pruner = _pruner("topk", keep="half")
-    module, _ = build_export_module(pruner, "topk", clip)
-    try:
-        ep = capture(module, clip, strict=True)
-    except UnsupportedOpError as exc:  # record why, then require the non-strict capture
-        pytest.xfail(f"strict torch.export is not available for the hooked module: {exc}")
-    assert max_abs_error(pruner(clip), ep.module()(clip)) < 1e-5
+    pruner = _pruner("topk", ("frame", "channel", "feature"), keep="half")
+    module, _ = build_export_module(pruner, mode, clip)
+    graph = capture(module, clip, strict=True).module()
+    other = _clip(seed=5) * 3  # another clip: the graph must follow its gates, not the example's
+    with torch.no_grad():
+        assert max_abs_error(pruner(clip), graph(clip)) < 1e-5
+        assert max_abs_error(pruner(other), graph(other)) < 1e-5
+    ops = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert any("topk" in op for op in ops)  # the selection is in the graph, not baked in
 
 
 def test_mode_errors():
@@ -141,6 +144,18 @@ def _check_manifest(out, clip, ref):
             loaded = torch.jit.load(str(out.out_dir / art["file"]))
             assert art["parity_max_abs_error"] == pytest.approx(
                 max_abs_error(ref, loaded(clip)), abs=1e-9
+            )
+        if art["format"] in ("qnn", "executorch"):
+            from lightning_dance.export import snapdragon as sd
+
+            path = out.out_dir / art["file"]
+            got = (
+                sd.run_qnn_htp(path, clip)
+                if art["format"] == "qnn"
+                else sd.run_executorch(path, clip)
+            )
+            assert art["parity_max_abs_error"] == pytest.approx(
+                max_abs_error(ref, torch.as_tensor(got)), abs=1e-6
             )
     return manifest
 
@@ -296,3 +311,115 @@ def test_executorch_runtime_dense(tmp_path):
     clip = _clip()
     path, _ = export_executorch(net, clip, Path(tmp_path) / "m.pte")
     assert max_abs_error(net(clip), run_executorch(path, clip)) < 1e-4
+
+
+GATED = [("threshold", "masked"), ("topk", "masked"), ("topk", "topk")]
+
+
+def _clear_cut(policy):
+    """A pruner and a clip whose keep/drop decisions are far apart (half of every dim kept):
+    the clip's first frames and left half are bright, the controller scores frames and blocks
+    by brightness and channels by a +-3 bias (data-dependent parts small)."""
+    torch.manual_seed(0)
+    pruner = AdaptivePruner(
+        create_model("tiny_c3d", num_classes=4), policy=policy, init_keep=0.5
+    ).eval()
+    ctrl = pruner.controller
+    with torch.no_grad():
+        for head in (ctrl.channel_head, ctrl.frame_global, ctrl.feature_global):
+            head.weight.normal_(0.0, 1e-3)
+            head.bias.zero_()
+        for start, stop in ctrl._channel_slices.values():
+            signs = torch.ones(stop - start)
+            signs[torch.randperm(stop - start)[: (stop - start) // 2]] = -1.0
+            ctrl.channel_head.bias[start:stop] = 3.0 * signs + 0.1 * torch.randn(stop - start)
+        ctrl.frame_local.copy_(torch.tensor([3.0, 0.0]).expand_as(ctrl.frame_local))
+        ctrl.feature_local.copy_(torch.tensor([3.0, 0.0]).expand_as(ctrl.feature_local))
+        for m in pruner.model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0.0, 0.5)
+    clip = _clip().abs() + 0.5
+    clip[:, :, 2:] *= 0.2
+    clip[..., 8:] *= 0.2
+    pruner(clip)
+    if policy == "topk":
+        base = pruner.keep_ratio() / math.exp(float(pruner.calibration))
+        pruner.calibration.fill_(math.log(0.5 / base))
+    return pruner, clip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy,mode", GATED)
+def test_qnn_htp_simulator_gated(tmp_path, policy, mode):
+    """Controller + masks (and the top-k gathers) run on the Hexagon NPU simulator with CPU
+    fallback disabled (every op is an HTP op) and keep what eager keeps. The HTP computes in
+    fp16: decisions a few percent apart can flip (docs/export.md), so the clip is clear-cut."""
+    pytest.importorskip("onnxruntime_qnn")  # optional extra, installed by the dev extra
+    pruner, clip = _clear_cut(policy)
+    kept = [f for layer in _kept(pruner, clip).values() for f in layer.values()]
+    assert 0.3 < sum(kept) / len(kept) < 0.7  # about half of everything is kept
+    out = export_model(pruner, clip, targets=("snapdragon",), formats=("qnn",), mode=mode,
+                       out_dir=tmp_path / "q")  # fmt: skip
+    (art,) = _check_manifest(out, clip, pruner(clip))["artifacts"]
+    assert out.manifest["gate_margin"] > 0.1
+    assert art["status"] == "ok" and (out.out_dir / art["file"]).exists()
+    assert not {"NonZero", "If", "Einsum", "BatchNormalization"} & set(art["ops"])
+    if mode == "topk":
+        assert art["ops"].get("Gather", 0) > 0  # gathered, not masked
+    # fp16 noise only: a different keep set would move the logits by a large fraction
+    assert art["parity_max_abs_error"] < 2e-2 * float(pruner(clip).abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", ["all", "half", "one"])
+@pytest.mark.parametrize("policy,mode", GATED)
+def test_executorch_runtime_gated(tmp_path, policy, mode, keep):
+    pytest.importorskip("executorch")  # optional extra, installed by the dev extra
+    clip = _clip()
+    pruner = _pruner(policy, ("frame", "channel", "feature"), keep)
+    out = export_model(pruner, clip, targets=("snapdragon",), formats=("executorch",),
+                       mode=mode, out_dir=tmp_path / "x")  # fmt: skip
+    (art,) = _check_manifest(out, clip, pruner(clip))["artifacts"]
+    assert art["status"] == "ok" and art["parity_max_abs_error"] < 1e-4
+    from lightning_dance.export.snapdragon import run_executorch
+
+    other = _clip(seed=7) * 2  # the .pte follows the gates of another clip too
+    got = run_executorch(out.out_dir / art["file"], other)
+    assert max_abs_error(pruner(other), got) < 1e-4
+
+
+def test_qnn_unsupported_op_is_an_error_not_a_crash(tmp_path):
+    """onnxruntime-qnn can crash the process on a graph it cannot compile: the session runs in
+    a child process and the failure comes back as an error naming the op."""
+    pytest.importorskip("onnxruntime_qnn")
+    from lightning_dance.export.snapdragon import compile_qnn_context, run_qnn_htp
+
+    class Einsum(torch.nn.Module):
+        def forward(self, x):
+            return torch.einsum("nctwh,c->ntwh", x, torch.arange(3.0))
+
+    clip = _clip()
+    path = export_onnx(Einsum().eval(), clip, tmp_path / "e.onnx")
+    assert "Einsum" in onnx_op_types(path)
+    with pytest.raises(UnsupportedOpError, match="Einsum") as info:
+        run_qnn_htp(path, clip)
+    assert info.value.op == "Einsum"
+    with pytest.raises(UnsupportedOpError, match="Einsum"):
+        compile_qnn_context(path, tmp_path / "ctx.onnx")
+    assert not (tmp_path / "ctx.onnx").exists()
+
+
+def test_qnn_crash_becomes_an_error(tmp_path, monkeypatch):
+    """A QNN session that kills its process (a signal) is reported, and the caller survives."""
+    pytest.importorskip("onnxruntime_qnn")
+    import subprocess
+
+    from lightning_dance.export import snapdragon as sd
+
+    def crashed(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, -11, "", "Unsupported nodes in QNN EP: "
+                                           "{ name: n0, type: GatherND }")  # fmt: skip
+
+    monkeypatch.setattr(sd.subprocess, "run", crashed)
+    with pytest.raises(UnsupportedOpError, match=r"crashed \(signal 11\).*GatherND"):
+        sd.compile_qnn_context(tmp_path / "m.onnx", tmp_path / "ctx.onnx")

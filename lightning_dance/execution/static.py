@@ -33,6 +33,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,84 +76,94 @@ def static_topk_conv3d(
     frame_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``conv`` applied to ``x [N, C, T, H, W]`` keeping, per sample, the input channels
-    ``channel_idx [N, k_c]`` and the frames ``frame_idx [N, k_t]`` (int64, distinct per row).
+    ``channel_idx [N, k_c]`` and the frames ``frame_idx [N, k_t]`` (int64, distinct per row, any order).
 
     Equals ``conv(apply_masks(x, masks))`` with the corresponding 0/1 masks (see the module
     docstring for what is computed). Traceable and exportable (static shapes).
+
+    Only ops the Hexagon NPU (QNN HTP) runs are used: samples are unrolled (``N`` is static in
+    an export), inputs and weights are selected with ``index_select`` (ONNX ``Gather``), and
+    the (kept frame, tap) pairs are placed on output frames by a ``matmul`` with rows of a
+    constant 0/1 matrix, not by integer arithmetic and ``scatter_add``.
     """
     if x.dim() != 5:
         raise ValueError(f"a Conv3d input must be [N, C, T, H, W], got {tuple(x.shape)}")
     _supported(conv, channel_idx is not None)
-    g, pad = _pad(conv, tuple(x.shape[1:]))
-    n, c, t, h, w = x.shape
-    weight, bias = conv.weight, conv.bias
-    c_out = conv.out_channels
-    depthwise = conv.groups == conv.in_channels and conv.groups > 1
-    out_idx = None  # depthwise + channels: the output channels computed, [N, k_c * mult]
+    g, _ = _pad(conv, tuple(x.shape[1:]))
+    outs = []
+    for i in range(x.shape[0]):
+        c_idx = channel_idx[i] if channel_idx is not None else None
+        f_idx = frame_idx[i] if frame_idx is not None else None
+        outs.append(_static_one(conv, g, x[i : i + 1], c_idx, f_idx))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
-    if frame_idx is not None:
-        kt_ = frame_idx.shape[1]
-        x = x.gather(2, frame_idx.view(n, 1, kt_, 1, 1).expand(n, x.shape[1], kt_, h, w))
-    if channel_idx is not None:
-        kc = channel_idx.shape[1]
-        x = x.gather(1, channel_idx.view(n, kc, 1, 1, 1).expand(n, kc, *x.shape[2:]))
-        if depthwise:
+
+def _static_one(
+    conv: nn.Conv3d,
+    g: ConvGeometry,
+    x: torch.Tensor,
+    c_idx: torch.Tensor | None,
+    f_idx: torch.Tensor | None,
+) -> torch.Tensor:
+    """One sample ``x [1, C, T, H, W]``; ``c_idx [k_c]``, ``f_idx [k_t]`` or None."""
+    weight, bias, c_out = conv.weight, conv.bias, conv.out_channels
+    groups = conv.groups
+    depthwise = groups == conv.in_channels and groups > 1
+    if f_idx is not None:
+        x = x.index_select(2, f_idx)
+    if c_idx is not None:
+        x = x.index_select(1, c_idx)
+        if depthwise:  # the kept channels' outputs only: [k_c * mult, 1, kT, kh, kw]
             mult = c_out // conv.in_channels
-            out_idx = (channel_idx.unsqueeze(2) * mult + torch.arange(mult)).reshape(n, -1)
-            w_n = weight[out_idx.reshape(-1)]  # [N * kc * mult, 1, kT, kh, kw]
-            groups = n * kc
+            weight = weight.view(conv.in_channels, mult, *weight.shape[1:]).index_select(0, c_idx)
+            weight = weight.flatten(0, 1)
+            groups = c_idx.shape[0]
         else:
-            k_shape = weight.shape[2:]
-            sel = channel_idx.view(n, 1, kc, 1, 1, 1).expand(n, c_out, kc, *k_shape)
-            w_n = weight.unsqueeze(0).expand(n, *weight.shape).gather(2, sel)
-            w_n = w_n.reshape(n * c_out, kc, *k_shape)
-            groups = n
+            weight = weight.index_select(1, c_idx)
+    if f_idx is None:
+        y = F.conv3d(x, weight, None, conv.stride, g.pad_lo, conv.dilation, groups)
     else:
-        w_n = weight.repeat(n, 1, 1, 1, 1) if n > 1 else weight
-        groups = conv.groups * n
-    per_sample_out = out_idx.shape[1] if out_idx is not None else c_out
-    b_n = None
+        y = _static_frames(conv, g, x, weight, groups, f_idx)
+    if c_idx is not None and depthwise:  # back to all C_out channels (the others: bias only)
+        full = y.new_zeros((1, conv.in_channels, mult * y.shape[2], *y.shape[3:]))
+        index = c_idx.view(1, -1, 1, 1, 1).expand(1, -1, *full.shape[2:])
+        y = full.scatter(1, index, y.reshape(1, -1, *full.shape[2:])).view(1, c_out, *y.shape[2:])
     if bias is not None:
-        b_n = bias[out_idx.reshape(-1)] if out_idx is not None else bias.repeat(n)
-    xb = x.reshape(1, -1, *x.shape[2:])  # samples side by side: one grouped conv
-
-    if frame_idx is None:
-        y = F.conv3d(xb, w_n, b_n, conv.stride, pad, conv.dilation, groups)
-        y = y.view(n, per_sample_out, *y.shape[2:])
-    else:
-        y = _static_frames(conv, g, xb, w_n, b_n, groups, frame_idx, n, per_sample_out)
-    if out_idx is None:
-        return y
-    full = bias.view(1, -1, 1, 1, 1).expand(n, c_out, *y.shape[2:]) if bias is not None else None
-    base = full.clone() if full is not None else y.new_zeros((n, c_out, *y.shape[2:]))
-    index = out_idx.view(n, -1, 1, 1, 1).expand(-1, -1, *y.shape[2:])
-    return base.scatter(1, index, y)
+        y = y + bias.view(1, -1, 1, 1, 1)
+    return y
 
 
-def _static_frames(conv, g, xb, w_n, b_n, groups, frame_idx, n, per_sample_out):
-    """Temporal-tap decomposition over the ``k_t`` gathered frames, scattered to output frames."""
-    kT, st, dt = g.kernel[0], g.stride[0], g.dilation[0]
-    pt = g.pad_lo[0]
-    t_out = g.output[0]
-    kt_ = frame_idx.shape[1]
+@functools.lru_cache(maxsize=256)
+def _tap_placement(
+    frames: int, t_out: int, tap: int, pad: int, stride: int, dilation: int
+) -> tuple[tuple[float, ...], ...]:
+    """``[frames, t_out]`` 0/1: input frame ``t`` read through temporal tap ``tap`` lands on
+    output frame ``t'`` iff ``t + pad - tap * dilation == t' * stride``."""
+    rows = []
+    for t in range(frames):
+        num = t + pad - tap * dilation
+        row = [0.0] * t_out
+        if num >= 0 and num % stride == 0 and num // stride < t_out:
+            row[num // stride] = 1.0
+        rows.append(tuple(row))
+    return tuple(rows)
+
+
+def _static_frames(conv, g, x, weight, groups, f_idx):
+    """Temporal-tap decomposition over the ``k_t`` gathered frames of one sample (no bias)."""
+    k_t, t_out = f_idx.shape[0], g.output[0]
     spatial_pad = (0, g.pad_lo[1], g.pad_lo[2])
     stride = (1, conv.stride[1], conv.stride[2])
     dil = (1, conv.dilation[1], conv.dilation[2])
     out = None
-    for k in range(kT):
-        wk = w_n[:, :, k : k + 1]
-        yk = F.conv3d(xb, wk, None, stride, spatial_pad, dil, groups)
-        yk = yk.view(n, per_sample_out, kt_, *yk.shape[3:])
-        num = frame_idx + pt - k * dt  # = t' * st for a valid pair
-        valid = (num >= 0) & (num % st == 0) & (num // st < t_out)
-        dst = torch.where(valid, num // st, torch.zeros_like(num))
-        yk = yk * valid.view(n, 1, kt_, 1, 1).to(yk.dtype)
-        index = dst.view(n, 1, kt_, 1, 1).expand_as(yk)
-        if out is None:
-            out = yk.new_zeros((n, per_sample_out, t_out, *yk.shape[3:]))
-        out = out.scatter_add(2, index, yk)
-    if b_n is not None:
-        out = out + b_n.view(n, per_sample_out, 1, 1, 1)
+    for k in range(g.kernel[0]):
+        yk = F.conv3d(x, weight[:, :, k : k + 1], None, stride, spatial_pad, dil, groups)
+        c, h, w = yk.shape[1], yk.shape[3], yk.shape[4]
+        table = _tap_placement(g.input[1], t_out, k, g.pad_lo[0], g.stride[0], g.dilation[0])
+        place = torch.tensor(table, dtype=yk.dtype, device=yk.device).index_select(0, f_idx)
+        # [t_out, k_t] @ [C, k_t, H*W] -> [C, t_out, H*W]; pairs on no output frame get 0
+        yk = (place.t() @ yk.reshape(c, k_t, h * w)).view(1, c, t_out, h, w)
+        out = yk if out is None else out + yk
     return out
 
 
@@ -185,7 +197,7 @@ class StaticTopKConv3d(nn.Module):
     """A Conv3d that keeps the ``k`` highest-scoring input channels / frames per sample.
 
     ``forward(x, channel_scores=None, frame_scores=None)``: scores ``[N, C]`` / ``[N, T]``;
-    the top ``k_channel`` / ``k_frame`` are kept (sorted indices), and the rest of the work is
+    the top ``k_channel`` / ``k_frame`` are kept (no sort: the order does not matter), and the rest of the work is
     skipped as in :func:`static_topk_conv3d`. Static shapes: ``torch.jit.trace`` /
     ``torch.export`` keep the savings.
     """
@@ -211,9 +223,9 @@ class StaticTopKConv3d(nn.Module):
         if self.k_channel is not None:
             if channel_scores is None:
                 raise ValueError("k_channel is set: pass channel_scores [N, C]")
-            c_idx = channel_scores.topk(self.k_channel, dim=1).indices.sort(dim=1).values
+            c_idx = channel_scores.topk(self.k_channel, dim=1).indices
         if self.k_frame is not None:
             if frame_scores is None:
                 raise ValueError("k_frame is set: pass frame_scores [N, T]")
-            f_idx = frame_scores.topk(self.k_frame, dim=1).indices.sort(dim=1).values
+            f_idx = frame_scores.topk(self.k_frame, dim=1).indices
         return static_topk_conv3d(self.conv, x, channel_idx=c_idx, frame_idx=f_idx)

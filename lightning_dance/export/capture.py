@@ -4,7 +4,7 @@
 ``torch.jit.trace`` silently does to a gated model), so every artifact starts from an
 :class:`~torch.export.ExportedProgram`. :func:`scriptable` turns one into a ``torch.jit.script``-
 able ``GraphModule`` (the TorchScript / libtorch path for models whose Python ``forward`` is
-not scriptable, such as a DANCE export module with its hooks).
+not scriptable, such as a DANCE export module routing the controller's masks).
 
 Example:
     >>> import torch, torch.nn as nn

@@ -563,6 +563,9 @@ _ELEMENTWISE_UNARY = {
     _ATEN.neg.default,
     _ATEN.sqrt.default,
     _ATEN.relu6.default,
+    _ATEN.log.default,
+    _ATEN.pow.Tensor_Scalar,
+    _ATEN.to.dtype,
     _ATEN.mul.Scalar,
     _ATEN.add.Scalar,
     _ATEN.sub.Scalar,
@@ -773,12 +776,23 @@ def rewrite_conv3d_to_conv2d(
     for node in list(graph.nodes):
         if node.op in ("placeholder", "get_attr", "output") or node in folded:
             continue
+        target = node.target
+        conv = _conv_args(node) if target in _CONV else None
+        if conv is not None and conv["x"] not in folded and not strict:
+            xv = _val(conv["x"])
+            if xv is not None and xv.dim() == 5:  # computed in 5-d (e.g. a gather): fold it
+                with graph.inserting_before(node):
+                    f = graph.call_function(fold_time, (conv["x"],))
+                node.replace_input_with(conv["x"], f)
+                folded[f] = tuple(xv.shape)
+                conv = _conv_args(node)
         ins = [a for a in node.all_input_nodes if a in folded]
         if not ins:
             continue
-        target = node.target
         out_val = _val(node)
-        conv = _conv_args(node) if target in _CONV else None
+        if target is _ATEN._assert_tensor_metadata.default:  # export's dtype check: 5-d only
+            graph.erase_node(node)
+            continue
         if conv is not None and conv["x"] in folded:
             nb = folded[conv["x"]][0]
             weight, bias = _get_attr(gm, conv["w"]), _get_attr(gm, conv["b"])
@@ -862,6 +876,30 @@ def rewrite_conv3d_to_conv2d(
         if target is operator.getitem and node.args[0] in folded and node.args[1] == 0:
             folded[node] = folded[node.args[0]]
             continue
+        if target is _ATEN.index_select.default and node.args[0] in folded:
+            x_node, dim, index = node.args
+            shape5 = tuple(out_val.shape)
+            if dim % 5 == 1:  # channels: the same op on [N * T, C, H, W]
+                folded[node] = shape5
+                continue
+            if dim % 5 == 2 and folded[x_node][0] == 1:  # frames of one clip: rows
+                node.args = (x_node, 0, index)
+                folded[node] = shape5
+                continue
+        if (
+            target is _ATEN.slice.Tensor
+            and node.args[0] in folded
+            and len(node.args) > 1
+            and node.args[1] % 5 == 0
+            and (len(node.args) < 5 or node.args[4] == 1)
+        ):  # whole clips [a:b] = rows [a * T: b * T]
+            x_node = node.args[0]
+            nb, tb = folded[x_node][0], folded[x_node][2]
+            start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+            end = min(node.args[3] if len(node.args) > 3 else nb, nb)
+            node.args = (x_node, 0, start * tb, end * tb, 1)
+            folded[node] = tuple(out_val.shape)
+            continue
         if target in _ELEMENTWISE_BINARY and out_val is not None and out_val.dim() == 5:
             shape5 = tuple(out_val.shape)
             nb, tb = shape5[0], shape5[2]
@@ -938,6 +976,10 @@ def rewrite_conv3d_to_conv2d(
             batches = {folded[a][0] if a in folded else None for a in tensors}
             frames = {folded[a][2] if a in folded else None for a in tensors}
             if dim % 5 == 1 and len(batches) == 1 and len(frames) == 1 and None not in batches:
+                folded[node] = tuple(out_val.shape)
+                continue
+            if dim % 5 == 0 and len(frames) == 1 and None not in batches:  # clips: rows
+                node.args = (tensors, 0)
                 folded[node] = tuple(out_val.shape)
                 continue
         if (

@@ -75,6 +75,7 @@ class Manifest:
     policy_macs: float | None = None
     keep_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     masked_layers: list[str] = field(default_factory=list)
+    gate_margin: float | None = None  # smallest keep/drop score gap on the example clip
     artifacts: list[Artifact] = field(default_factory=list)
     versions: dict[str, str | None] = field(default_factory=package_versions)
     created: str = field(

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,11 @@ class ExportPlan:
     policy_macs: float | None = None  # what DANCE's policy counts on the example clip (mean)
     keep_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # topk: layer -> dim -> k
     masked_layers: list[str] = field(default_factory=list)  # topk: layers multiplied, not gathered
+    #: smallest gap behind a keep/drop decision on the example clip, relative to the largest
+    #: |score| of its layer and dim (threshold: |logit|; topk: k-th minus (k+1)-th score): a
+    #: runtime computing the controller in fp16 (the Hexagon NPU) flips decisions closer than
+    #: its rounding (a few percent, measured on the HTP simulator)
+    gate_margin: float | None = None
 
 
 def unwrap_pruner(model: nn.Module) -> AdaptivePruner | None:
@@ -74,11 +80,66 @@ def unwrap_pruner(model: nn.Module) -> AdaptivePruner | None:
     return pruner if isinstance(pruner, AdaptivePruner) else None
 
 
+class _Route:
+    """What the stem tap hands to the gated convs during one forward (a plain object, so that
+    ``torch.export`` in strict mode traces the hand-over as ordinary Python data flow)."""
+
+    ctx: Any = None
+
+
+class _StemTap(nn.Module):
+    """The stem module, plus: its output feeds the controller (once per forward)."""
+
+    def __init__(self, stem: nn.Module, owner: DANCEExportModule) -> None:
+        super().__init__()
+        self.stem = stem
+        self._owner = (owner,)  # a tuple: not registered as a submodule (no cycle)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.stem(*args, **kwargs)
+        owner = self._owner[0]
+        if owner.route.ctx is None:
+            budget = None
+            if owner.budget_value is not None:
+                budget = torch.full((), owner.budget_value, dtype=out.dtype)
+            owner.route.ctx = owner.controller(out, budget)
+        return out
+
+
+class _GatedConv3d(nn.Module):
+    """An instrumented Conv3d: its input masked by the controller's eval masks, or (``topk``,
+    supported layers) its kept channels / frames gathered (``static_topk_conv3d``)."""
+
+    def __init__(self, conv: nn.Conv3d, name: str, owner: DANCEExportModule, gather: bool):
+        super().__init__()
+        self.conv, self.name, self.gather = conv, name, gather
+        self._owner = (owner,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lightning_dance.execution.static import static_topk_conv3d
+        from lightning_dance.masks import apply_masks
+
+        owner = self._owner[0]
+        masks = owner.layer_masks(owner.route.ctx, self.name, tuple(x.shape[1:]))
+        if not self.gather:
+            return self.conv(apply_masks(x, masks))
+        idx = {}
+        for dim in ("channel", "frame"):
+            if dim in masks:
+                k = owner.keep_counts[self.name][dim]
+                idx[f"{dim}_idx"] = masks[dim].topk(k, dim=1).indices  # any order: no sort op
+        if "feature" in masks:
+            x = apply_masks(x, {"feature": masks["feature"]})
+        return static_topk_conv3d(self.conv, x, **idx)
+
+
 class DANCEExportModule(nn.Module):
     """A capturable ``clip -> logits`` module running a pruner's controller and eval masks.
 
-    Built by :func:`build_export_module` (``mode`` ``"masked"`` or ``"topk"``); shares the
-    pruner's model and controller (no copy). Hooks exist only during ``forward``.
+    Built by :func:`build_export_module` (``mode`` ``"masked"`` or ``"topk"``) from a *copy* of
+    the pruner's model, whose stem and instrumented Conv3d modules are replaced by modules that
+    run the controller and the masks (no hooks, no patched methods): ``torch.export`` captures
+    it in strict and non-strict mode. The controller is shared with the pruner.
     """
 
     def __init__(
@@ -90,14 +151,21 @@ class DANCEExportModule(nn.Module):
         gathered: set[str],
     ) -> None:
         super().__init__()
-        self.model = pruner.model
         self.controller = pruner.controller
         self.mode, self.policy, self.dims = mode, pruner.policy, pruner.dims
         self.stem_name, self.layer_names = pruner.stem_name, list(pruner.layer_names)
         self.min_keep = pruner.min_keep
         self.offset = float(pruner.calibration) if pruner.policy == "threshold" else 0.0
         self.budget_value = float(pruner.budget) if pruner.budget_conditioned else None
-        self.shapes, self.keep_counts, self.gathered = shapes, keep_counts, gathered
+        self.shapes, self.keep_counts, self.gathered = shapes, keep_counts, set(gathered)
+        self.route = _Route()
+        self._margins: list[float] | None = None
+        model = copy.deepcopy(pruner.model)
+        _replace(model, self.stem_name, _StemTap(model.get_submodule(self.stem_name), self))
+        for name in self.layer_names:
+            conv = model.get_submodule(name)
+            _replace(model, name, _GatedConv3d(conv, name, self, name in self.gathered))
+        self.model = model
 
     def layer_masks(self, ctx: Any, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         """Eval masks ``{dim: [N, ...]}`` of layer ``name`` (as ``AdaptivePruner.layer_masks``)."""
@@ -106,6 +174,8 @@ class DANCEExportModule(nn.Module):
         values = {}
         for dim, lg in logits.items():
             flat = lg.flatten(1) + self.offset if self.offset else lg.flatten(1)
+            if self._margins is not None:  # eager, in build_export_module only
+                self._margins.append(self._margin(flat, name, dim))
             if self.policy == "topk":
                 value = topk_gate(flat, self.keep_counts[name][dim], training=False)
             else:
@@ -114,61 +184,37 @@ class DANCEExportModule(nn.Module):
             values[dim] = expand_blocks(value, (h, w)) if dim == "feature" else value
         return values
 
+    def _margin(self, flat: torch.Tensor, name: str, dim: str) -> float:
+        scale = flat.abs().amax(dim=1).clamp_min(1e-12)  # per row
+        if self.policy != "topk":
+            return float((flat.abs().amin(dim=1) / scale).min())
+        k = self.keep_counts[name][dim]
+        if k >= flat.shape[1]:
+            return math.inf
+        top = flat.topk(k + 1, dim=1).values
+        return float(((top[:, k - 1] - top[:, k]) / scale).min())
+
+    def gate_margin(self, clip: torch.Tensor) -> float:
+        """The smallest decision gap (:attr:`ExportPlan.gate_margin`) on ``clip`` (eager)."""
+        self._margins = []
+        try:
+            with torch.no_grad():
+                self(clip)
+            return min(self._margins, default=math.inf)
+        finally:
+            self._margins = None
+
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        from lightning_dance.execution.static import static_topk_conv3d
-        from lightning_dance.masks import apply_masks
-
-        modules = dict(self.model.named_modules())
-        state: dict[str, Any] = {}
-
-        def stem_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if "ctx" not in state:
-                budget = None
-                if self.budget_value is not None:
-                    budget = torch.full((), self.budget_value, dtype=output.dtype)
-                state["ctx"] = self.controller(output, budget)
-
-        def mask_hook(name: str):
-            def hook(module: nn.Module, args: tuple) -> tuple:
-                x = args[0]
-                masks = self.layer_masks(state["ctx"], name, tuple(x.shape[1:]))
-                if name in self.gathered:
-                    state[name] = masks  # gathered in the routed forward
-                    return args
-                return (apply_masks(x, masks),) + tuple(args[1:])
-
-            return hook
-
-        def routed(name: str, conv: nn.Conv3d):
-            def forward(x: torch.Tensor) -> torch.Tensor:
-                masks = state.pop(name)
-                idx = {}
-                for dim in ("channel", "frame"):
-                    if dim in masks:
-                        idx[f"{dim}_idx"] = (
-                            masks[dim]
-                            .topk(self.keep_counts[name][dim], dim=1)
-                            .indices.sort(dim=1)
-                            .values
-                        )
-                if "feature" in masks:
-                    x = apply_masks(x, {"feature": masks["feature"]})
-                return static_topk_conv3d(conv, x, **idx)
-
-            return forward
-
-        handles = [modules[self.stem_name].register_forward_hook(stem_hook)]
-        for name in self.layer_names:
-            handles.append(modules[name].register_forward_pre_hook(mask_hook(name)))
-        for name in self.gathered:
-            modules[name].forward = routed(name, modules[name])
+        self.route.ctx = None
         try:
             return self.model(clip)
         finally:
-            for h in handles:
-                h.remove()
-            for name in self.gathered:
-                modules[name].__dict__.pop("forward", None)
+            self.route.ctx = None
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _static_supported(conv: nn.Conv3d, dims: tuple[str, ...]) -> bool:
@@ -258,6 +304,7 @@ def build_export_module(
     else:  # masked: everything is computed, plus the controller
         plan.executed_macs = int(stats.dense_total + stats.controller_macs)
     module = DANCEExportModule(pruner, mode, shapes, plan.keep_counts, gathered).eval()
+    plan.gate_margin = module.gate_margin(example_clip)
     return module, plan
 
 

@@ -87,10 +87,56 @@ def export_onnx(
                 optimize=True,
             )
         program.save(str(path))
+        _standalone_batchnorm_to_affine(path)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
         raise UnsupportedOpError("onnx", f"the ONNX exporter failed: {first}") from exc
     return path
+
+
+def _standalone_batchnorm_to_affine(path: Path) -> None:
+    """Rewrite, in place, every inference ``BatchNormalization`` the exporter did not fuse into
+    a ``Conv`` as ``x * scale + shift`` (constants): a DANCE model reads the stem conv's output
+    before its BatchNorm, so that BatchNorm stays standalone, and the Hexagon NPU (QNN HTP)
+    cannot run a standalone 5D BatchNormalization. Exact up to float rounding."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred}
+    changed = False
+    for node in list(graph.node):
+        if node.op_type != "BatchNormalization" or len(node.output) != 1:
+            continue
+        if not all(name in inits for name in node.input[1:5]):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]) for n in node.input[1:5])
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        shift = beta - mean * scale
+        rank = ranks.get(node.input[0], 5)
+        bshape = (-1,) + (1,) * (rank - 2)  # [C, 1, ...]: broadcasts against [N, C, ...]
+        s_name, b_name, mid = (f"{node.name}_{x}" for x in ("scale", "shift", "scaled"))
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(scale.reshape(bshape).astype(gamma.dtype), s_name),
+                numpy_helper.from_array(shift.reshape(bshape).astype(gamma.dtype), b_name),
+            ]
+        )
+        index = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(index, helper.make_node("Mul", [node.input[0], s_name], [mid]))
+        graph.node.insert(index + 1, helper.make_node("Add", [mid, b_name], [node.output[0]]))
+        changed = True
+    if changed:  # drop the BatchNorm constants no node reads any more
+        used = {i for n in graph.node for i in n.input}
+        for init in [t for t in graph.initializer if t.name not in used]:
+            graph.initializer.remove(init)
+        onnx.save(model, str(path))
 
 
 def onnx_op_types(path: str | os.PathLike) -> Counter:

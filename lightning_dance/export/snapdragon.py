@@ -29,9 +29,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+import subprocess
+import sys
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -72,33 +75,42 @@ def qnn_available() -> bool:
     return True
 
 
-def _qnn_options(soc_model: str | None, htp_arch: str | None, context_path: str | None) -> Any:
-    try:
-        import onnxruntime as ort
-        import onnxruntime_qnn as oq
-    except ImportError as exc:
+def _require_qnn() -> None:
+    if not qnn_available():
         raise ImportError(
             "the snapdragon QNN path needs the optional package onnxruntime-qnn "
             "(pip install onnxruntime-qnn)"
-        ) from exc
-    name = oq.get_ep_name()
-    if not any(d.ep_name == name for d in ort.get_ep_devices()):
-        ort.register_execution_provider_library(name, oq.get_library_path())
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # errors only
-    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    if context_path is not None:
-        so.add_session_config_entry("ep.context_enable", "1")
-        so.add_session_config_entry("ep.context_file_path", str(context_path))
-        so.add_session_config_entry("ep.context_embed_mode", "1")
-    options = {"backend_type": "htp"}
-    if soc_model:
-        options["soc_model"] = str(soc_model)
-    if htp_arch:
-        options["htp_arch"] = str(htp_arch)
-    so.add_provider_for_devices(devices, options)
-    return so
+        )
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _qnn_session(action: str, onnx_path: Path, soc: str, arch: str, out: Path, *extra: str):
+    """Run :mod:`~lightning_dance.export._qnn_worker` in a child process; raise
+    :class:`UnsupportedOpError` naming the unsupported nodes if it fails or crashes."""
+    _require_qnn()
+    worker = Path(__file__).with_name("_qnn_worker.py")
+    cmd = [sys.executable, str(worker), action, str(onnx_path), soc or "", arch or "", str(out)]
+    proc = subprocess.run([*cmd, *extra], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return
+    log = _ANSI.sub("", proc.stderr)
+    types = set(re.findall(r"type: (\w+) \}", log))
+    if not types and "All nodes placed on [CPUExecutionProvider]" in log:
+        from lightning_dance.export.onnx import onnx_op_types
+
+        types = set(onnx_op_types(onnx_path))  # the QNN EP took no node at all
+    types = sorted(types)
+    errors = re.findall(r"QNN-ERROR: (.*)", log)
+    why = errors[0][:300] if errors else (log.strip().splitlines() or ["no message"])[-1][:300]
+    if proc.returncode < 0:
+        why = f"the QNN backend crashed (signal {-proc.returncode})"
+    op = types[0] if types else "qnn"
+    listed = f"; ops the HTP does not run: {types}" if types else ""
+    raise UnsupportedOpError(
+        op, f"the QNN HTP backend cannot {action} {onnx_path.name}: {why}{listed}"
+    )
 
 
 def run_qnn_htp(
@@ -108,19 +120,17 @@ def run_qnn_htp(
     soc_model: str | None = DEFAULT_SOC_MODEL,
     htp_arch: str | None = DEFAULT_HTP_ARCH,
 ) -> np.ndarray:
-    """Run an ONNX model (or a QNN EP-context ONNX) on the HTP backend, CPU fallback disabled."""
-    import onnxruntime as ort
+    """Run an ONNX model (or a QNN EP-context ONNX) on the HTP backend, CPU fallback disabled.
 
-    so = _qnn_options(soc_model, htp_arch, None)
-    try:
-        sess = ort.InferenceSession(str(onnx_path), sess_options=so)
-    except Exception as exc:
-        raise UnsupportedOpError(
-            "qnn",
-            f"the QNN HTP backend cannot run {Path(onnx_path).name}: "
-            f"{str(exc).strip().splitlines()[0][:400]}",
-        ) from exc
-    return sess.run(None, {sess.get_inputs()[0].name: clip.detach().cpu().numpy()})[0]
+    The session runs in a child process: onnxruntime-qnn can crash on a graph it cannot
+    compile, and that must not take the caller (e.g. a training run) with it.
+    """
+    onnx_path = Path(onnx_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        x, y = Path(tmp) / "clip.npy", Path(tmp) / "out.npy"
+        np.save(x, clip.detach().cpu().float().numpy())
+        _qnn_session("run", onnx_path, soc_model, htp_arch, y, str(x))
+        return np.load(y)
 
 
 def compile_qnn_context(
@@ -131,20 +141,13 @@ def compile_qnn_context(
     htp_arch: str | None = DEFAULT_HTP_ARCH,
 ) -> Path:
     """Compile ``onnx_path`` for the HTP of ``soc_model`` into an EP-context ONNX file (the QNN
-    context binary embedded): the phone loads it without recompiling."""
-    import onnxruntime as ort
-
-    so = _qnn_options(soc_model, htp_arch, str(context_path))
-    try:
-        ort.InferenceSession(str(onnx_path), sess_options=so)
-    except Exception as exc:
-        raise UnsupportedOpError(
-            "qnn",
-            f"QNN cannot compile {Path(onnx_path).name}: {str(exc).strip().splitlines()[0][:400]}",
-        ) from exc
-    if not Path(context_path).exists():
+    context binary embedded): the phone loads it without recompiling. Runs in a child process
+    (see :func:`run_qnn_htp`)."""
+    onnx_path, context_path = Path(onnx_path), Path(context_path)
+    _qnn_session("compile", onnx_path, soc_model, htp_arch, context_path)
+    if not context_path.exists():
         raise RuntimeError(f"onnxruntime-qnn did not write the context model {context_path}")
-    return Path(context_path)
+    return context_path
 
 
 # ------------------------------------------------------------------------------ NNAPI
