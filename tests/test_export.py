@@ -66,7 +66,7 @@ def test_export_module_matches_eager(policy, keep):
         assert 0 < min(fracs) and max(fracs) <= 0.5  # one entry per dim (min_keep), never empty
     with torch.no_grad():
         ref = pruner(clip)
-        for mode in ("masked", "topk") if policy == "topk" else ("masked",):
+        for mode in ("masked", policy):
             module, plan = build_export_module(pruner, mode, clip)
             assert max_abs_error(ref, module(clip)) < 1e-5
             ep = capture(module, clip)
@@ -74,20 +74,36 @@ def test_export_module_matches_eager(policy, keep):
             assert plan.executed_macs > 0 and plan.dense_macs > 0
 
 
-def test_topk_plan_counts_real_savings():
+@pytest.mark.parametrize("policy", ["topk", "threshold"])
+def test_gathered_plan_counts_real_savings(policy):
     clip = _clip()
-    pruner = _pruner("topk", keep="half")
+    pruner = _pruner(policy, keep="half")
     _, masked = build_export_module(pruner, "masked", clip)
-    _, topk = build_export_module(pruner, "topk", clip)
-    assert topk.executed_macs < masked.executed_macs
+    _, gathered = build_export_module(pruner, policy, clip)
+    assert gathered.executed_macs < masked.executed_macs
     assert masked.executed_macs >= masked.dense_macs  # masking saves nothing
-    assert all(k >= 1 for layer in topk.keep_counts.values() for k in layer.values())
+    assert all(k >= 1 for layer in gathered.keep_counts.values() for k in layer.values())
+    # the plan is the sum of what each layer's gathered conv computes (static_executed_macs)
+    from lightning_dance.execution.static import static_executed_macs
+
+    pruner(clip)
+    stats = pruner.last_stats
+    expected = stats.fixed_macs + stats.controller_macs
+    for name, layer in stats.layers.items():
+        k = {d: int(m[0].sum()) for d, m in layer.masks.items()}
+        conv = pruner.model.get_submodule(name)
+        expected += static_executed_macs(
+            conv, layer.input_shape, k_channel=k["channel"], k_frame=k["frame"]
+        )
+    assert gathered.executed_macs == expected
 
 
-@pytest.mark.parametrize("mode", ["masked", "topk"])
-def test_torch_export_strict(mode):
+@pytest.mark.parametrize(
+    "policy,mode", [("topk", "masked"), ("topk", "topk"), ("threshold", "threshold")]
+)
+def test_torch_export_strict(policy, mode):
     clip = _clip()
-    pruner = _pruner("topk", ("frame", "channel", "feature"), keep="half")
+    pruner = _pruner(policy, ("frame", "channel", "feature"), keep="half")
     module, _ = build_export_module(pruner, mode, clip)
     graph = capture(module, clip, strict=True).module()
     other = _clip(seed=5) * 3  # another clip: the graph must follow its gates, not the example's
@@ -95,15 +111,16 @@ def test_torch_export_strict(mode):
         assert max_abs_error(pruner(clip), graph(clip)) < 1e-5
         assert max_abs_error(pruner(other), graph(other)) < 1e-5
     ops = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
-    assert any("topk" in op for op in ops)  # the selection is in the graph, not baked in
+    # the selection is in the graph, not baked in
+    assert any(("nonzero" if mode == "threshold" else "topk") in op for op in ops)
 
 
 def test_mode_errors():
     net = create_model("tiny_c3d", num_classes=4)
     with pytest.raises(ValueError, match="needs a DANCE model"):
         build_export_module(net, "masked", _clip())
-    with pytest.raises(NotImplementedError, match="threshold"):
-        build_export_module(_pruner("threshold"), "threshold", _clip())
+    with pytest.raises(ValueError, match="policy='threshold'"):
+        build_export_module(_pruner("topk"), "threshold", _clip())
     with pytest.raises(ValueError, match="policy='topk'"):
         build_export_module(_pruner("threshold"), "topk", _clip())
     with pytest.raises(ValueError, match="mode"):
@@ -178,7 +195,9 @@ def test_export_dense_jetson(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("keep", ["all", "half", "one"])
-@pytest.mark.parametrize("policy,mode", [("threshold", "masked"), ("topk", "topk")])
+@pytest.mark.parametrize(
+    "policy,mode", [("threshold", "masked"), ("topk", "topk"), ("threshold", "threshold")]
+)
 def test_export_gated_jetson(tmp_path, policy, mode, keep):
     clip = _clip()
     pruner = _pruner(policy, keep=keep)
@@ -193,6 +212,23 @@ def test_export_gated_jetson(tmp_path, policy, mode, keep):
     other = _clip(seed=7) * 2
     loaded = torch.jit.load(str(out.out_dir / torchscript["file"]))
     assert max_abs_error(pruner(other), loaded(other)) < 1e-4
+    onnx_art = next(a for a in manifest["artifacts"] if a["format"] == "onnx")
+    assert ("NonZero" in onnx_art["ops"]) == (mode == "threshold")  # dynamic gathers
+    got = run_onnxruntime(out.out_dir / onnx_art["file"], other)
+    assert max_abs_error(pruner(other), torch.from_numpy(got)) < 1e-4
+
+
+def test_threshold_mode_is_skipped_where_shapes_must_be_static(tmp_path):
+    clip = _clip()
+    pruner = _pruner("threshold", keep="half")
+    with pytest.raises(UnsupportedOpError, match="NonZero") as info:
+        export_model(pruner, clip, targets=("snapdragon",), formats=("qnn",), mode="threshold",
+                     out_dir=tmp_path / "q")  # fmt: skip
+    assert info.value.op == "NonZero"
+    with pytest.raises(UnsupportedOpError, match="input-dependent size"):
+        export_model(pruner, clip, targets=("snapdragon",), formats=("executorch",),
+                     mode="threshold", out_dir=tmp_path / "x")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

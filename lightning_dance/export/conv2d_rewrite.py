@@ -735,6 +735,14 @@ def rewrite_conv3d_to_conv2d(
         ) from exc
     gm = ep.module()
     graph = gm.graph
+    for node in graph.nodes:  # e.g. threshold gathers: sizes known only at run time
+        val = _val(node)
+        if isinstance(val, torch.Tensor) and not all(isinstance(d, int) for d in val.shape):
+            raise UnsupportedOpError(
+                _op_name(node),
+                f"the Conv2d rewrite needs static shapes; op {_op_name(node)!r} (node "
+                f"{node.name!r}) has an input-dependent size (export mode='topk' or 'masked')",
+            )
     n, _, t, _, _ = example_clip.shape
     info = RewriteInfo(batch=int(n), frames=int(t), input_layout=input_layout)
     folded: dict[fx.Node, tuple[int, ...]] = {}  # node -> logical 5-d shape of its value

@@ -14,8 +14,10 @@ MACs, validate clips and read buffers as Python floats: fine in eager mode, not 
   real savings; features (if pruned) are still multiplied by their mask; layers the static path
   does not support (grouped, non-depthwise convs with channel pruning) fall back to masked
   multiplication and are listed in :attr:`ExportPlan.masked_layers`.
-- ``"threshold"`` (gathers of input-dependent size) is not available yet: see
-  ``docs/export.md``.
+- ``"threshold"`` (``policy="threshold"`` pruners): the kept channels and frames, as many as
+  the gates keep for each clip, are gathered (``nonzero`` + ``index_select``): *dynamic*
+  shapes, for runtimes that allow them (onnxruntime, TensorRT, not the Hexagon NPU); the
+  plan's ``executed_macs`` are those of the first example clip.
 
 The budget, the calibration offset and the ``topk`` keep-counts are baked in as constants for
 the example clip's shape: no Python branch depends on data, so ``torch.export`` captures the
@@ -107,8 +109,9 @@ class _StemTap(nn.Module):
 
 
 class _GatedConv3d(nn.Module):
-    """An instrumented Conv3d: its input masked by the controller's eval masks, or (``topk``,
-    supported layers) its kept channels / frames gathered (``static_topk_conv3d``)."""
+    """An instrumented Conv3d: its input masked by the controller's eval masks, or (``topk`` and
+    ``threshold`` modes, supported layers) its kept channels / frames gathered
+    (``static_topk_conv3d``: ``k`` fixed for ``topk``, input-dependent for ``threshold``)."""
 
     def __init__(self, conv: nn.Conv3d, name: str, owner: DANCEExportModule, gather: bool):
         super().__init__()
@@ -123,13 +126,24 @@ class _GatedConv3d(nn.Module):
         masks = owner.layer_masks(owner.route.ctx, self.name, tuple(x.shape[1:]))
         if not self.gather:
             return self.conv(apply_masks(x, masks))
+        if "feature" in masks:
+            x = apply_masks(x, {"feature": masks["feature"]})
+        if owner.mode == "threshold":  # kept entries of input-dependent number, per clip
+            outs = []
+            for i in range(x.shape[0]):
+                idx = {}
+                for dim in ("channel", "frame"):
+                    if dim in masks:
+                        kept = masks[dim][i].nonzero()[:, 0]
+                        torch._check(kept.shape[0] >= 1)  # min_keep >= 1: never empty
+                        idx[f"{dim}_idx"] = kept.unsqueeze(0)
+                outs.append(static_topk_conv3d(self.conv, x[i : i + 1], **idx))
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         idx = {}
         for dim in ("channel", "frame"):
             if dim in masks:
                 k = owner.keep_counts[self.name][dim]
                 idx[f"{dim}_idx"] = masks[dim].topk(k, dim=1).indices  # any order: no sort op
-        if "feature" in masks:
-            x = apply_masks(x, {"feature": masks["feature"]})
         return static_topk_conv3d(self.conv, x, **idx)
 
 
@@ -241,8 +255,7 @@ def build_export_module(
         example_clip: ``[N, C, T, H, W]``; keep-counts and MACs are for this shape.
 
     Raises:
-        ValueError: unknown mode, or a mode that needs a DANCE model / the ``topk`` policy.
-        NotImplementedError: ``"threshold"`` (dynamic-size gathers are not exportable yet).
+        ValueError: unknown mode, or a mode that needs a DANCE model / the matching policy.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -257,11 +270,10 @@ def build_export_module(
         model = model.eval()
         dense = int(count_macs(model, one, per_module=False).total)
         return model, ExportPlan("dense", None, dense_macs=dense, executed_macs=dense)
-    if mode == "threshold":
-        raise NotImplementedError(
-            "mode='threshold' (input-dependent gathers, dynamic shapes) is not exportable yet: "
-            "the compact path decides its gathers in Python. Export mode='masked' (same outputs, "
-            "no savings) or train with policy='topk' and export mode='topk'."
+    if mode == "threshold" and pruner.policy != "threshold":
+        raise ValueError(
+            f"mode='threshold' needs a pruner trained with policy='threshold', this one uses "
+            f"{pruner.policy!r}: export mode='topk' instead"
         )
     if mode == "topk" and pruner.policy != "topk":
         raise ValueError(
@@ -285,13 +297,16 @@ def build_export_module(
             plan.keep_counts[name] = {
                 d: keep_count(ratio, sizes[d], pruner.min_keep) for d in pruner.dims
             }
-    if mode == "topk":
+    if mode in ("topk", "threshold"):
         from lightning_dance.execution.static import static_executed_macs
 
         executed = stats.fixed_macs + stats.controller_macs
         for name, shape in shapes.items():
             conv = modules[name]
-            k = plan.keep_counts[name]
+            if mode == "topk":
+                k = plan.keep_counts[name]
+            else:  # what the first example clip keeps (input-dependent)
+                k = {d: int(m[0].sum()) for d, m in stats.layers[name].masks.items()}
             if ("channel" in k or "frame" in k) and _static_supported(conv, pruner.dims):
                 gathered.add(name)
                 executed += static_executed_macs(
