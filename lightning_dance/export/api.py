@@ -157,7 +157,8 @@ def export_model(
             clip (N = 1 is what a device usually runs).
         targets: any of ``("jetson", "snapdragon")``.
         mode: ``"dense"``, ``"masked"`` (controller + masks, no savings, everywhere), ``"topk"``
-            (gathered static top-k, ``policy="topk"`` pruners) or ``"threshold"`` (not yet).
+            (gathered static top-k, ``policy="topk"`` pruners) or ``"threshold"`` (the gates'
+            kept entries gathered, dynamic shapes: ONNX / TorchScript only).
         out_dir: the folder to create (must not exist, unless ``overwrite``).
         formats: restrict to these formats (see the module table); named formats that fail
             raise instead of being skipped.
