@@ -176,3 +176,44 @@ def test_rewrite_factory_models(name):
     flat = rewrite_conv3d_to_conv2d(net, clip)
     assert flat.rewrite_info.max_abs_error < 1e-5
     assert flat.rewrite_info.conv3d_replaced == sum(isinstance(m, nn.Conv3d) for m in net.modules())
+
+
+class _Gathered(nn.Module):
+    """Per-clip gathers as the DANCE export modules compute them: clips sliced off the batch,
+    channels and frames selected with index_select, convs on the gathered inputs, clips
+    concatenated back, a conv on that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(3, 8, 3, padding=1)
+        self.conv = nn.Conv3d(8, 6, (1, 3, 3), padding=(0, 1, 1))
+        self.head = nn.Conv3d(6, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        outs = []
+        for i in range(h.shape[0]):
+            one = h[i : i + 1]
+            c_idx = one.mean((0, 2, 3, 4)).topk(4).indices
+            f_idx = one.mean((0, 1, 3, 4)).topk(2).indices
+            one = one.index_select(1, c_idx).index_select(2, f_idx)
+            w = self.conv.weight.index_select(1, c_idx)
+            outs.append(F.conv3d(one, w, self.conv.bias, padding=(0, 1, 1)))
+        return self.head(torch.cat(outs, dim=0)).float()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_rewrite_gathers_run_folded(batch):
+    torch.manual_seed(0)
+    net = _Gathered().eval()
+    clip = torch.randn(batch, 3, 4, 8, 8)
+    flat = rewrite_conv3d_to_conv2d(net, clip)
+    assert flat.rewrite_info.conv3d_replaced == 2 + batch  # stem, head and one per clip
+    assert flat.rewrite_info.max_abs_error < 1e-5
+    other = 3 * torch.randn(batch, 3, 4, 8, 8)  # other gathers than the example clip's
+    assert (flat(other) - net(other)).abs().max() < 1e-5
+    ops = [n for n in flat.graph.nodes if n.target is torch.ops.aten.index_select.default]
+    # clips are row ranges and frames of one clip are rows of the folded tensor: the gathers
+    # run folded (only the score reductions unfold)
+    assert set(flat.rewrite_info.unfolded_ops) == {"mean.dim"}
+    assert {n.args[1] for n in ops} >= {0, 1}
