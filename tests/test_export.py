@@ -469,3 +469,29 @@ def test_qnn_crash_becomes_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(sd.subprocess, "run", crashed)
     with pytest.raises(UnsupportedOpError, match=r"crashed \(signal 11\).*GatherND"):
         sd.compile_qnn_context(tmp_path / "m.onnx", tmp_path / "ctx.onnx")
+
+
+@pytest.mark.slow
+def test_export_benchmark_smoke(tmp_path):
+    """benchmarks/export_benchmark.py: exported dense / masked / topk / threshold ONNX models
+    run interleaved in onnxruntime, each checked against eager."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "export_benchmark.py"
+    spec = importlib.util.spec_from_file_location("export_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+        out = tmp_path / "export.json"
+        bench.main(["--smoke", "--threads", "1", "--out", str(out)])
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.modules.pop("latency_benchmark", None)
+    (result,) = json.loads(out.read_text())["models"]
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"dense", "masked 0.5", "topk 0.5", "threshold 0.5"}
+    assert rows["dense"]["speedup"] == 1.0 and rows["masked 0.5"]["mac_ratio"] >= 1.0
+    assert rows["topk 0.5"]["mac_ratio"] < 0.75 and rows["threshold 0.5"]["mac_ratio"] < 0.75
+    assert all(r["max_rel_error"] < 1e-4 for r in rows.values())
