@@ -260,14 +260,15 @@ class Controller(nn.Module):
     def macs(self, stem_shape: tuple[int, int, int, int]) -> int:
         """Closed-form multiply-accumulates of the controller for one clip.
 
-        Counts the trunk and head matmuls and one operation per element for each statistic over
-        the stem output ``(C0, T0, H0, W0)`` (mean, std, energy, motion, magnitude: 6 reductions
-        with a multiply-add each). Per-layer frame/feature heads are counted at the stem's frame
+        Counts the trunk and head matmuls, the pooling of the frame statistics to 8 bins (a
+        matmul) and one operation per element for each statistic over the stem output
+        ``(C0, T0, H0, W0)`` (mean, std, energy, motion, magnitude: 6 reductions with a
+        multiply-add each). Per-layer frame/feature heads are counted at the stem's frame
         count and the full block grid; resampling and z-scoring (a few ops per frame/block) are
         ignored.
         """
         c0, t0, h0, w0 = stem_shape
-        stats = 6 * c0 * t0 * h0 * w0
+        stats = 6 * c0 * t0 * h0 * w0 + 2 * t0 * _FRAME_BINS
         linears = sum(
             m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear)
         )
