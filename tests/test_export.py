@@ -38,7 +38,12 @@ def _pruner(policy, dims=("frame", "channel"), keep="half"):
         for m in pruner.model.modules():  # non-degenerate logits
             if isinstance(m, torch.nn.Linear):
                 m.weight.normal_(0.0, 0.5)
-    pruner(_clip())  # sets the fixed fraction behind keep_ratio()
+    return _set_keep(pruner, policy, keep, _clip())
+
+
+def _set_keep(pruner, policy, keep, clip):
+    """Calibrate ``pruner`` so that its eval masks keep all / about half / one entry per dim."""
+    pruner(clip)  # sets the fixed fraction behind keep_ratio()
     if policy == "topk":
         base = pruner.keep_ratio() / math.exp(float(pruner.calibration))
         target = {"all": 1.0, "half": 0.5, "one": 1e-3}[keep]
@@ -382,14 +387,7 @@ def _clear_cut(policy, keep):
     clip[:, :, 0] *= 2.0
     clip[..., 8:] *= 0.2
     clip[..., :4, :4] *= 2.0
-    pruner(clip)
-    if policy == "topk":
-        base = pruner.keep_ratio() / math.exp(float(pruner.calibration))
-        target = {"all": 1.0, "half": 0.5, "one": 1e-3}[keep]
-        pruner.calibration.fill_(math.log(target / base))
-    else:
-        pruner.calibration.fill_({"all": 50.0, "half": 0.0, "one": -50.0}[keep])
-    return pruner, clip
+    return _set_keep(pruner, policy, keep, clip), clip
 
 
 @pytest.mark.slow
