@@ -427,9 +427,10 @@ NB02 = [
         ## A wrapped model
 
         `DANCEWrapper(..., policy="topk")` keeps a fixed count of entries per layer and dim
-        (static shapes, which export needs); `policy="threshold"` (the default) keeps an
-        input-dependent count, runs compactly as well, but exports only as `mode="masked"` (no
-        savings). `task="distill"` trains the controller to match the dense model's outputs, so
+        (static shapes: what the Hexagon NPU needs); `policy="threshold"` (the default) keeps an
+        input-dependent count, runs compactly as well, and exports as `mode="threshold"`
+        (gathers of input-dependent size: ONNX and TorchScript only) or `mode="masked"` (every
+        target, no savings). `task="distill"` trains the controller to match the dense model's outputs, so
         no labels are needed.
         """
     ),
