@@ -75,6 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--controller-lr", type=float, default=3e-3)  # fmt: skip
     p.add_argument("--backbone-lr", type=float, default=None,
                    help="with --joint: the backbone's lr (default: controller lr / 10)")  # fmt: skip
+    p.add_argument("--control-epochs", type=int, default=0,
+                   help="also fine-tune the AVA model this many epochs without pruning (at the "
+                        "joint backbone lr): the control that pruned accuracy is compared to")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=None,
@@ -133,6 +136,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     test = dm.test_dataloader()
     base = {"dense_acc": _acc(dense, test), "ava_acc": _acc(ava, test)}
     print(f"dense top-1 {base['dense_acc']:.4f}, AVA top-1 {base['ava_acc']:.4f}")
+    if args.control_epochs:
+        L.seed_everything(args.seed, verbose=False)
+        control = copy.deepcopy(ava)
+        control.hparams.lr = args.backbone_lr or args.controller_lr / 10
+        fit(control, dm, epochs=args.control_epochs, validate=False)
+        base["control_acc"] = _acc(control, test)
+        print(f"control (AVA model fine-tuned {args.control_epochs} epochs, no pruning) top-1 "
+              f"{base['control_acc']:.4f}", flush=True)  # fmt: skip
 
     rows: list[dict[str, Any]] = []
     for policy in args.policies:
@@ -151,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        **evaluate_dance(wrapper, dm, "test"),
                        "train_seconds": time.perf_counter() - t0}  # fmt: skip
                 row["delta_pp_vs_dense"] = 100 * (row["acc"] - base["dense_acc"])
+                if "control_acc" in base:
+                    row["delta_pp_vs_control"] = 100 * (row["acc"] - base["control_acc"])
                 rows.append(row)
                 _print_row(row)
 
@@ -202,7 +215,9 @@ def _print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"AAP on synthetic clips: dense top-1 {result['dense_acc']:.4f}, "
-                        f"AVA top-1 {result['ava_acc']:.4f}")  # fmt: skip
+                        f"AVA top-1 {result['ava_acc']:.4f}"
+                        + (f", control top-1 {result['control_acc']:.4f}"
+                           if "control_acc" in result else ""))  # fmt: skip
     for col in ("policy", "dims", "budget", "top-1", "vs dense (pp)", "MAC ratio", "p5", "p95"):
         table.add_column(col, justify="right")
     for row in result["rows"] + result["budget_conditioned"]:

@@ -9,8 +9,10 @@ For each model (random init, eval, ``channels_last_3d``):
 - per pruned-dims config and budget: an :class:`~lightning_dance.aap.AdaptivePruner` with the
   ``topk`` policy (or ``--policy threshold``) and an *untrained* controller, calibrated with
   ``pruner.calibrate`` so that executed/dense MACs meet the budget on a few random clips; then
-  ``compact`` (:class:`~lightning_dance.execution.CompactPruner`, exact plan: computes exactly
-  the counted MACs) and ``tuned`` (the same with per-layer kernel tunings: snapped counts and
+  ``compact`` (:class:`~lightning_dance.execution.CompactPruner`: each layer's kept input
+  work, and producers of channel chains compute only the output channels the next conv keeps),
+  ``inputs-only`` (the same without output skipping: computes exactly the counted MACs) and
+  ``tuned`` (the same with per-layer kernel tunings: snapped counts and
   dense fallbacks where compact would be slower).
 
 Everything runs interleaved in one process (round robin over variants after warm-up), with fixed
@@ -25,7 +27,8 @@ are part of every DANCE latency.
   (:mod:`lightning_dance.macs`, controller included);
 - ``ran`` = MACs the run really computed / dense (``tuned`` may compute more than counted);
 - ``speedup`` = median dense-fast latency / median latency;
-- ``real/ideal`` = speedup * MAC ratio (1.0: the latency fell as much as the counted MACs).
+- ``real/ideal`` = speedup * ``ran`` (1.0: the latency fell as much as the MACs really
+  executed; with output skipping and tunings, ``ran`` differs from the counted ratio).
 
 Also: batches (per-clip latency at ``--batch``, masks per sample: ``group`` = samples one by one
 vs ``union`` = one conv over the union of kept entries) and cost growth with clip length
@@ -154,10 +157,14 @@ def calibrated_pruner(
 
 
 def dance_variants(
-    name: str, pruner: AdaptivePruner, clip: torch.Tensor, tunings: dict | None
+    name: str,
+    pruner: AdaptivePruner,
+    clip: torch.Tensor,
+    tunings: dict | None,
+    skip_outputs: bool = True,
 ) -> tuple[Variant, float]:
     """One compact variant; also checks it against the masked model (max relative error)."""
-    fast = CompactPruner(pruner, tunings=tunings)
+    fast = CompactPruner(pruner, tunings=tunings, skip_outputs=skip_outputs)
     with torch.no_grad():
         with accelerate_dense(pruner.model):
             ref = pruner(clip)
@@ -181,7 +188,7 @@ def rows_of(variants: list[Variant], times: dict[str, list[float]], base: str) -
             "variant": v.name, "mac_ratio": round(v.mac_ratio, 4),
             "ran_ratio": round(v.ran_ratio, 4), "median_ms": round(med[v.name], 2),
             "p90_ms": round(p90(times[v.name]), 2), "min_ms": round(min(times[v.name]), 2),
-            "speedup": round(speed, 3), "realized_over_ideal": round(speed * v.mac_ratio, 3),
+            "speedup": round(speed, 3), "realized_over_ideal": round(speed * v.ran_ratio, 3),
         })  # fmt: skip
     return rows
 
@@ -210,6 +217,10 @@ def bench_model(name: str, args) -> dict:
             pruner = calibrated_pruner(model, dims, budget, clip, args)
             label = f"{cfg} @{budget}"
             v, errors[label] = dance_variants(f"{label} compact", pruner, clip, None)
+            variants.append(v)
+            v, errors[label + " in"] = dance_variants(
+                f"{label} inputs-only", pruner, clip, None, skip_outputs=False
+            )
             variants.append(v)
             if tunings is not None:
                 v, errors[label + " tuned"] = dance_variants(

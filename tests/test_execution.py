@@ -525,8 +525,11 @@ def test_latency_benchmark_smoke(tmp_path):
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["dense fast"]["speedup"] == 1.0
     compact = rows["channel+frame @0.5 compact"]
-    assert abs(compact["mac_ratio"] - 0.5) < 0.1 and compact["ran_ratio"] == compact["mac_ratio"]
-    assert rows["channel+frame @0.5 tuned"]["ran_ratio"] >= compact["mac_ratio"] - 1e-6
+    assert abs(compact["mac_ratio"] - 0.5) < 0.1 and compact["ran_ratio"] < compact["mac_ratio"]
+    inputs_only = rows["channel+frame @0.5 inputs-only"]
+    assert inputs_only["ran_ratio"] == inputs_only["mac_ratio"] == compact["mac_ratio"]
+    assert compact["realized_over_ideal"] == round(compact["speedup"] * compact["ran_ratio"], 3)
+    assert rows["channel+frame @0.5 tuned"]["ran_ratio"] >= compact["ran_ratio"] - 1e-6
     assert {r["variant"] for r in result["batch"]} == {
         "dense fast",
         "compact group",
@@ -742,8 +745,8 @@ def test_compact_pruner_on_tiny_c3d(policy):
             with count_executed_macs() as macs:
                 y = fast(clip)
             _close(y, ref)
-            stats = pruner.last_stats
-            assert macs.total == sum(int(s.executed_macs.sum()) for s in stats.layers.values())
+            assert len(fast.chains) == 2  # conv2 -> conv3, res.conv1 -> res.conv2
+            assert macs.total == _skipped_macs_reference(pruner, fast.chains)
         with pruner.dense():  # all kept: the model itself
             _close(fast(clips[0]), net(clips[0]))
     fast.tune(clips[0], repeats=1)
@@ -779,3 +782,219 @@ def test_compact_path_never_uses_slow_conv3d():
     assert "aten::slow_conv3d" in _kernels(lambda: conv(apply_masks(x, values)))
     names = _kernels(lambda: compact_conv3d(conv, x, values))
     assert "aten::mkldnn_convolution" in names and "aten::slow_conv3d" not in names
+
+
+# ----------------------------------------------------------------------------- output skipping
+class ChainNet(nn.Module):
+    """R(2+1)D-like: spatial -> BN -> ReLU -> temporal convs (channel chains), a BatchNorm
+    without running stats, functional ReLU, dropout, and a residual that ends the chains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv3d(3, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False),
+            nn.BatchNorm3d(8),
+            nn.ReLU(),
+        )
+        self.s1 = nn.Conv3d(8, 12, (1, 3, 3), padding=(0, 1, 1), bias=False)
+        self.bn1 = nn.BatchNorm3d(12)
+        self.t1 = nn.Conv3d(12, 8, (3, 1, 1), padding=(1, 0, 0))
+        self.bn2 = nn.BatchNorm3d(8, track_running_stats=False)
+        self.s2 = nn.Conv3d(8, 10, 3, padding=1)
+        self.drop = nn.Dropout3d(0.1)
+        self.t2 = nn.Conv3d(10, 8, (3, 1, 1), padding=(1, 0, 0))
+        self.head = nn.Linear(8, 4)
+        with torch.no_grad():  # non-trivial running statistics
+            for bn in (self.stem[1], self.bn1):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.relu(self.bn2(self.t1(torch.relu(self.bn1(self.s1(x))))))
+        y = self.t2(self.drop(self.s2(y)))
+        return self.head(torch.relu(x + y).mean((2, 3, 4)))
+
+
+def test_channel_chains_of_a_graph():
+    from lightning_dance.execution.chains import ChannelChain, channel_chains
+
+    assert channel_chains(ChainNet()) == {
+        "s1": ChannelChain("s1", "t1", ("bn1",)),
+        "t1": ChannelChain("t1", "s2", ("bn2",)),
+        "s2": ChannelChain("s2", "t2", ()),
+    }
+    # a grouped consumer, a conv called twice and a conv read twice end no chain
+    shared = nn.Conv3d(4, 4, 1)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.dw = nn.Conv3d(4, 4, 1), shared, nn.Conv3d(4, 4, 1, groups=4)
+
+        def forward(self, x):
+            y = self.b(self.b(x))
+            z = self.a(y)
+            return self.dw(torch.relu(z)) + self.b(y)
+
+    assert channel_chains(Shared()) == {}
+
+
+def test_channel_chains_of_video_models():
+    from lightning_dance.execution.chains import channel_chains
+    from lightning_dance.models import create_model
+
+    r2 = channel_chains(create_model("r2plus1d_18", num_classes=4, width=0.25))
+    # per basic block: spatial1 -> temporal1 -> spatial2 -> temporal2 (3 chains); + the stem
+    assert len(r2) == 8 * 3 + 1
+    assert r2["layer1.0.conv1.0.0"].consumer == "layer1.0.conv1.0.3"
+    assert r2["layer1.0.conv1.0.3"].consumer == "layer1.0.conv2.0.0"
+    assert "layer1.0.conv2.0.3" not in r2  # meets the residual add
+    # torchvision-style Conv3d subclasses (Conv3DSimple) are found too
+    assert len(channel_chains(create_model("r3d_18", num_classes=4, width=0.25))) == 8
+
+
+def test_channel_chains_untraceable_model_warns():
+    from lightning_dance.execution.chains import channel_chains
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv3d(3, 4, 1), nn.Conv3d(4, 4, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x)) if x.sum() > 0 else x  # data-dependent control flow
+
+    with pytest.warns(UserWarning, match="could not trace"):
+        assert channel_chains(Branchy()) == {}
+
+
+@st.composite
+def subset_cases(draw):
+    """A dense (groups == 1) conv case with held input channels and chosen output channels."""
+    conv, x, values = draw(conv_cases())
+    assume(conv.groups == 1)
+    c_in, c_out = conv.in_channels, conv.out_channels
+    kept = (values["channel"] > 0.5).any(0) if "channel" in values else torch.ones(c_in, dtype=bool)
+    extra = torch.tensor(draw(st.lists(st.booleans(), min_size=c_in, max_size=c_in)))
+    held = (kept | extra).nonzero().flatten()
+    out = torch.tensor(draw(st.lists(st.booleans(), min_size=c_out, max_size=c_out)))
+    return conv, x, values, held, out.nonzero().flatten()
+
+
+@HYP
+@given(subset_cases(), st.sampled_from(["group", "union"]))
+def test_compact_held_inputs_and_chosen_outputs(case, batch_mode):
+    conv, x, values, held, out = case
+    with torch.no_grad():
+        ref = conv(apply_masks(x, values))[:, out]
+        with count_executed_macs() as macs:
+            y = compact_conv3d(conv, x[:, held], values, in_channels=held, out_channels=out,
+                               batch_mode=batch_mode)  # fmt: skip
+    assert y.shape == ref.shape
+    if ref.numel():
+        _close(y, ref)
+    counted = conv3d_executed_macs_batch(conv, tuple(x.shape[1:]), batch_size=x.shape[0], **values)
+    if batch_mode == "group" or x.shape[0] == 1:
+        assert macs.total * conv.out_channels == int(counted.sum()) * len(out)
+
+
+def test_compact_channel_subsets_errors():
+    conv = nn.Conv3d(4, 6, 1)
+    x = torch.randn(1, 4, 2, 3, 3)
+    keep = {"channel": torch.tensor([[1.0, 0, 1, 0]])}
+    with pytest.raises(ValueError, match="x holds 4 channels but in_channels names 2"):
+        compact_conv3d(conv, x, keep, in_channels=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="does not hold"):
+        compact_conv3d(conv, x[:, :2], keep, in_channels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="sorted, unique"):
+        compact_conv3d(conv, x, {}, out_channels=torch.tensor([3, 1]))
+    with pytest.raises(ValueError, match=r"in \[0, 6\)"):
+        compact_conv3d(conv, x, {}, out_channels=torch.tensor([6]))
+    with pytest.raises(TypeError, match="LongTensor"):
+        compact_conv3d(conv, x, {}, out_channels=[0, 1])
+    with pytest.raises(ValueError, match="groups == 1"):
+        compact_conv3d(nn.Conv3d(4, 4, 1, groups=2), x, {}, out_channels=torch.tensor([0]))
+    nothing = compact_conv3d(conv, x, keep, out_channels=torch.tensor([], dtype=torch.long))
+    assert nothing.shape == (1, 0, 2, 3, 3)
+
+
+def _skipped_macs_reference(pruner: AdaptivePruner, chains) -> int:
+    """MACs with output skipping, from the pruner's own per-layer counts: a producer computes
+    |union over the batch of its consumer's kept channels| of its C_out outputs."""
+    layers = pruner.last_stats.layers
+    total = 0
+    for name, s in layers.items():
+        e = int(s.executed_macs.sum())
+        conv = dict(pruner.model.named_modules())[name]
+        if name in chains:
+            k = int((layers[chains[name].consumer].masks["channel"] > 0.5).any(0).sum())
+            assert e % conv.out_channels == 0
+            e = e // conv.out_channels * k
+        total += e
+    return total
+
+
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(
+    dims=st.sampled_from([("channel",), ("channel", "frame"), DIMS]),
+    policy=st.sampled_from(["threshold", "topk"]),
+    budget=st.sampled_from([0.1, 0.5, 1.0]),
+    n=st.sampled_from([1, 2]),
+    seed=st.integers(0, 100),
+)
+def test_compact_pruner_skips_outputs_exactly(dims, policy, budget, n, seed):
+    torch.manual_seed(seed)
+    net = ChainNet().eval()
+    pruner = _randomized(AdaptivePruner(net, dims=dims, policy=policy, budget=budget), seed)
+    clip = torch.randn(n, 3, 5, 12, 12, generator=torch.Generator().manual_seed(seed))
+    fast, inputs_only = CompactPruner(pruner), CompactPruner(pruner, skip_outputs=False)
+    assert sorted(fast.chains) == ["s1", "s2", "t1"] and inputs_only.chains == {}
+    with torch.no_grad():
+        ref = pruner(clip)
+        with count_executed_macs() as skipped:
+            y = fast(clip)
+        with count_executed_macs() as plain:
+            y_plain = inputs_only(clip)
+    _close(y, ref)
+    _close(y_plain, ref)
+    assert skipped.total == _skipped_macs_reference(pruner, fast.chains)
+    assert plain.total == sum(int(s.executed_macs.sum()) for s in pruner.last_stats.layers.values())
+    assert all("forward" not in m.__dict__ for m in net.modules())
+
+
+def test_compact_pruner_output_skipping_on_r2plus1d():
+    """A real R(2+1)D: same logits as the masked model, far fewer MACs than input skipping."""
+    from lightning_dance.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("r2plus1d_18", num_classes=5, width=0.25).eval().to(memory_format=CL)
+    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.4).eval()
+    clip = torch.randn(1, 3, 4, 32, 32)
+    fast = CompactPruner(pruner)
+    with torch.no_grad():
+        ref = pruner(clip)
+        with count_executed_macs() as macs:
+            y = fast(clip)
+    _close(y, ref)
+    assert len(fast.chains) == 24
+    assert macs.total == _skipped_macs_reference(pruner, fast.chains)
+    counted = sum(int(s.executed_macs.sum()) for s in pruner.last_stats.layers.values())
+    assert macs.total < 0.7 * counted
+
+
+def test_compact_pruner_skip_outputs_errors():
+    pruner = AdaptivePruner(ChainNet(), dims=("channel",), policy="topk", budget=0.2).eval()
+    with pytest.raises(TypeError, match="skip_outputs must be a bool"):
+        CompactPruner(pruner, skip_outputs="yes")
+    fast = CompactPruner(pruner)
+    clip = torch.randn(1, 3, 4, 12, 12)
+    with torch.no_grad():
+        fast(clip)
+    pruner.model.bn1.train()  # a norm left in training mode would update sliced statistics
+    with pytest.raises(RuntimeError, match="training mode"), torch.no_grad():
+        fast(clip)
+    assert all("forward" not in m.__dict__ for m in pruner.model.modules())

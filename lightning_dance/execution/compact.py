@@ -148,13 +148,25 @@ def _channel_parts(
     m_c: torch.Tensor | None,
     kept: torch.Tensor | None,
     zeroed: torch.Tensor | None = None,
+    held: torch.Tensor | None = None,
+    out_idx: torch.Tensor | None = None,
 ) -> list[_ChannelPart]:
     """Conv calls over channel subsets. ``kept``: the channels read; ``zeroed`` (bool over
     ``kept``, only for ``groups == 1`` and depthwise): channels read with a zeroed weight (a
-    count snapped up to a faster kernel size; the masked input reads as zero)."""
+    count snapped up to a faster kernel size; the masked input reads as zero). ``groups == 1``
+    only: ``held``, the channels the input holds (``None``: all); ``out_idx``, the output
+    channels to compute (``None``: all)."""
     w, b, groups = conv.weight, conv.bias, conv.groups
     c_in, c_out = conv.in_channels, conv.out_channels
     cg, og = c_in // groups, c_out // groups
+    if out_idx is not None:
+        w = w.index_select(0, out_idx.to(w.device))
+        b = b.index_select(0, out_idx.to(b.device)) if b is not None else None
+    if held is not None:  # groups == 1: read the kept channels at their positions in x
+        kept = kept if kept is not None else torch.arange(c_in)
+        weight = w if len(kept) == c_in else _gather_in_channels(w, kept)
+        pos = None if len(kept) == len(held) else torch.searchsorted(held, kept)
+        return [_ChannelPart(pos, weight, b, None, 1)]
     if m_c is None or (zeroed is None and len(kept) == c_in):
         return [_ChannelPart(None, w, b, None, groups)]
     full = len(kept) == c_in
@@ -490,8 +502,13 @@ def _compact_same_masks(
     m_c: torch.Tensor | None,
     m_f: torch.Tensor | None,
     tuning: LayerTuning | None = None,
+    held: torch.Tensor | None = None,
+    out_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Compact conv of a batch whose samples share the masks ``[T]``, ``[C]``, ``[H, W]``."""
+    """Compact conv of a batch whose samples share the masks ``[T]``, ``[C]``, ``[H, W]``.
+
+    ``held``: the input channels ``x`` holds (sorted; ``None``: all); ``out_idx``: the output
+    channels to compute (``None``: all); both ``groups == 1`` only."""
     g, x, m_t, m_f = _skip_unread(g, x, m_t, m_f)
     x = to_fast_layout(x)
     frames = _frame_plan(g, m_t.cpu()) if m_t is not None else None
@@ -499,15 +516,19 @@ def _compact_same_masks(
     if m_f is not None:
         m_cpu = m_f.cpu()
         rects = _rects_cached(g, m_cpu.numpy().tobytes(), m_cpu)
-    shape = (x.shape[0], conv.out_channels, *g.output)
+    c_out = conv.out_channels if out_idx is None else len(out_idx)
+    shape = (x.shape[0], c_out, *g.output)
     kept = m_c.nonzero().flatten() if m_c is not None else None
     nothing = (frames is not None and not frames.taps) or rects == []
-    if nothing or (kept is not None and len(kept) == 0):  # no output reads a kept input
-        return _bias_filled(shape, conv.bias, x)
+    if nothing or (kept is not None and len(kept) == 0) or c_out == 0:
+        bias = conv.bias
+        if bias is not None and out_idx is not None:
+            bias = bias.index_select(0, out_idx.to(bias.device))
+        return _bias_filled(shape, bias, x)  # no output reads a kept input
     zero_t = zero_f = None
     zeroed = None  # channels read whose weight is zeroed (snapped up)
     if tuning is not None:
-        if kept is not None:
+        if kept is not None and held is None:  # snapping reads channels x may not hold
             kept, zeroed = _snap_channels(conv, m_c, kept, tuning)
         if frames is not None and not tuning.frames_pay(int(m_t.sum())):
             frames, zero_t = None, m_t.view(-1, 1, 1)  # masked dense conv over all frames
@@ -519,7 +540,7 @@ def _compact_same_masks(
         zero_f = m_f.unsqueeze(0)
     zero = zero_t * zero_f if zero_t is not None and zero_f is not None else zero_t
     zero = zero if zero is not None else zero_f
-    parts = _channel_parts(conv, m_c, kept, zeroed)
+    parts = _channel_parts(conv, m_c, kept, zeroed, held, out_idx)
     if len(parts) == 1 and parts[0].out_idx is None:
         return _run_part(conv, g, x, parts[0], frames, zero, rects)
     out = _bias_filled(shape, conv.bias, x)
@@ -542,7 +563,27 @@ def _geometry(conv: nn.Conv3d, shape: tuple[int, ...]) -> ConvGeometry:
     return per_conv[shape]
 
 
-def _check(conv: nn.Conv3d, x: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+def _channel_subset(
+    what: str, idx: torch.Tensor | None, size: int, conv: nn.Conv3d
+) -> torch.Tensor | None:
+    """Validate an ``in_channels`` / ``out_channels`` argument: sorted unique indices < size."""
+    if idx is None:
+        return None
+    if conv.groups != 1:
+        raise ValueError(f"{what} needs a conv with groups == 1, got groups={conv.groups}")
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.long:
+        raise TypeError(f"{what} must be a 1-d LongTensor of channel indices, got {idx!r}")
+    if len(idx) and (idx.min() < 0 or idx.max() >= size or (idx[1:] <= idx[:-1]).any()):
+        raise ValueError(f"{what} must be sorted, unique channel indices in [0, {size})")
+    return idx
+
+
+def _check(
+    conv: nn.Conv3d,
+    x: torch.Tensor,
+    values: dict[str, torch.Tensor],
+    held: torch.Tensor | None = None,
+) -> None:
     if not isinstance(conv, nn.Conv3d):
         raise TypeError(f"compact_conv3d needs an nn.Conv3d, got {type(conv).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() != 5:
@@ -554,6 +595,21 @@ def _check(conv: nn.Conv3d, x: torch.Tensor, values: dict[str, torch.Tensor]) ->
     if unknown:
         raise ValueError(f"unknown mask dims {unknown}; choose from {DIMS}")
     n, c, t, h, w = x.shape
+    if held is not None:
+        if c != len(held):
+            raise ValueError(
+                f"x holds {c} channels but in_channels names {len(held)} (x must be the full "
+                "input's channels in_channels, in that order)"
+            )
+        c = conv.in_channels
+        dropped = torch.ones(c, dtype=torch.bool)
+        dropped[held.cpu()] = False
+        keeps = values["channel"].detach().cpu() > 0.5 if "channel" in values else None
+        if dropped.any() and (keeps is None or (keeps[:, dropped]).any()):
+            raise ValueError(
+                "the channel mask keeps input channels that x does not hold (in_channels must "
+                "include every kept channel of every sample)"
+            )
     want = {"frame": (n, t), "channel": (n, c), "feature": (n, h, w)}
     for dim, v in values.items():
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != want[dim]:
@@ -571,6 +627,8 @@ def compact_conv3d(
     *,
     tuning: LayerTuning | None = None,
     batch_mode: str = "group",
+    in_channels: torch.Tensor | None = None,
+    out_channels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``conv(apply_masks(x, values))``, computing only the kept work (see module docstring).
 
@@ -593,37 +651,49 @@ def compact_conv3d(
         batch_mode: ``"group"`` (samples with equal masks together, the others one by one;
             exact) or ``"union"`` (one compact conv over the union of kept entries, the masked
             input zeroing what each sample dropped). Only matters for ``N > 1``.
+        in_channels: (``groups == 1``) the input channels ``x`` holds, sorted: ``x`` is
+            ``full_input[:, in_channels]``, e.g. the output of a previous conv that computed
+            only the channels this layer keeps. Must include every kept channel.
+        out_channels: (``groups == 1``) compute only these output channels (sorted), e.g. the
+            ones the next layer keeps (see :mod:`lightning_dance.execution.chains`).
 
     Returns:
-        ``[N, C_out, T_out, H_out, W_out]`` in ``channels_last_3d`` layout.
+        ``[N, C_out, T_out, H_out, W_out]`` in ``channels_last_3d`` layout; with
+        ``out_channels``, ``[N, len(out_channels), ...]``: those channels of it.
     """
-    _check(conv, x, values)
+    held = _channel_subset("in_channels", in_channels, conv.in_channels, conv)
+    out_idx = _channel_subset("out_channels", out_channels, conv.out_channels, conv)
+    _check(conv, x, values, held)
     check_batch_mode(batch_mode)
-    g = _geometry(conv, tuple(x.shape[1:]))
+    g = _geometry(conv, (conv.in_channels, *x.shape[2:]))
     masks = {d: v.detach() > 0.5 for d, v in values.items()}
+    if held is not None and len(held) == conv.in_channels:
+        held = None  # x holds every channel
     n = x.shape[0]
 
     def sample(i: int) -> tuple[torch.Tensor | None, ...]:
         return tuple(masks[d][i] if d in masks else None for d in DIMS)
 
+    def run(xb: torch.Tensor, m_t, m_c, m_f) -> torch.Tensor:
+        return _compact_same_masks(conv, g, xb, m_t, m_c, m_f, tuning, held, out_idx)
+
     if n == 1 or not masks:
-        m_t, m_c, m_f = sample(0)
-        return _compact_same_masks(conv, g, x, m_t, m_c, m_f, tuning)
+        return run(x, *sample(0))
     if batch_mode == "union":
         union = {d: m.any(0) for d, m in masks.items()}
-        xz = apply_masks(x, {d: v.to(x.dtype) for d, v in masks.items()})
-        return _compact_same_masks(conv, g, xz, *(union.get(d) for d in DIMS), tuning)
+        held_masks = {d: v if d != "channel" or held is None else v[:, held.to(v.device)]
+                      for d, v in masks.items()}  # fmt: skip
+        xz = apply_masks(x, {d: v.to(x.dtype) for d, v in held_masks.items()})
+        return run(xz, *(union.get(d) for d in DIMS))
     rows = torch.cat([masks[d].reshape(n, -1) for d in DIMS if d in masks], 1)
     uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
     if len(uniq) == 1:
-        m_t, m_c, m_f = sample(0)
-        return _compact_same_masks(conv, g, x, m_t, m_c, m_f, tuning)
+        return run(x, *sample(0))
     out = None
     for u in range(len(uniq)):
         idx = (inverse == u).nonzero().flatten()
-        m_t, m_c, m_f = sample(int(idx[0]))
         xb = x[idx] if len(idx) > 1 else x[int(idx[0]) : int(idx[0]) + 1]
-        y = _compact_same_masks(conv, g, xb, m_t, m_c, m_f, tuning)
+        y = run(xb, *sample(int(idx[0])))
         if out is None:
             out = torch.empty((n, *y.shape[1:]), dtype=y.dtype, device=y.device,
                               memory_format=_CL)  # fmt: skip

@@ -36,8 +36,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from lightning_dance.execution.compact import check_batch_mode, compact_conv3d
+from lightning_dance.execution.chains import ChannelChain, channel_chains
+from lightning_dance.execution.compact import _geometry, check_batch_mode, compact_conv3d
 from lightning_dance.execution.kernels import conv3d_fast_forward, route_conv3d, to_fast_layout
 from lightning_dance.execution.tuning import LayerTuning, best_ms, tune_layers
 from lightning_dance.layers import LayerSelector, all_conv3d, select_conv3d
@@ -45,6 +47,7 @@ from lightning_dance.masks import DIMS
 
 if TYPE_CHECKING:
     from lightning_dance.aap import AdaptivePruner
+    from lightning_dance.masks import LayerMasks
 
 __all__ = ["CompactExecutor", "CompactPruner", "compact_forward", "profile_layers", "random_masks"]
 
@@ -146,12 +149,24 @@ class CompactPruner:
     policy, dims, budget and calibration; batches are fine (samples with equal masks run
     together, the others one by one).
 
+    Output skipping (``skip_outputs=True``, default): where a conv's output reaches the next
+    conv only through per-channel ops (a :class:`~lightning_dance.execution.chains.ChannelChain`,
+    e.g. R(2+1)D's spatial -> temporal convs), the next conv's channel mask is made first and
+    the conv computes only the channels it keeps (weight rows sliced); BatchNorm and activations
+    in between run on those channels, and the next conv reads them without a gather. The
+    result is unchanged (a dropped channel is never read); the multiply-adds fall below the
+    pruner's count, which only credits each layer's own input masks
+    (:func:`~lightning_dance.execution.count_executed_macs` reports what ran). Needs a model
+    ``torch.fx`` can trace (otherwise only input channels are skipped, with a warning).
+
     Args:
         pruner: an :class:`~lightning_dance.aap.AdaptivePruner` (eval mode).
         tunings: per-layer measured kernel costs (see :meth:`tune`); ``None``: the exact plan
             (multiply-adds equal the pruner's executed count).
         batch_mode: how batches with per-sample masks run (see
             :func:`~lightning_dance.execution.compact.compact_conv3d`).
+        skip_outputs: also skip the output channels the next conv drops (above). With a
+            batch, a producer computes the union of the samples' kept channels.
 
     Example:
         >>> import torch
@@ -170,10 +185,33 @@ class CompactPruner:
         pruner: AdaptivePruner,
         tunings: dict[str, LayerTuning] | None = None,
         batch_mode: str = "group",
+        skip_outputs: bool = True,
     ) -> None:
+        if not isinstance(skip_outputs, bool):
+            raise TypeError(f"skip_outputs must be a bool, got {skip_outputs!r}")
         self.pruner = pruner
         self.tunings: dict[str, LayerTuning] = dict(tunings or {})
         self.batch_mode = check_batch_mode(batch_mode)
+        self.skip_outputs = skip_outputs
+        self._chains: dict[str, ChannelChain] | None = None
+
+    @property
+    def chains(self) -> dict[str, ChannelChain]:
+        """The channel chains whose producer skips the outputs its consumer drops: those of
+        :func:`~lightning_dance.execution.chains.channel_chains` whose consumer prunes channels
+        and whose producer is instrumented too (never the stem, whose whole output the
+        controller reads), so that :func:`~lightning_dance.execution.count_executed_macs` sees
+        every skipped output. Empty with ``skip_outputs=False``."""
+        if not self.skip_outputs:
+            return {}
+        if self._chains is None:
+            p = self.pruner
+            layers = set(p.layer_names) if "channel" in p.dims else set()
+            self._chains = {
+                name: c for name, c in channel_chains(p.model).items()
+                if c.consumer in layers and name in layers
+            }  # fmt: skip
+        return self._chains
 
     def tune(self, clip: torch.Tensor, **kwargs: object) -> dict[str, LayerTuning]:
         """Measure every instrumented layer for the pruner's dims at its input shape on ``clip``
@@ -196,17 +234,40 @@ class CompactPruner:
                 "are stochastic and need gradients through the masked model)"
             )
         self._prepare(clip)
-        stem, layers = p.stem_name, set(p.layer_names)
+        stem, layers, chains = p.stem_name, set(p.layer_names), self.chains
         ctx = []  # the controller's context, set by the stem's first call
+        early: dict[str, LayerMasks] = {}  # consumer -> its masks, made when its producer ran
+        held: dict[str, torch.Tensor] = {}  # consumer / norm -> the channels its input holds
 
-        def forward(name: str, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        def masks_of(name: str, shape: tuple[int, ...]) -> LayerMasks:
+            if not ctx:
+                raise RuntimeError(f"instrumented layer {name!r} ran before the stem {stem!r}")
+            made = early.pop(name, None)
+            return made if made is not None else p.layer_masks(ctx[0], name, shape)
+
+        def forward(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if isinstance(module, nn.BatchNorm3d):
+                return _norm_forward(module, x, held.get(name))
+            conv = module
+            shape = (conv.in_channels, *x.shape[2:])  # x may hold only the kept channels
+            out_idx = None
+            chain = chains.get(name)
+            if chain is not None and ctx:  # compute only what the consumer keeps
+                g = _geometry(conv, shape)
+                q = early[chain.consumer] = p.layer_masks(
+                    ctx[0], chain.consumer, (conv.out_channels, *g.output)
+                )
+                out_idx = (q.values["channel"].detach() > 0.5).any(0).nonzero().flatten()
+                if len(out_idx) < conv.out_channels:
+                    for key in (chain.consumer, *chain.norms):
+                        held[key] = out_idx
+                else:
+                    out_idx = None
             if name in layers:
-                if not ctx:
-                    raise RuntimeError(f"instrumented layer {name!r} ran before the stem {stem!r}")
-                masks = p.layer_masks(ctx[0], name, tuple(x.shape[1:]))
                 return compact_conv3d(
-                    conv, x, masks.values, tuning=self.tunings.get(name),
-                    batch_mode=self.batch_mode,
+                    conv, x, masks_of(name, shape).values, tuning=self.tunings.get(name),
+                    batch_mode=self.batch_mode, in_channels=held.pop(name, None),
+                    out_channels=out_idx,
                 )  # fmt: skip
             y = conv3d_fast_forward(conv, x)
             if name == stem and not ctx:
@@ -214,8 +275,31 @@ class CompactPruner:
                 ctx.append(p.controller(y, budget))
             return y
 
-        with torch.no_grad(), route_conv3d(all_conv3d(p.model), forward):
+        routed = {**all_conv3d(p.model), **self._norms()}
+        with torch.no_grad(), route_conv3d(routed, forward):
             return p.model(to_fast_layout(clip))
+
+    def _norms(self) -> dict[str, nn.Module]:
+        """The BatchNorm3d modules inside the chains (they run on the computed channels)."""
+        if not self.chains:
+            return {}
+        modules = dict(self.pruner.model.named_modules())
+        return {n: modules[n] for c in self.chains.values() for n in c.norms}
+
+
+def _norm_forward(bn: nn.BatchNorm3d, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """``bn(x)``, or, when ``x`` holds only the channels ``idx``, ``bn(full)[:, idx]``."""
+    if idx is None or x.shape[1] == bn.num_features:
+        return type(bn).forward(bn, x)
+    if bn.training:
+        raise RuntimeError(f"BatchNorm {bn} is in training mode: CompactPruner needs eval mode")
+
+    def sel(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.index_select(0, idx.to(t.device)) if t is not None else None
+
+    batch_stats = bn.running_mean is None  # track_running_stats=False: per-channel batch stats
+    return F.batch_norm(x, sel(bn.running_mean), sel(bn.running_var), sel(bn.weight),
+                        sel(bn.bias), batch_stats, 0.0, bn.eps)  # fmt: skip
 
 
 def random_masks(
