@@ -998,3 +998,23 @@ def test_compact_pruner_skip_outputs_errors():
     with pytest.raises(RuntimeError, match="training mode"), torch.no_grad():
         fast(clip)
     assert all("forward" not in m.__dict__ for m in pruner.model.modules())
+
+
+def test_gather_weight_copy_follows_weight_updates():
+    """Channels-last weights are gathered from a cached NCDHW copy: an in-place update of the
+    weight (an optimizer step, loading a checkpoint) must reach the next call."""
+    conv = nn.Conv3d(6, 5, (1, 3, 3), padding=(0, 1, 1)).to(memory_format=CL)
+    x = torch.randn(1, 6, 3, 8, 8)
+    keep = {"channel": torch.tensor([[1.0, 0, 1, 1, 0, 1]])}
+    out = torch.tensor([0, 2, 3])
+    for _ in range(2):
+        with torch.no_grad():
+            _close(compact_conv3d(conv, x, keep, out_channels=out),
+                   conv(apply_masks(x, keep))[:, out])  # fmt: skip
+            conv.weight.mul_(-2.0)
+    with torch.no_grad():
+        conv.load_state_dict({"weight": torch.randn(5, 6, 1, 3, 3), "bias": torch.zeros(5)})
+        _close(compact_conv3d(conv, x, keep, out_channels=out), conv(apply_masks(x, keep))[:, out])
+    y = compact_conv3d(conv, x, keep, out_channels=out)  # with autograd: no cached copy
+    y.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad[:, [1, 4]].abs().sum() == 0

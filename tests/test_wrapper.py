@@ -195,6 +195,10 @@ def test_compile_sparse_computes_what_the_masked_model_computes(policy):
         assert wrapper.execution == "compact"
         fast = wrapper(clip)
     torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    assert wrapper._compact.skip_outputs is True
+    with torch.no_grad():
+        assert not wrapper.compile_sparse(skip_outputs=False).skip_outputs
+        torch.testing.assert_close(wrapper(clip), masked, rtol=1e-4, atol=1e-5)
     # the fast path is not part of the checkpoint
     assert not any("_compact" in k for k in wrapper.state_dict())
 

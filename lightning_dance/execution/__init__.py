@@ -7,10 +7,13 @@
   (:func:`fast_conv3d`, :func:`accelerate_dense` for the dense baseline);
 - :mod:`~lightning_dance.execution.tuning`: measured kernel costs so that a pruned layer is never
   slower than dense;
+- :mod:`~lightning_dance.execution.chains`: conv -> per-channel ops -> conv chains, where a
+  conv skips the output channels the next one drops;
 - :mod:`~lightning_dance.execution.static`: the static-shape ``topk`` path for
   ``torch.jit.trace`` / ``torch.export``.
 """
 
+from lightning_dance.execution.chains import ChannelChain, channel_chains
 from lightning_dance.execution.compact import ExecutedMacs, compact_conv3d, count_executed_macs
 from lightning_dance.execution.executor import (
     CompactExecutor,
@@ -35,12 +38,14 @@ from lightning_dance.execution.tuning import (
 )
 
 __all__ = [
+    "ChannelChain",
     "CompactExecutor",
     "CompactPruner",
     "ExecutedMacs",
     "LayerTuning",
     "accelerate_dense",
     "best_ms",
+    "channel_chains",
     "compact_conv3d",
     "compact_forward",
     "count_executed_macs",

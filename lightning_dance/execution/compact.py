@@ -143,6 +143,25 @@ def _gather_in_channels(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return flat.view(o, kt, kh, kw, len(idx)).permute(0, 4, 1, 2, 3)
 
 
+_contiguous_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _gatherable_weight(conv: nn.Conv3d) -> torch.Tensor:
+    """``conv.weight`` in the default (NCDHW) layout, where row and column gathers run ~3x
+    faster than on a ``channels_last_3d`` weight (measured: 576x256x1x3x3, 0.16 vs 0.46 ms).
+    Without autograd, a cached copy, renewed when the weight changes."""
+    w = conv.weight
+    if w.is_contiguous():
+        return w
+    if torch.is_grad_enabled():
+        return w.contiguous()
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    hit = _contiguous_weights.get(conv)
+    if hit is None or hit[0] != key:
+        hit = _contiguous_weights[conv] = (key, w.detach().contiguous())
+    return hit[1]
+
+
 def _channel_parts(
     conv: nn.Conv3d,
     m_c: torch.Tensor | None,
@@ -160,18 +179,21 @@ def _channel_parts(
     c_in, c_out = conv.in_channels, conv.out_channels
     cg, og = c_in // groups, c_out // groups
     if out_idx is not None:
-        w = w.index_select(0, out_idx.to(w.device))
+        w = _gatherable_weight(conv).index_select(0, out_idx.to(w.device))
         b = b.index_select(0, out_idx.to(b.device)) if b is not None else None
     if held is not None:  # groups == 1: read the kept channels at their positions in x
         kept = kept if kept is not None else torch.arange(c_in)
-        weight = w if len(kept) == c_in else _gather_in_channels(w, kept)
+        if len(kept) < c_in:
+            w = _gather_in_channels(w if out_idx is not None else _gatherable_weight(conv), kept)
         pos = None if len(kept) == len(held) else torch.searchsorted(held, kept)
-        return [_ChannelPart(pos, weight, b, None, 1)]
+        return [_ChannelPart(pos, w, b, None, 1)]
     if m_c is None or (zeroed is None and len(kept) == c_in):
         return [_ChannelPart(None, w, b, None, groups)]
     full = len(kept) == c_in
     if groups == 1:
-        weight = w if full else _gather_in_channels(w, kept)
+        if not full:
+            w = _gather_in_channels(w if out_idx is not None else _gatherable_weight(conv), kept)
+        weight = w
         if zeroed is not None:
             weight = weight * (~zeroed).to(w.dtype).view(1, -1, 1, 1, 1)
         return [_ChannelPart(None if full else kept, weight, b, None, 1)]
@@ -665,6 +687,19 @@ def compact_conv3d(
     out_idx = _channel_subset("out_channels", out_channels, conv.out_channels, conv)
     _check(conv, x, values, held)
     check_batch_mode(batch_mode)
+    return _compact_conv3d(conv, x, values, tuning, batch_mode, held, out_idx)
+
+
+def _compact_conv3d(
+    conv: nn.Conv3d,
+    x: torch.Tensor,
+    values: dict[str, torch.Tensor],
+    tuning: LayerTuning | None,
+    batch_mode: str,
+    held: torch.Tensor | None,
+    out_idx: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`compact_conv3d` without the argument checks (for callers that built them)."""
     g = _geometry(conv, (conv.in_channels, *x.shape[2:]))
     masks = {d: v.detach() > 0.5 for d, v in values.items()}
     if held is not None and len(held) == conv.in_channels:

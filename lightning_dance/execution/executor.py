@@ -39,7 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dance.execution.chains import ChannelChain, channel_chains
-from lightning_dance.execution.compact import _geometry, check_batch_mode, compact_conv3d
+from lightning_dance.execution.compact import (
+    _compact_conv3d,
+    _geometry,
+    check_batch_mode,
+    compact_conv3d,
+)
 from lightning_dance.execution.kernels import conv3d_fast_forward, route_conv3d, to_fast_layout
 from lightning_dance.execution.tuning import LayerTuning, best_ms, tune_layers
 from lightning_dance.layers import LayerSelector, all_conv3d, select_conv3d
@@ -194,6 +199,7 @@ class CompactPruner:
         self.batch_mode = check_batch_mode(batch_mode)
         self.skip_outputs = skip_outputs
         self._chains: dict[str, ChannelChain] | None = None
+        self._routed_modules: dict[str, nn.Module] | None = None
 
     @property
     def chains(self) -> dict[str, ChannelChain]:
@@ -263,28 +269,27 @@ class CompactPruner:
                         held[key] = out_idx
                 else:
                     out_idx = None
-            if name in layers:
-                return compact_conv3d(
-                    conv, x, masks_of(name, shape).values, tuning=self.tunings.get(name),
-                    batch_mode=self.batch_mode, in_channels=held.pop(name, None),
-                    out_channels=out_idx,
-                )  # fmt: skip
+            if name in layers:  # masks and channel subsets are well-formed by construction
+                return _compact_conv3d(conv, x, masks_of(name, shape).values,
+                                       self.tunings.get(name), self.batch_mode,
+                                       held.pop(name, None), out_idx)  # fmt: skip
             y = conv3d_fast_forward(conv, x)
             if name == stem and not ctx:
                 budget = p.budget.to(y.dtype) if p.budget_conditioned else None
                 ctx.append(p.controller(y, budget))
             return y
 
-        routed = {**all_conv3d(p.model), **self._norms()}
-        with torch.no_grad(), route_conv3d(routed, forward):
+        with torch.no_grad(), route_conv3d(self._routed(), forward):
             return p.model(to_fast_layout(clip))
 
-    def _norms(self) -> dict[str, nn.Module]:
-        """The BatchNorm3d modules inside the chains (they run on the computed channels)."""
-        if not self.chains:
-            return {}
-        modules = dict(self.pruner.model.named_modules())
-        return {n: modules[n] for c in self.chains.values() for n in c.norms}
+    def _routed(self) -> dict[str, nn.Module]:
+        """Every Conv3d, and the BatchNorm3d modules inside the chains (they run on the computed
+        channels only); found once."""
+        if self._routed_modules is None:
+            modules = dict(self.pruner.model.named_modules())
+            norms = {n: modules[n] for c in self.chains.values() for n in c.norms}
+            self._routed_modules = {**all_conv3d(self.pruner.model), **norms}
+        return self._routed_modules
 
 
 def _norm_forward(bn: nn.BatchNorm3d, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
