@@ -28,7 +28,8 @@ are part of every DANCE latency.
 - ``ran`` = MACs the run really computed / dense (``tuned`` may compute more than counted);
 - ``speedup`` = median dense-fast latency / median latency;
 - ``real/ideal`` = speedup * ``ran`` (1.0: the latency fell as much as the MACs really
-  executed; with output skipping and tunings, ``ran`` differs from the counted ratio).
+  executed; with output skipping and tunings, ``ran`` differs from the counted ratio), and
+  ``r/i counted`` = speedup * ``MAC ratio`` (against the saving the pruner's count promises).
 
 Also: batches (per-clip latency at ``--batch``, masks per sample: ``group`` = samples one by one
 vs ``union`` = one conv over the union of kept entries) and cost growth with clip length
@@ -189,6 +190,7 @@ def rows_of(variants: list[Variant], times: dict[str, list[float]], base: str) -
             "ran_ratio": round(v.ran_ratio, 4), "median_ms": round(med[v.name], 2),
             "p90_ms": round(p90(times[v.name]), 2), "min_ms": round(min(times[v.name]), 2),
             "speedup": round(speed, 3), "realized_over_ideal": round(speed * v.ran_ratio, 3),
+            "realized_over_ideal_counted": round(speed * v.mac_ratio, 3),
         })  # fmt: skip
     return rows
 
@@ -309,12 +311,13 @@ def print_tables(r: dict) -> None:
           f"max rel. error vs masked model {r['max_rel_error_vs_masked_model']:.1e}  "
           f"(load {r['loadavg']}, tuning {r['tune_seconds']} s)")  # fmt: skip
     head = (f"{'variant':30s} {'MAC ratio':>9s} {'ran':>6s} {'median ms':>10s} {'p90 ms':>8s} "
-            f"{'speedup':>8s} {'real/ideal':>10s}")  # fmt: skip
+            f"{'speedup':>8s} {'real/ideal':>10s} {'r/i counted':>11s}")  # fmt: skip
     print(head)
     for row in r["rows"]:
         print(f"{row['variant']:30s} {row['mac_ratio']:9.3f} {row['ran_ratio']:6.3f} "
               f"{row['median_ms']:10.2f} {row['p90_ms']:8.2f} {row['speedup']:8.2f} "
-              f"{row['realized_over_ideal']:10.2f}")  # fmt: skip
+              f"{row['realized_over_ideal']:10.2f} "
+              f"{row['realized_over_ideal_counted']:11.2f}")  # fmt: skip
     sel = ", ".join(f"{k}: {v}" for k, v in r["profitable_layers"].items())
     print(f"profitable layers of {r['instrumented_layers']} instrumented ({sel}); "
           "'selected' prunes only those")  # fmt: skip

@@ -258,7 +258,9 @@ class AdaptivePruner(nn.Module):
                 f"the clip has {clip.shape[2]} frames, fewer than the stem's temporal kernel "
                 f"needs ({need_t})"
             )
-        if not torch.isfinite(clip).all():
+        # a NaN / inf makes the sum non-finite (one cheap pass); only then (or on an overflow of
+        # huge finite values) look at every element
+        if not torch.isfinite(clip.sum()) and not torch.isfinite(clip).all():
             raise ValueError("the clip contains NaN or infinite values")
 
     def prepare(self, clip: torch.Tensor) -> tuple[int, dict[str, int]]:

@@ -193,11 +193,21 @@ def test_bad_budget(small_net, budget):
         (torch.randn(1, 4, 8, 16, 16), "reads 3 channels"),
         (torch.randn(0, 3, 8, 16, 16), "empty batch"),
         (torch.full((1, 3, 8, 16, 16), float("nan")), "NaN"),
+        (torch.zeros(1, 3, 8, 16, 16).index_fill_(4, torch.tensor([5]), float("inf")), "NaN"),
+        (torch.zeros(2, 3, 8, 16, 16).index_fill_(0, torch.tensor([1]), -float("inf")), "NaN"),
     ],
 )
 def test_bad_clips(small_net, bad, match):
     with pytest.raises(ValueError, match=match):
         AdaptivePruner(small_net)(bad)
+
+
+def test_huge_finite_clip_is_not_rejected(small_net):
+    """The NaN check sums the clip first; a sum that overflows must not reject finite values."""
+    clip = torch.full((1, 3, 8, 16, 16), 3e38)
+    assert not torch.isfinite(clip.sum())
+    with torch.no_grad():
+        AdaptivePruner(small_net).eval()(clip)  # no ValueError
 
 
 def test_too_few_frames_for_an_unpadded_stem():

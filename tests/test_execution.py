@@ -529,6 +529,9 @@ def test_latency_benchmark_smoke(tmp_path):
     inputs_only = rows["channel+frame @0.5 inputs-only"]
     assert inputs_only["ran_ratio"] == inputs_only["mac_ratio"] == compact["mac_ratio"]
     assert compact["realized_over_ideal"] == round(compact["speedup"] * compact["ran_ratio"], 3)
+    assert compact["realized_over_ideal_counted"] == round(
+        compact["speedup"] * compact["mac_ratio"], 3
+    )
     assert rows["channel+frame @0.5 tuned"]["ran_ratio"] >= compact["ran_ratio"] - 1e-6
     assert {r["variant"] for r in result["batch"]} == {
         "dense fast",
