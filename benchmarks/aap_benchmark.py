@@ -16,6 +16,10 @@ Prints a table and writes JSON (default ``benchmarks/results/aap.json``).
     .venv/bin/python benchmarks/aap_benchmark.py                # full grid (~30 min, 2 cores)
     .venv/bin/python benchmarks/aap_benchmark.py --quick        # smoke run (~1 min)
     .venv/bin/python benchmarks/aap_benchmark.py --policies threshold --dim-sets all
+    # r2plus1d (width 0.5) with joint fine-tuning, next to a control fine-tuned as long unpruned
+    .venv/bin/python benchmarks/aap_benchmark.py --model r2plus1d_18 --width 0.5 \
+        --policies topk --dim-sets channel --budgets 0.5 0.3 --joint --controller-epochs 6 \
+        --control-epochs 6 --no-conditioned --threads 1
 """
 
 from __future__ import annotations
