@@ -178,22 +178,24 @@ def _channel_parts(
     w, b, groups = conv.weight, conv.bias, conv.groups
     c_in, c_out = conv.in_channels, conv.out_channels
     cg, og = c_in // groups, c_out // groups
-    if out_idx is not None:
+    if out_idx is not None:  # rows gathered first: columns then come from the smaller copy
         w = _gatherable_weight(conv).index_select(0, out_idx.to(w.device))
         b = b.index_select(0, out_idx.to(b.device)) if b is not None else None
+    source = w if out_idx is not None else None  # where kept columns are gathered from
+
+    def columns(idx: torch.Tensor) -> torch.Tensor:
+        return _gather_in_channels(source if source is not None else _gatherable_weight(conv), idx)
+
     if held is not None:  # groups == 1: read the kept channels at their positions in x
         kept = kept if kept is not None else torch.arange(c_in)
-        if len(kept) < c_in:
-            w = _gather_in_channels(w if out_idx is not None else _gatherable_weight(conv), kept)
+        weight = columns(kept) if len(kept) < c_in else w
         pos = None if len(kept) == len(held) else torch.searchsorted(held, kept)
-        return [_ChannelPart(pos, w, b, None, 1)]
+        return [_ChannelPart(pos, weight, b, None, 1)]
     if m_c is None or (zeroed is None and len(kept) == c_in):
         return [_ChannelPart(None, w, b, None, groups)]
     full = len(kept) == c_in
     if groups == 1:
-        if not full:
-            w = _gather_in_channels(w if out_idx is not None else _gatherable_weight(conv), kept)
-        weight = w
+        weight = w if full else columns(kept)
         if zeroed is not None:
             weight = weight * (~zeroed).to(w.dtype).view(1, -1, 1, 1, 1)
         return [_ChannelPart(None if full else kept, weight, b, None, 1)]

@@ -136,7 +136,9 @@ def route_conv3d(
 ) -> Iterator[None]:
     """Temporarily replace the ``forward`` of Conv3d instances by ``fn(name, conv, x)``.
 
-    ``convs``: a model (every ``nn.Conv3d`` in it) or ``{name: conv}``. Forward pre-hooks and
+    ``convs``: a model (every ``nn.Conv3d`` in it) or ``{name: module}`` (any single-input
+    modules, e.g. the BatchNorms that :class:`~lightning_dance.execution.CompactPruner` runs on
+    kept channels). Forward pre-hooks and
     hooks of the convs still run around ``fn`` (a pre-hook's returned input is what ``fn``
     gets). The original ``forward`` is restored on exit, also on error, so the model is never
     left modified (deep copies and pickles made *inside* the context carry the route; don't).
@@ -148,7 +150,7 @@ def route_conv3d(
         for name, conv in convs.items():
             if "forward" in conv.__dict__:
                 raise RuntimeError(
-                    f"Conv3d {name!r} already has an instance-level forward (nested routing "
+                    f"module {name!r} already has an instance-level forward (nested routing "
                     "of the same layer is not supported)"
                 )
             conv.forward = _Routed(name, conv, fn)
