@@ -79,6 +79,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--controller-lr", type=float, default=3e-3)  # fmt: skip
     p.add_argument("--backbone-lr", type=float, default=None,
                    help="with --joint: the backbone's lr (default: controller lr / 10)")  # fmt: skip
+    p.add_argument("--budget-warmup", type=float, default=0.0,
+                   help="gradual pruning: the training budget falls from 1 to the target over "
+                        "this fraction of the controller's training steps")  # fmt: skip
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     p.add_argument("--control-epochs", type=int, default=0,
                    help="also fine-tune the AVA model this many epochs without pruning (at the "
                         "joint backbone lr): the control that pruned accuracy is compared to")  # fmt: skip
@@ -160,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     dims=DIM_SETS[dim_set], epochs=args.controller_epochs,
                     calibrate_batches=len(dm.val_dataloader()), lr=args.controller_lr,
                     freeze_backbone=not args.joint, backbone_lr=args.backbone_lr,
+                    budget_warmup=args.budget_warmup, lr_schedule=args.lr_schedule,
                 )  # fmt: skip
                 row = {"policy": policy + ("+joint" if args.joint else ""), "dims": dim_set,
                        "budget": budget,

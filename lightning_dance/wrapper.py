@@ -32,6 +32,7 @@ __all__ = ["DANCEWrapper", "ArchitectureMismatchError"]
 
 TASKS = ("labels", "distill", "both")
 EXECUTIONS = ("masked", "compact")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class ArchitectureMismatchError(ValueError):
@@ -64,6 +65,13 @@ class DANCEWrapper(L.LightningModule):
         noise_anneal: the gates' exploration noise falls linearly from 1 to 0 over this fraction
             of the training steps, then training decisions are the eval ones, so the budget met
             in training is met at eval (0: no noise at all; 1: noise until the last step).
+        budget_warmup: gradual pruning: over this fraction of the training steps the training
+            budget falls from 1 (dense) to ``budget`` along Zhu & Gupta's cubic schedule
+            ``b + (1 - b) * (1 - step / warmup_steps) ** 3``, so that the backbone adapts to the
+            pruning step by step (0: the target budget from the first step). Not with
+            ``budget_range``. Validation, test and inference always use ``budget``.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (both parameter groups decay to 0 over the
+            training steps, stepped per batch).
         execution: ``"masked"`` (multiply by the masks: the training path) or ``"compact"``
             (inference skips the pruned work, see :meth:`compile_sparse`).
         model_kwargs: for a factory name: ``create_model`` arguments (``num_classes`` required).
@@ -96,6 +104,8 @@ class DANCEWrapper(L.LightningModule):
         init_keep: float = 0.9,
         min_keep: int = 1,
         noise_anneal: float = 0.7,
+        budget_warmup: float = 0.0,
+        lr_schedule: str = "constant",
         execution: str = "masked",
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -114,6 +124,15 @@ class DANCEWrapper(L.LightningModule):
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if not 0.0 <= noise_anneal <= 1.0:
             raise ValueError(f"noise_anneal must be in [0, 1], got {noise_anneal}")
+        if not 0.0 <= budget_warmup < 1.0:
+            raise ValueError(f"budget_warmup must be in [0, 1), got {budget_warmup}")
+        if budget_warmup > 0 and budget_range is not None:
+            raise ValueError(
+                "budget_warmup schedules one target budget; a budget-conditioned controller "
+                "(budget_range) samples its budget per batch: use one or the other"
+            )
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
         if budget_range is not None:
@@ -243,14 +262,29 @@ class DANCEWrapper(L.LightningModule):
             self.pruner.model.eval()
         self.pruner.noise = self._noise_scale()
 
-    def _noise_scale(self) -> float:
-        anneal = self.hparams.noise_anneal
-        if self._trainer is None or anneal <= 0:
-            return 0.0 if anneal <= 0 else 1.0
+    def _progress(self) -> float | None:
+        """Fraction of the training steps done, or None without a finite step count."""
+        if self._trainer is None:
+            return None
         total = self.trainer.estimated_stepping_batches
         if not total or total == float("inf"):
-            return 1.0
-        return max(0.0, 1.0 - self.global_step / (anneal * float(total)))
+            return None
+        return min(1.0, self.global_step / float(total))
+
+    def _noise_scale(self) -> float:
+        anneal = self.hparams.noise_anneal
+        if anneal <= 0:
+            return 0.0
+        progress = self._progress()
+        return 1.0 if progress is None else max(0.0, 1.0 - progress / anneal)
+
+    def training_budget(self, budget: float) -> float:
+        """The budget of the current training step for target ``budget`` (see ``budget_warmup``)."""
+        warmup = self.hparams.get("budget_warmup", 0.0)
+        progress = self._progress() if warmup > 0 else None
+        if progress is None or progress >= warmup:
+            return budget
+        return budget + (1.0 - budget) * (1.0 - progress / warmup) ** 3
 
     # ------------------------------------------------------------------ steps
     def _teacher_logits(self, clip: torch.Tensor) -> torch.Tensor:
@@ -263,8 +297,13 @@ class DANCEWrapper(L.LightningModule):
         if self.budget_range is not None and stage == "train":
             low, high = self.budget_range
             self.pruner.set_budget(low + (high - low) * float(torch.rand(())))
-        budget = float(self.pruner.budget)
-        logits = self.pruner(clip)  # the masked path: it records last_stats
+        target = float(self.pruner.budget)
+        budget = self.training_budget(target) if stage == "train" else target
+        self.pruner.set_budget(budget)
+        try:
+            logits = self.pruner(clip)  # the masked path: it records last_stats
+        finally:
+            self.pruner.set_budget(target)  # outside a step the pruner holds the target
         stats = self.pruner.last_stats
         losses: dict[str, torch.Tensor] = {}
         task = self.hparams.task
@@ -343,7 +382,7 @@ class DANCEWrapper(L.LightningModule):
         if self._teacher is not None:
             self._teacher.to(self.device)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         backbone = {id(p) for p in self.model.parameters()}
         groups = [
             {"params": [p for p in self.parameters() if p.requires_grad and id(p) not in backbone]},
@@ -352,7 +391,17 @@ class DANCEWrapper(L.LightningModule):
         if tuned:  # joint fine-tuning
             lr = self.hparams.get("backbone_lr") or self.hparams.lr / 10
             groups.append({"params": tuned, "lr": lr})
-        return torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.get("lr_schedule", "constant") == "constant":
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        if not total or total == float("inf"):
+            raise ValueError(
+                "lr_schedule='cosine' needs a finite number of training steps: set max_epochs "
+                "or max_steps on the Trainer"
+            )
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(total)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

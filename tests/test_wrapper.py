@@ -123,11 +123,75 @@ def test_user_lightning_module_is_recoverable(tmp_path):
         (dict(lr=0), "lr"),
         (dict(backbone_lr=-1e-4), "backbone_lr"),
         (dict(min_layer_keep=1.0), "min_layer_keep"),
+        (dict(budget_warmup=1.0), "budget_warmup"),
+        (dict(budget_warmup=-0.1), "budget_warmup"),
+        (dict(budget_warmup=0.3, budget_range=(0.2, 0.8)), "budget_range"),
+        (dict(lr_schedule="linear"), "lr_schedule"),
     ],
 )
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         DANCEWrapper(SmallNet(), **kw)
+
+
+class _Recorder(L.Callback):
+    """Per training step: the budget the pruner's forward saw, its MAC ratio, the lrs."""
+
+    def __init__(self):
+        self.budgets, self.ratios, self.lrs, self.kept = [], [], [], []
+
+    def on_fit_start(self, trainer, pl_module):
+        def hook(module, args):
+            self.budgets.append(float(module.budget))
+
+        pl_module.pruner.register_forward_pre_hook(hook)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ratios.append(float(pl_module.last_stats.mac_ratio().mean()))
+        kept = pl_module.last_stats.kept_fractions().values()
+        self.kept.append(min(d["channel"] for d in kept))
+        assert float(pl_module.pruner.budget) == pytest.approx(0.3)  # the target between steps
+
+
+def test_budget_warmup_prunes_gradually(tmp_path):
+    """Zhu & Gupta's cubic schedule from dense (budget 1) to the target over the first half of
+    the steps; topk keeps every channel at step 0; eval and checkpoints keep the target."""
+    torch.manual_seed(0)
+    wrapper = DANCEWrapper(SmallNet(), budget=0.3, policy="topk", dims=("channel",),
+                           budget_warmup=0.5)  # fmt: skip
+    rec = _Recorder()
+    _trainer(tmp_path, max_steps=8, max_epochs=-1, callbacks=[rec]).fit(wrapper, _loader())
+    expected = [0.3 + 0.7 * (1 - s / 4) ** 3 for s in range(4)] + [0.3] * 4
+    assert rec.budgets == pytest.approx(expected)
+    assert rec.kept[0] == 1.0  # k = C in every layer: nothing pruned at step 0
+    assert rec.kept[-1] < 0.5
+    assert all(a >= b - 1e-9 for a, b in zip(rec.ratios, rec.ratios[1:], strict=False))
+    wrapper.eval()
+    with torch.no_grad():
+        wrapper(torch.randn(2, 3, 8, 16, 16))
+    assert float(wrapper.last_stats.mac_ratio().mean()) == pytest.approx(rec.ratios[-1])
+    assert rec.ratios[-1] < 0.6
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_cosine_lr_schedule_decays_every_group(tmp_path, freeze):
+    import math
+
+    wrapper = DANCEWrapper(SmallNet(), lr=1e-2, lr_schedule="cosine", freeze_backbone=freeze)
+    rec = _Recorder()
+    rec.on_train_batch_end = lambda *a: None
+    _trainer(tmp_path, max_steps=4, max_epochs=-1, callbacks=[rec]).fit(wrapper, _loader())
+    cos = [0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    assert [lrs[0] for lrs in rec.lrs] == pytest.approx([1e-2 * c for c in cos])
+    if not freeze:  # the backbone group (lr / 10) decays along the same curve
+        assert [lrs[1] for lrs in rec.lrs] == pytest.approx([1e-3 * c for c in cos])
+    with pytest.raises(ValueError, match="finite number of training steps"):
+        _trainer(tmp_path, max_steps=-1, max_epochs=-1).fit(
+            DANCEWrapper(SmallNet(), lr_schedule="cosine"), _loader()
+        )
 
 
 def test_factory_name_needs_num_classes():
