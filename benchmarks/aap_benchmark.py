@@ -83,6 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="gradual pruning: the training budget falls from 1 to the target over "
                         "this fraction of the controller's training steps")  # fmt: skip
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--credit-outputs", action="store_true",
+                   help="budgets count the output-skipping fast path's MACs (see AdaptivePruner)")  # fmt: skip
     p.add_argument("--control-epochs", type=int, default=0,
                    help="also fine-tune the AVA model this many epochs without pruning (at the "
                         "joint backbone lr): the control that pruned accuracy is compared to")  # fmt: skip
@@ -165,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     calibrate_batches=len(dm.val_dataloader()), lr=args.controller_lr,
                     freeze_backbone=not args.joint, backbone_lr=args.backbone_lr,
                     budget_warmup=args.budget_warmup, lr_schedule=args.lr_schedule,
+                    credit_outputs=args.credit_outputs,
                 )  # fmt: skip
                 row = {"policy": policy + ("+joint" if args.joint else ""), "dims": dim_set,
                        "budget": budget,

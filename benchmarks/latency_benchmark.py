@@ -11,9 +11,12 @@ For each model (random init, eval, ``channels_last_3d``):
   ``pruner.calibrate`` so that executed/dense MACs meet the budget on a few random clips; then
   ``compact`` (:class:`~lightning_dance.execution.CompactPruner`: each layer's kept input
   work, and producers of channel chains compute only the output channels the next conv keeps),
-  ``inputs-only`` (the same without output skipping: computes exactly the counted MACs) and
+  ``inputs-only`` (the same without output skipping: computes exactly the counted MACs),
   ``tuned`` (the same with per-layer kernel tunings: snapped counts and
-  dense fallbacks where compact would be slower).
+  dense fallbacks where compact would be slower) and, where channels are pruned, ``credited``
+  (a pruner with ``credit_outputs=True`` calibrated to the budget: the budget is what the
+  output-skipping path really runs, so it keeps more channels than ``compact`` at the same
+  budget).
 
 Everything runs interleaved in one process (round robin over variants after warm-up), with fixed
 threads; medians and p90 are reported. The controller's masks, statistics and per-layer logits
@@ -143,10 +146,12 @@ def calibrated_pruner(
     clip: torch.Tensor,
     args,
     layers: list[str] | None = None,
+    credit_outputs: bool = False,
 ) -> AdaptivePruner:
     """An untrained controller, calibrated so that the mean MAC ratio meets ``budget``."""
     torch.manual_seed(args.seed)
-    pruner = AdaptivePruner(model, dims=dims, policy=args.policy, budget=budget, layers=layers)
+    pruner = AdaptivePruner(model, dims=dims, policy=args.policy, budget=budget, layers=layers,
+                            credit_outputs=credit_outputs)  # fmt: skip
     pruner.eval()
     gen = torch.Generator().manual_seed(args.seed)
     calib = [torch.randn(clip.shape, generator=gen) for _ in range(args.calib_clips)]
@@ -224,6 +229,10 @@ def bench_model(name: str, args) -> dict:
                 f"{label} inputs-only", pruner, clip, None, skip_outputs=False
             )
             variants.append(v)
+            if "channel" in dims:
+                credited = calibrated_pruner(model, dims, budget, clip, args, credit_outputs=True)
+                v, errors[label + " cr"] = dance_variants(f"{label} credited", credited, clip, None)
+                variants.append(v)
             if tunings is not None:
                 v, errors[label + " tuned"] = dance_variants(
                     f"{label} tuned", pruner, clip, tunings

@@ -31,6 +31,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -53,6 +54,9 @@ from lightning_dance.masks import (
     threshold_gate,
     topk_gate,
 )
+
+if TYPE_CHECKING:
+    from lightning_dance.execution.chains import ChannelChain
 
 __all__ = [
     "POLICIES",
@@ -139,6 +143,16 @@ class AdaptivePruner(nn.Module):
             decisions equal to eval ones (:class:`~lightning_dance.wrapper.DANCEWrapper` anneals
             it to 0 so that the budget met in training is the one met at eval).
         init_keep: initial keep probability of the controller.
+        credit_outputs: count MACs as the fast path executes them with output skipping
+            (:class:`~lightning_dance.execution.CompactPruner`, ``skip_outputs=True``): along a
+            channel chain (see :meth:`output_chains`) the producer computes only the channels
+            its consumer keeps, so its MACs are scaled by the consumer's kept-channel fraction,
+            per clip and differentiably. The budget (training loss, ``topk`` keep counts,
+            :meth:`calibrate`) is then the fast path's real cost, so the controller keeps more
+            channels for the same cost. Needs ``"channel"`` in ``dims``. What the masked model
+            computes does not change (it multiplies by zero either way); a batch on the fast
+            path computes the union of its clips' kept channels, so this per-clip count is
+            exact at batch 1. The static ``topk`` export does not skip outputs.
     """
 
     def __init__(
@@ -156,6 +170,7 @@ class AdaptivePruner(nn.Module):
         tau: float = 1.0,
         noise: float = 1.0,
         init_keep: float = 0.9,
+        credit_outputs: bool = False,
     ) -> None:
         super().__init__()
         if policy not in POLICIES:
@@ -168,6 +183,14 @@ class AdaptivePruner(nn.Module):
             raise ValueError(f"noise must be >= 0, got {noise}")
         self.noise = float(noise)
         self.dims = _check_dims(dims)
+        if not isinstance(credit_outputs, bool):
+            raise TypeError(f"credit_outputs must be a bool, got {credit_outputs!r}")
+        if credit_outputs and "channel" not in self.dims:
+            raise ValueError(
+                "credit_outputs=True credits the output channels a consumer's channel mask lets "
+                f"its producer skip: it needs 'channel' in dims, got {self.dims}"
+            )
+        self.credit_outputs = credit_outputs
         self.policy, self.min_keep, self.tau = policy, min_keep, tau
         self.model = model
         self.stem_name = stem_names(model)[0]
@@ -192,6 +215,8 @@ class AdaptivePruner(nn.Module):
         self.last_stats: PruningStats | None = None
         self._dense_cache: dict[tuple[int, ...], tuple[int, dict[str, int]]] = {}
         self._fixed_fraction = 0.0
+        self._layer_share: dict[str, float] = {}
+        self._chains: dict | None = None
         self._force_dense = False
 
     def __getstate__(self) -> dict:
@@ -227,6 +252,22 @@ class AdaptivePruner(nn.Module):
     def unwrap(self) -> nn.Module:
         """The user's model, unmodified (hooks only exist during a forward call)."""
         return self.model
+
+    def output_chains(self) -> dict[str, ChannelChain]:
+        """``{producer: ChannelChain}``: the channel chains (see
+        :func:`lightning_dance.execution.channel_chains`, found once with ``torch.fx``) whose
+        producer and consumer are both instrumented and whose consumer prunes channels: there
+        the producer need not compute the channels its consumer drops. Never the stem (the
+        controller reads its whole output)."""
+        if self._chains is None:
+            from lightning_dance.execution.chains import channel_chains  # execution imports aap
+
+            layers = set(self.layer_names) if "channel" in self.dims else set()
+            self._chains = {
+                name: c for name, c in channel_chains(self.model).items()
+                if c.consumer in layers and name in layers
+            }  # fmt: skip
+        return self._chains
 
     @contextlib.contextmanager
     def dense(self) -> Iterator[None]:
@@ -270,6 +311,7 @@ class AdaptivePruner(nn.Module):
         self.check_clip(clip)
         dense_total, layer_dense = self._dense_counts(clip)
         self._fixed_fraction = 1.0 - sum(layer_dense.values()) / max(1, dense_total)
+        self._layer_share = {n: m / max(1, dense_total) for n, m in layer_dense.items()}
         return dense_total, layer_dense
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
@@ -279,10 +321,25 @@ class AdaptivePruner(nn.Module):
             out = self.model(clip)
         if state.ctx is None:
             raise RuntimeError(f"the stem {self.stem_name!r} did not run in the forward pass")
+        if self.credit_outputs:
+            self._credit_skipped_outputs(state)
         self.last_stats = PruningStats(
             state.layers, dense_total, self.controller.macs(state.stem_shape)
         )
         return out
+
+    def _credit_skipped_outputs(self, state: _ForwardState) -> None:
+        """Scale each chain producer's MACs by its consumer's kept-channel fraction (per clip;
+        a ``groups == 1`` conv spends the same MACs on every output channel)."""
+        for name, chain in self.output_chains().items():
+            producer, consumer = state.layers.get(name), state.layers.get(chain.consumer)
+            if producer is None or consumer is None or "channel" not in consumer.masks:
+                continue
+            keep = state.channel_probs[chain.consumer]  # [N, C_out] straight-through 0/1
+            c_out = keep.shape[1]
+            kept = consumer.masks["channel"].flatten(1).sum(1).round().long()
+            producer.executed_macs = producer.executed_macs // c_out * kept
+            producer.expected_macs = producer.expected_macs * keep.flatten(1).mean(1)
 
     def _dense_counts(self, clip: torch.Tensor) -> tuple[int, dict[str, int]]:
         """Whole-model dense MACs (fvcore) and the instrumented layers' share, per clip shape."""
@@ -322,8 +379,25 @@ class AdaptivePruner(nn.Module):
         b = float(self.budget)
         inst = (b - fixed_fraction) / max(1e-9, 1.0 - fixed_fraction)
         inst = min(1.0, max(1e-3, inst))
-        ratio = inst ** (1.0 / len(self.dims)) * math.exp(float(self.calibration))
+        ratio = inst ** (1.0 / len(self.dims))
+        if self.credit_outputs and self._layer_share:
+            ratio = self._credited_keep_ratio(b - fixed_fraction)
+        ratio *= math.exp(float(self.calibration))
         return min(1.0, max(1e-3, ratio))
+
+    def _credited_keep_ratio(self, target: float) -> float:
+        """The per-dim keep ratio ``r`` whose instrumented MACs, a chain producer's scaled by
+        its consumer's ``r`` of the channels, are ``target`` (of the whole model): bisection."""
+        producers = set(self.output_chains())
+        d = len(self.dims)
+        shares = [(f, d + (name in producers)) for name, f in self._layer_share.items()]
+        lo, hi = 1e-3, 1.0
+        if sum(f * lo**e for f, e in shares) >= target:
+            return lo
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if sum(f * mid**e for f, e in shares) < target else (lo, mid)
+        return hi
 
     @torch.no_grad()
     def calibrate(
@@ -424,6 +498,7 @@ class _ForwardState:
         self.ctx: ControllerContext | None = None
         self.stem_shape: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.layers: dict[str, LayerStats] = {}
+        self.channel_probs: dict[str, torch.Tensor] = {}  # differentiable channel keep [N, C]
 
 
 class _StemHook:
@@ -469,6 +544,8 @@ class _MaskHook:
             batch_size=x.shape[0],
         )
         dense = conv3d_executed_macs(module, shape)
+        if "channel" in masks.probs:
+            self.state.channel_probs[self.name] = masks.probs["channel"]
         self.state.layers[self.name] = LayerStats(
             shape, dense, executed, expected, masks.kept_fraction(), hard
         )

@@ -61,7 +61,9 @@ class DANCEWrapper(L.LightningModule):
         budget_weight: weight of ``(E[executed]/dense - budget)^2``.
         bound_weight, min_layer_keep: per-layer lower bound on the kept MAC fraction (so that no
             layer collapses) and its weight.
-        grid, hidden, tau, init_keep, min_keep: see :class:`~lightning_dance.aap.AdaptivePruner`.
+        grid, hidden, tau, init_keep, min_keep, credit_outputs: see
+            :class:`~lightning_dance.aap.AdaptivePruner` (``credit_outputs=True``: the budget
+            is the cost of the output-skipping fast path, :meth:`compile_sparse`).
         noise_anneal: the gates' exploration noise falls linearly from 1 to 0 over this fraction
             of the training steps, then training decisions are the eval ones, so the budget met
             in training is met at eval (0: no noise at all; 1: noise until the last step).
@@ -103,6 +105,7 @@ class DANCEWrapper(L.LightningModule):
         tau: float = 1.0,
         init_keep: float = 0.9,
         min_keep: int = 1,
+        credit_outputs: bool = False,
         noise_anneal: float = 0.7,
         budget_warmup: float = 0.0,
         lr_schedule: str = "constant",
@@ -166,6 +169,7 @@ class DANCEWrapper(L.LightningModule):
             min_keep=min_keep,
             tau=tau,
             init_keep=init_keep,
+            credit_outputs=credit_outputs,
         )
         self.budget_range = budget_range
         self.freeze_backbone = freeze_backbone

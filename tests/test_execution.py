@@ -1021,3 +1021,111 @@ def test_gather_weight_copy_follows_weight_updates():
     y = compact_conv3d(conv, x, keep, out_channels=out)  # with autograd: no cached copy
     y.sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad[:, [1, 4]].abs().sum() == 0
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(
+    dims=st.sampled_from([("channel",), ("channel", "frame"), DIMS]),
+    policy=st.sampled_from(["threshold", "topk"]),
+    budget=st.sampled_from([0.1, 0.4, 1.0]),
+    seed=st.integers(0, 100),
+)
+def test_credited_count_is_what_the_fast_path_runs(dims, policy, budget, seed):
+    """``credit_outputs=True``: the pruner's per-clip count equals the MACs the output-skipping
+    fast path runs on that clip alone (the reference: each clip of the batch run by itself)."""
+    torch.manual_seed(seed)
+    pruner = AdaptivePruner(ChainNet().eval(), dims=dims, policy=policy, budget=budget,
+                            credit_outputs=True)  # fmt: skip
+    pruner = _randomized(pruner, seed)
+    clip = torch.randn(2, 3, 5, 12, 12, generator=torch.Generator().manual_seed(seed))
+    fast = CompactPruner(pruner)
+    with torch.no_grad():
+        pruner(clip)
+        counted = sum(s.executed_macs for s in pruner.last_stats.layers.values())
+        per_clip = []
+        for i in range(2):  # alone (ChainNet has a BatchNorm on batch statistics)
+            one = clip[i : i + 1]
+            ref = pruner(one)
+            assert sum(s.executed_macs for s in pruner.last_stats.layers.values()) == counted[i]
+            with count_executed_macs() as macs:
+                _close(fast(one), ref)
+            per_clip.append(macs.total)
+    assert counted.tolist() == per_clip
+    # the uncredited count of the same masks is the inputs-only path's
+    plain = AdaptivePruner(pruner.model, dims=dims, policy=policy, budget=budget)
+    plain.load_state_dict(pruner.state_dict())
+    if policy == "threshold":  # same masks (topk keeps more when credited, below)
+        with torch.no_grad():
+            plain.eval()(clip)
+        uncredited = sum(s.executed_macs for s in plain.last_stats.layers.values())
+        assert (counted <= uncredited).all() and (budget == 1.0 or (counted < uncredited).any())
+
+
+def test_credited_count_is_differentiable():
+    """Training: the credited expected count equals the hard one in value and carries the
+    consumer's channel-gate gradients into the producer's term."""
+    clip = torch.randn(2, 3, 5, 12, 12)
+    grads = {}
+    for credit in (False, True):
+        torch.manual_seed(0)
+        pruner = AdaptivePruner(ChainNet(), dims=("channel",), policy="threshold", budget=0.3,
+                                credit_outputs=credit).train()  # fmt: skip
+        pruner(clip)
+        stats = pruner.last_stats
+        torch.testing.assert_close(stats.expected_macs(), stats.executed_macs().double())
+        consumer = pruner.output_chains()["s1"].consumer if credit else "t1"
+        start, stop = pruner.controller._channel_slices[consumer]
+        (g,) = torch.autograd.grad(stats.layers["s1"].expected_macs.sum(),
+                                   pruner.controller.channel_head.bias)  # fmt: skip
+        grads[credit] = g[start:stop].abs().sum()
+    assert grads[False] == 0 and grads[True] > 0  # the producer's count reads the consumer's gates
+
+
+def test_credited_topk_keeps_more_and_meets_the_budget_uncalibrated():
+    """topk with credit solves its keep ratio for the credited count: on R(2+1)D the eval MAC
+    ratio lands on the budget without calibration, keeping more channels than without credit."""
+    from lightning_dance.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("r2plus1d_18", num_classes=5, width=0.25).eval()
+    clip = torch.randn(1, 3, 4, 32, 32)
+    ratios, keeps = {}, {}
+    for credit in (False, True):
+        pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.4,
+                                credit_outputs=credit).eval()  # fmt: skip
+        with torch.no_grad():
+            pruner(clip)
+        ratios[credit] = float(pruner.last_stats.mac_ratio())
+        keeps[credit] = pruner.keep_ratio()
+    assert abs(ratios[True] - 0.4) < 0.03 and abs(ratios[False] - 0.4) < 0.03, ratios
+    assert keeps[True] > keeps[False] + 0.1, keeps
+
+
+def test_credit_outputs_arguments_and_untraceable_models():
+    with pytest.raises(TypeError, match="credit_outputs must be a bool"):
+        AdaptivePruner(ChainNet(), credit_outputs=1)
+    with pytest.raises(ValueError, match="needs 'channel' in dims"):
+        AdaptivePruner(ChainNet(), dims=("frame",), credit_outputs=True)
+
+    class Branchy(nn.Module):  # fx cannot trace it: no chains, nothing credited
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a, self.b = nn.Conv3d(3, 4, 1), nn.Conv3d(4, 4, 1), nn.Conv3d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.b(self.a(self.stem(x)))
+            return y.mean((1, 2, 3, 4)) if x.sum() > -1e9 else y.sum()
+
+    clip, net = torch.randn(1, 3, 2, 4, 4), Branchy()
+    counts = []
+    for credit in (False, True):
+        pruner = _randomized(AdaptivePruner(net, dims=("channel",), budget=0.5,
+                                            credit_outputs=credit), 0)  # fmt: skip
+        if credit:
+            with pytest.warns(UserWarning, match="could not trace"):
+                pruner(clip)
+        else:
+            pruner(clip)
+        counts.append(pruner.last_stats.executed_macs())
+    torch.testing.assert_close(counts[0], counts[1])

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_dance.execution.chains import ChannelChain, channel_chains
+from lightning_dance.execution.chains import ChannelChain
 from lightning_dance.execution.compact import (
     _compact_conv3d,
     _geometry,
@@ -198,7 +198,6 @@ class CompactPruner:
         self.tunings: dict[str, LayerTuning] = dict(tunings or {})
         self.batch_mode = check_batch_mode(batch_mode)
         self.skip_outputs = skip_outputs
-        self._chains: dict[str, ChannelChain] | None = None
         self._routed_modules: dict[str, nn.Module] | None = None
 
     @property
@@ -207,17 +206,9 @@ class CompactPruner:
         :func:`~lightning_dance.execution.chains.channel_chains` whose consumer prunes channels
         and whose producer is instrumented too (never the stem, whose whole output the
         controller reads), so that :func:`~lightning_dance.execution.count_executed_macs` sees
-        every skipped output. Empty with ``skip_outputs=False``."""
-        if not self.skip_outputs:
-            return {}
-        if self._chains is None:
-            p = self.pruner
-            layers = set(p.layer_names) if "channel" in p.dims else set()
-            self._chains = {
-                name: c for name, c in channel_chains(p.model).items()
-                if c.consumer in layers and name in layers
-            }  # fmt: skip
-        return self._chains
+        every skipped output (:meth:`AdaptivePruner.output_chains`). Empty with
+        ``skip_outputs=False``."""
+        return self.pruner.output_chains() if self.skip_outputs else {}
 
     def tune(self, clip: torch.Tensor, **kwargs: object) -> dict[str, LayerTuning]:
         """Measure every instrumented layer for the pruner's dims at its input shape on ``clip``
