@@ -68,6 +68,29 @@ def _zscore(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
     return (x - mean) / (std + 1e-3)
 
 
+def _stem_reductions(
+    s: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The passes over the stem output ``s [N, C, T, H, W]`` (its largest input):
+    per-channel mean ``[N, C]``, mean square over ``(H, W)`` ``[N, C, T]``, mean absolute
+    frame change over channels ``[N, T-1, H, W]`` (None for one frame), mean magnitude over
+    ``(C, T)`` ``[N, H, W]``.
+
+    Each reduction runs over the dims in memory order: for a ``channels_last_3d`` stem output
+    (the fast path's layout) on a ``[N, T, H, W, C]`` view, where reducing ``(H, W)`` is ~9x
+    faster than on the strided NCDHW view (0.1 vs 0.9 ms for 24x8x56x56). Same values, up to
+    the order of float additions.
+    """
+    if s.is_contiguous() or not s.is_contiguous(memory_format=torch.channels_last_3d):
+        sq = (s * s).mean(dim=(3, 4))
+        change = (s[:, :, 1:] - s[:, :, :-1]).abs().mean(dim=1) if s.shape[2] > 1 else None
+        return s.mean(dim=(2, 3, 4)), sq, change, s.abs().mean(dim=(1, 2))
+    v = s.permute(0, 2, 3, 4, 1)  # [N, T, H, W, C], contiguous
+    sq = (v * v).mean(dim=(2, 3)).transpose(1, 2)  # [N, C, T]
+    change = (v[:, 1:] - v[:, :-1]).abs().mean(dim=4) if v.shape[1] > 1 else None
+    return v.mean(dim=(1, 2, 3)), sq, change, v.abs().mean(dim=(1, 4))
+
+
 @dataclass
 class ControllerContext:
     """What the controller computed from one batch's stem output (shared by all layers)."""
@@ -166,15 +189,11 @@ class Controller(nn.Module):
             )
         s = stem_out.float()
         n, _, t0, _, _ = s.shape
-        # one pass over the stem output per statistic (it is the largest tensor the controller
-        # reads): means over (H, W) first, then the smaller per-(C, T) tables are reduced
-        chan_mean = s.mean(dim=(2, 3, 4))
-        sq = (s * s).mean(dim=(3, 4))  # [N, C, T0]
+        chan_mean, sq, change, magnitude = _stem_reductions(s)
         # E[s^2] - E[s]^2: ~25x cheaper than Tensor.std on a stem output on CPU
         chan_std = (sq.mean(dim=2) - chan_mean**2).clamp_min(0).sqrt()
         energy = torch.log(sq.mean(dim=1) + _EPS)  # [N, T0]
-        if t0 > 1:
-            change = (s[:, :, 1:] - s[:, :, :-1]).abs().mean(dim=1)  # [N, T0-1, H, W]
+        if change is not None:
             motion = torch.log(change.mean(dim=(2, 3)) + _EPS)
             motion = torch.cat([motion[:, :1], motion], dim=1)  # frame 0 borrows frame 1's
             motion_map = change.mean(dim=1).unsqueeze(1)
@@ -182,7 +201,7 @@ class Controller(nn.Module):
             motion = torch.zeros_like(energy)
             motion_map = torch.zeros_like(s[:, :1, 0])
         frame_stats = torch.stack([_zscore(energy, 1), _zscore(motion, 1)], dim=1)  # [N, 2, T0]
-        magnitude_map = s.abs().mean(dim=(1, 2)).unsqueeze(1)  # [N, 1, H0, W0]
+        magnitude_map = magnitude.unsqueeze(1)  # [N, 1, H0, W0]
         g = self.grid
         blocks = torch.cat([magnitude_map, motion_map], dim=1)
         block_summary = _zscore(F.adaptive_avg_pool2d(blocks, (g, g)), (2, 3)).flatten(1)

@@ -101,3 +101,20 @@ def test_bad_arguments(kw, match):
 def test_wrong_stem_shape():
     with pytest.raises(ValueError, match=r"\[N, 8, T, H, W\]"):
         Controller(8, LAYERS)(torch.randn(2, 4, 4, 8, 8))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 9, 7), (1, 6, 1, 8, 8)])
+def test_statistics_do_not_depend_on_the_memory_layout(shape):
+    """A ``channels_last_3d`` stem output (the fast path's layout) is reduced on a
+    ``[N, T, H, W, C]`` view: same context as from the NCDHW tensor, gradients included."""
+    torch.manual_seed(0)
+    ctrl = Controller(6, {"a": 4, "b": 5}, budget_conditioned=True)
+    x = torch.randn(shape).mul_(3).requires_grad_(True)
+    xc = x.detach().to(memory_format=torch.channels_last_3d).requires_grad_(True)
+    assert xc.is_contiguous(memory_format=torch.channels_last_3d) and not xc.is_contiguous()
+    ref, got = ctrl(x, torch.tensor(0.4)), ctrl(xc, torch.tensor(0.4))
+    for field in ("embedding", "channel_logits", "frame_stats", "motion_map", "magnitude_map"):
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-4, atol=1e-5)
+    (g_ref,) = torch.autograd.grad(ref.embedding.square().sum() + ref.motion_map.sum(), x)
+    (g_got,) = torch.autograd.grad(got.embedding.square().sum() + got.motion_map.sum(), xc)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-5)
