@@ -1129,3 +1129,88 @@ def test_credit_outputs_arguments_and_untraceable_models():
             pruner(clip)
         counts.append(pruner.last_stats.executed_macs())
     torch.testing.assert_close(counts[0], counts[1])
+
+
+@pytest.mark.parametrize(
+    "idx,size,multiple,expected",
+    [
+        ([1, 4, 6], 8, 4, [0, 1, 4, 6]),
+        ([1, 4, 6, 7], 8, 4, [1, 4, 6, 7]),  # already a multiple
+        ([], 8, 4, []),  # nothing kept: nothing computed
+        ([0, 2, 3, 5, 6], 7, 8, [0, 1, 2, 3, 4, 5, 6]),  # capped at the channel count
+        ([5], 6, 1, [5]),
+        ([0, 1, 2, 9], 12, 8, [0, 1, 2, 3, 4, 5, 6, 9]),
+    ],
+)
+def test_round_up_channels(idx, size, multiple, expected):
+    from lightning_dance.execution.executor import _round_up_channels
+
+    got = _round_up_channels(torch.tensor(idx, dtype=torch.long), size, multiple)
+    assert got.tolist() == expected
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(
+    dims=st.sampled_from([("channel",), ("channel", "frame"), DIMS]),
+    policy=st.sampled_from(["threshold", "topk"]),
+    budget=st.sampled_from([0.1, 0.5, 1.0]),
+    n=st.sampled_from([1, 2]),
+    multiple=st.sampled_from([2, 4, 8]),
+    seed=st.integers(0, 100),
+)
+def test_channel_multiple_keeps_outputs(dims, policy, budget, n, multiple, seed):
+    """Producers computing rounded-up channel counts (read back with zeroed weight columns):
+    the masked model's outputs, at least the exact plan's MACs and at most the multiple's
+    extra rows and columns more."""
+    torch.manual_seed(seed)
+    pruner = _randomized(AdaptivePruner(ChainNet().eval(), dims=dims, policy=policy,
+                                        budget=budget), seed)  # fmt: skip
+    clip = torch.randn(n, 3, 5, 12, 12, generator=torch.Generator().manual_seed(seed))
+    exact, rounded = CompactPruner(pruner), CompactPruner(pruner, channel_multiple=multiple)
+    with torch.no_grad():
+        ref = pruner(clip)
+        with count_executed_macs() as m_exact:
+            exact(clip)
+        with count_executed_macs() as m_round:
+            y = rounded(clip)
+    _close(y, ref)
+    assert m_exact.total <= m_round.total
+    dense = sum(s.dense_macs for s in pruner.last_stats.layers.values()) * n
+    assert m_round.total <= dense  # never more than the dense convs
+
+
+def test_channel_multiple_on_r2plus1d_rounds_every_producer():
+    from lightning_dance.execution.executor import _norm_forward as norm_forward
+    from lightning_dance.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("r2plus1d_18", num_classes=5, width=0.25).eval().to(memory_format=CL)
+    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.37).eval()
+    clip = torch.randn(1, 3, 4, 32, 32)
+    fast = CompactPruner(pruner, channel_multiple=8)
+    widths = []
+
+    def spy(bn, x, idx):
+        widths.append((x.shape[1], bn.num_features))
+        return norm_forward(bn, x, idx)
+
+    import lightning_dance.execution.executor as executor
+
+    with torch.no_grad():
+        ref = pruner(clip)
+        executor._norm_forward, saved = spy, executor._norm_forward
+        try:
+            y = fast(clip)
+        finally:
+            executor._norm_forward = saved
+    _close(y, ref)
+    chain_widths = [w for w, full in widths if w != full]
+    assert chain_widths and all(w % 8 == 0 for w in chain_widths), widths
+
+
+def test_channel_multiple_is_checked():
+    pruner = AdaptivePruner(ChainNet(), dims=("channel",)).eval()
+    for bad, err in ((0, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="channel_multiple"):
+            CompactPruner(pruner, channel_multiple=bad)
