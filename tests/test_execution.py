@@ -437,6 +437,52 @@ def test_static_topk_equals_masked_dense(case):
                conv(apply_masks(x, values)))  # fmt: skip
 
 
+@HYP
+@given(static_cases(), st.integers(0, 1000))
+def test_static_topk_output_subsets_and_gathered_inputs(case, seed):
+    """``out_idx``: the masked conv's outputs at those channels (per sample, in that order);
+    ``input_gathered``: the same from an input that holds only ``channel_idx``."""
+    conv, x, ci, fi = case
+    assume(conv.groups == 1)
+    n, c, t = x.shape[:3]
+    g = torch.Generator().manual_seed(seed)
+    k_o = int(torch.randint(1, conv.out_channels + 1, (), generator=g))
+    oi = torch.stack([torch.randperm(conv.out_channels, generator=g)[:k_o] for _ in range(n)])
+    values = {}
+    if ci is not None:
+        values["channel"] = torch.zeros(n, c).scatter(1, ci, 1.0)
+    if fi is not None:
+        values["frame"] = torch.zeros(n, t).scatter(1, fi, 1.0)
+    with torch.no_grad():
+        full = conv(apply_masks(x, values))
+        ref = torch.stack([full[i, oi[i]] for i in range(n)])
+        _close(static_topk_conv3d(conv, x, channel_idx=ci, frame_idx=fi, out_idx=oi), ref)
+        if ci is not None:
+            held = torch.stack([x[i, ci[i]] for i in range(n)])  # the kept channels, in order
+            got = static_topk_conv3d(conv, held, channel_idx=ci, frame_idx=fi, out_idx=oi,
+                                     input_gathered=True)  # fmt: skip
+            _close(got, ref)
+    shape = tuple(x.shape[1:])
+    kc = ci.shape[1] if ci is not None else None
+    kt = fi.shape[1] if fi is not None else None
+    full_macs = static_executed_macs(conv, shape, k_channel=kc, k_frame=kt)
+    assert (
+        static_executed_macs(conv, shape, k_channel=kc, k_frame=kt, k_out=k_o) * (conv.out_channels)
+        == full_macs * k_o
+    )
+
+
+def test_static_topk_output_subset_errors():
+    x = torch.randn(1, 4, 3, 5, 5)
+    with pytest.raises(NotImplementedError, match="groups == 1"):
+        static_topk_conv3d(nn.Conv3d(4, 4, 1, groups=4), x, out_idx=torch.tensor([[0]]))
+    with pytest.raises(ValueError, match="input_gathered=True needs channel_idx"):
+        static_topk_conv3d(nn.Conv3d(4, 4, 1), x, input_gathered=True)
+    with pytest.raises(ValueError, match="holding those k channels"):
+        static_topk_conv3d(nn.Conv3d(4, 4, 1), x, channel_idx=torch.tensor([[0, 2]]),
+                           input_gathered=True)  # fmt: skip
+
+
 def test_static_macs_match_the_counter_where_exact():
     conv = nn.Conv3d(8, 6, (1, 3, 3), padding=(0, 1, 1))
     shape = (8, 6, 10, 10)

@@ -132,6 +132,72 @@ def test_mode_errors():
         build_export_module(net, "fast", _clip())
 
 
+def _r2plus1d_topk(dims):
+    torch.manual_seed(0)
+    net = create_model("r2plus1d_18", num_classes=5, width=0.25).eval()
+    return AdaptivePruner(net, dims=dims, policy="topk", budget=0.4).eval()
+
+
+@pytest.mark.parametrize("dims", [("channel",), ("frame", "channel")])
+def test_topk_export_skips_the_outputs_a_chain_consumer_drops(dims):
+    """R(2+1)D's 24 channel chains: each producer computes only its consumer's top-k channels
+    (weight rows and BatchNorm parameters gathered), the consumer reads them without a gather.
+    Same logits as eager (a batch, another clip), and, with channels only, exactly the MACs
+    the eager compact path runs (an independent count)."""
+    from lightning_dance.execution import CompactPruner, count_executed_macs
+
+    pruner = _r2plus1d_topk(dims)
+    clip = _clip(shape=(2, 3, 4, 32, 32))
+    module, plan = build_export_module(pruner, "topk", clip)
+    assert len(module.chains) == 24
+    other = _clip(seed=7, shape=(2, 3, 4, 32, 32)) * 2
+    with torch.no_grad():
+        for c in (clip, other):
+            assert max_abs_error(pruner(c), module(c)) < 1e-5
+        stats = pruner.last_stats
+        with count_executed_macs() as macs:
+            CompactPruner(pruner)(other[:1])
+    counted = (
+        stats.fixed_macs
+        + stats.controller_macs
+        + sum(int(s.executed_macs[0]) for s in stats.layers.values())
+    )  # each layer's own input masks only
+    assert plan.executed_macs < (0.75 if dims == ("channel",) else 1.0) * counted
+    if dims == ("channel",):  # (with frames the static path computes more than the counter)
+        assert plan.executed_macs == macs.total + stats.fixed_macs + stats.controller_macs
+
+
+@pytest.mark.slow
+def test_topk_export_with_chains_captures_and_runs_in_onnxruntime(tmp_path):
+    pruner = _r2plus1d_topk(("channel",))
+    clip = _clip(shape=(2, 3, 4, 32, 32))
+    other = _clip(seed=7, shape=(2, 3, 4, 32, 32)) * 2
+    module, _ = build_export_module(pruner, "topk", clip)
+    with torch.no_grad():
+        graph = capture(module, clip).module()
+        assert max_abs_error(pruner(other), graph(other)) < 1e-5
+        path = export_onnx(module, clip, tmp_path / "m.onnx", opset=18)
+        check_ops(onnx_op_types(path), "qnn")  # Gather, Mul, Add, Conv: what the NPU runs
+        got = torch.from_numpy(run_onnxruntime(path, other))
+        assert max_abs_error(module(other), got) < 1e-4
+
+
+def test_topk_export_keeps_chains_whose_norm_uses_batch_statistics():
+    """A BatchNorm without running statistics normalizes over the batch: its channels cannot
+    differ per sample, so that chain keeps all outputs (the others still skip)."""
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(3, 8, 1), torch.nn.Conv3d(8, 12, 1), torch.nn.BatchNorm3d(12),
+        torch.nn.ReLU(), torch.nn.Conv3d(12, 10, 1), torch.nn.BatchNorm3d(10, track_running_stats=False),
+        torch.nn.Conv3d(10, 6, 1), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(),
+    ).eval()  # fmt: skip
+    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.5).eval()
+    clip = _clip(shape=(2, 3, 2, 4, 4))
+    module, _ = build_export_module(pruner, "topk", clip)
+    assert set(module.chains) == {"1"}  # 1 -> 2 (BN) -> 3 -> 4; not 4 -> 5 (batch stats) -> 6
+    with torch.no_grad():
+        assert max_abs_error(pruner(clip), module(clip)) < 1e-5
+
+
 def test_onnx_ops_allowlist(tmp_path):
     clip = _clip()
     module, _ = build_export_module(_pruner("topk", keep="half"), "topk", clip)

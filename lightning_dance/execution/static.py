@@ -74,12 +74,20 @@ def static_topk_conv3d(
     *,
     channel_idx: torch.Tensor | None = None,
     frame_idx: torch.Tensor | None = None,
+    out_idx: torch.Tensor | None = None,
+    input_gathered: bool = False,
 ) -> torch.Tensor:
     """``conv`` applied to ``x [N, C, T, H, W]`` keeping, per sample, the input channels
     ``channel_idx [N, k_c]`` and the frames ``frame_idx [N, k_t]`` (int64, distinct per row, any order).
 
     Equals ``conv(apply_masks(x, masks))`` with the corresponding 0/1 masks (see the module
     docstring for what is computed). Traceable and exportable (static shapes).
+
+    Output skipping along a channel chain (``groups == 1``): ``out_idx [N, k_o]`` computes only
+    those output channels, in that order (``[N, k_o, ...]``: the weight rows and bias
+    gathered); ``input_gathered=True`` says ``x`` holds only the channels ``channel_idx``, in
+    that order (``[N, k_c, ...]``, what a producer with ``out_idx = channel_idx`` returned), so
+    only the weight columns are gathered.
 
     Only ops the Hexagon NPU (QNN HTP) runs are used: samples are unrolled (``N`` is static in
     an export), inputs and weights are selected with ``index_select`` (ONNX ``Gather``), and
@@ -89,12 +97,20 @@ def static_topk_conv3d(
     if x.dim() != 5:
         raise ValueError(f"a Conv3d input must be [N, C, T, H, W], got {tuple(x.shape)}")
     _supported(conv, channel_idx is not None)
-    g, _ = _pad(conv, tuple(x.shape[1:]))
+    if (out_idx is not None or input_gathered) and conv.groups != 1:
+        raise NotImplementedError("out_idx / input_gathered need a groups == 1 conv")
+    if input_gathered and (channel_idx is None or x.shape[1] != channel_idx.shape[1]):
+        raise ValueError(
+            "input_gathered=True needs channel_idx [N, k] and an input holding those k channels, "
+            f"got x with {x.shape[1]} channels"
+        )
+    g, _ = _pad(conv, (conv.in_channels, *x.shape[2:]))
     outs = []
     for i in range(x.shape[0]):
         c_idx = channel_idx[i] if channel_idx is not None else None
         f_idx = frame_idx[i] if frame_idx is not None else None
-        outs.append(_static_one(conv, g, x[i : i + 1], c_idx, f_idx))
+        o_idx = out_idx[i] if out_idx is not None else None
+        outs.append(_static_one(conv, g, x[i : i + 1], c_idx, f_idx, o_idx, input_gathered))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
@@ -104,15 +120,21 @@ def _static_one(
     x: torch.Tensor,
     c_idx: torch.Tensor | None,
     f_idx: torch.Tensor | None,
+    o_idx: torch.Tensor | None = None,
+    gathered: bool = False,
 ) -> torch.Tensor:
-    """One sample ``x [1, C, T, H, W]``; ``c_idx [k_c]``, ``f_idx [k_t]`` or None."""
+    """One sample ``x [1, C, T, H, W]``; ``c_idx [k_c]``, ``f_idx [k_t]``, ``o_idx [k_o]`` or
+    None; ``gathered``: ``x`` holds only the channels ``c_idx``."""
     weight, bias, c_out = conv.weight, conv.bias, conv.out_channels
     groups = conv.groups
     depthwise = groups == conv.in_channels and groups > 1
+    if o_idx is not None:  # groups == 1: only these outputs (weight rows first: fewer columns)
+        weight = weight.index_select(0, o_idx)
+        bias = bias.index_select(0, o_idx) if bias is not None else None
     if f_idx is not None:
         x = x.index_select(2, f_idx)
     if c_idx is not None:
-        x = x.index_select(1, c_idx)
+        x = x if gathered else x.index_select(1, c_idx)
         if depthwise:  # the kept channels' outputs only: [k_c * mult, 1, kT, kh, kw]
             mult = c_out // conv.in_channels
             weight = weight.view(conv.in_channels, mult, *weight.shape[1:]).index_select(0, c_idx)
@@ -173,8 +195,10 @@ def static_executed_macs(
     *,
     k_channel: int | None = None,
     k_frame: int | None = None,
+    k_out: int | None = None,
 ) -> int:
-    """MACs per sample that :func:`static_topk_conv3d` computes (fvcore convention)."""
+    """MACs per sample that :func:`static_topk_conv3d` computes (fvcore convention);
+    ``k_out``: the output channels computed (``out_idx``; ``groups == 1``)."""
     g = ConvGeometry.of(conv, input_shape)
     c_in = g.in_channels
     kt, kh, kw = g.kernel
@@ -186,6 +210,8 @@ def static_executed_macs(
         outs, reads = g.out_channels, k_channel
     else:  # depthwise
         outs, reads = g.out_channels // c_in * k_channel, 1
+    if k_out is not None:
+        outs = k_out
     if k_frame is None:
         planes = t_out * kt
     else:

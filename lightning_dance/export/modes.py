@@ -84,9 +84,11 @@ def unwrap_pruner(model: nn.Module) -> AdaptivePruner | None:
 
 class _Route:
     """What the stem tap hands to the gated convs during one forward (a plain object, so that
-    ``torch.export`` in strict mode traces the hand-over as ordinary Python data flow)."""
+    ``torch.export`` in strict mode traces the hand-over as ordinary Python data flow);
+    ``early``: chain consumer -> its kept channels ``[N, k]``, chosen when its producer ran."""
 
     ctx: Any = None
+    early: dict[str, torch.Tensor] | None = None
 
 
 class _StemTap(nn.Module):
@@ -113,9 +115,17 @@ class _GatedConv3d(nn.Module):
     ``threshold`` modes, supported layers) its kept channels / frames gathered
     (``static_topk_conv3d``: ``k`` fixed for ``topk``, input-dependent for ``threshold``)."""
 
-    def __init__(self, conv: nn.Conv3d, name: str, owner: DANCEExportModule, gather: bool):
+    def __init__(
+        self,
+        conv: nn.Conv3d,
+        name: str,
+        owner: DANCEExportModule,
+        gather: bool,
+        consumer: str | None = None,
+    ):
         super().__init__()
         self.conv, self.name, self.gather = conv, name, gather
+        self.consumer = consumer  # topk channel chain: compute only what this conv keeps
         self._owner = (owner,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,12 +149,46 @@ class _GatedConv3d(nn.Module):
                         idx[f"{dim}_idx"] = kept.unsqueeze(0)
                 outs.append(static_topk_conv3d(self.conv, x[i : i + 1], **idx))
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        idx = {}
+        idx: dict[str, Any] = {}
         for dim in ("channel", "frame"):
             if dim in masks:
                 k = owner.keep_counts[self.name][dim]
                 idx[f"{dim}_idx"] = masks[dim].topk(k, dim=1).indices  # any order: no sort op
+        early = owner.route.early
+        if early is not None and self.name in early:  # x holds only the kept channels
+            idx["channel_idx"], idx["input_gathered"] = early.pop(self.name), True
+        if self.consumer is not None and early is not None:
+            shape = owner.shapes[self.consumer]
+            kept = owner.layer_masks(owner.route.ctx, self.consumer, shape)["channel"]
+            k = owner.keep_counts[self.consumer]["channel"]
+            idx["out_idx"] = early[self.consumer] = kept.topk(k, dim=1).indices
         return static_topk_conv3d(self.conv, x, **idx)
+
+
+class _GatheredNorm(nn.Module):
+    """An eval BatchNorm3d inside a channel chain: its input holds, per sample, only the
+    channels the chain's consumer keeps (``route.early[consumer]``, ``[N, k]``), so the
+    per-channel scale and shift are gathered to them."""
+
+    def __init__(self, norm: nn.BatchNorm3d, consumer: str, owner: DANCEExportModule) -> None:
+        super().__init__()
+        self.norm, self.consumer = norm, consumer
+        self._owner = (owner,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.norm
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        idx = self._owner[0].route.early[self.consumer]  # [N, k]
+        n, k = idx.shape
+        flat = idx.reshape(-1)
+        s = scale.index_select(0, flat).view(n, k, 1, 1, 1)
+        b = shift.index_select(0, flat).view(n, k, 1, 1, 1)
+        return x * s + b
 
 
 class DANCEExportModule(nn.Module):
@@ -163,6 +207,7 @@ class DANCEExportModule(nn.Module):
         shapes: dict[str, tuple[int, int, int, int]],
         keep_counts: dict[str, dict[str, int]],
         gathered: set[str],
+        chains: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.controller = pruner.controller
@@ -174,11 +219,18 @@ class DANCEExportModule(nn.Module):
         self.shapes, self.keep_counts, self.gathered = shapes, keep_counts, set(gathered)
         self.route = _Route()
         self._margins: list[float] | None = None
+        self.chains = dict(chains or {})  # producer -> ChannelChain (topk output skipping)
         model = copy.deepcopy(pruner.model)
         _replace(model, self.stem_name, _StemTap(model.get_submodule(self.stem_name), self))
         for name in self.layer_names:
             conv = model.get_submodule(name)
-            _replace(model, name, _GatedConv3d(conv, name, self, name in self.gathered))
+            chain = self.chains.get(name)
+            consumer = chain.consumer if chain is not None else None
+            _replace(model, name, _GatedConv3d(conv, name, self, name in self.gathered, consumer))
+        for chain in self.chains.values():
+            for norm in chain.norms:
+                bn = model.get_submodule(norm)
+                _replace(model, norm, _GatheredNorm(bn, chain.consumer, self))
         self.model = model
 
     def layer_masks(self, ctx: Any, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -219,11 +271,11 @@ class DANCEExportModule(nn.Module):
             self._margins = None
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        self.route.ctx = None
+        self.route.ctx, self.route.early = None, {}
         try:
             return self.model(clip)
         finally:
-            self.route.ctx = None
+            self.route.ctx, self.route.early = None, None
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -297,28 +349,40 @@ def build_export_module(
             plan.keep_counts[name] = {
                 d: keep_count(ratio, sizes[d], pruner.min_keep) for d in pruner.dims
             }
+    chains: dict[str, Any] = {}
     if mode in ("topk", "threshold"):
         from lightning_dance.execution.static import static_executed_macs
 
+        for name in shapes:
+            k = plan.keep_counts[name] if mode == "topk" else stats.layers[name].masks
+            if ("channel" in k or "frame" in k) and _static_supported(modules[name], pruner.dims):
+                gathered.add(name)
+            else:
+                plan.masked_layers.append(name)
+        if mode == "topk":  # static counts: producers compute only what the consumer keeps
+            chains = {
+                p: c for p, c in pruner.output_chains().items()
+                if p in gathered and c.consumer in gathered
+                and all(modules[n].track_running_stats for n in c.norms)
+            }  # fmt: skip
         executed = stats.fixed_macs + stats.controller_macs
         for name, shape in shapes.items():
-            conv = modules[name]
+            if name not in gathered:
+                executed += stats.layers[name].dense_macs
+                continue
             if mode == "topk":
                 k = plan.keep_counts[name]
             else:  # what the first example clip keeps (input-dependent)
                 k = {d: int(m[0].sum()) for d, m in stats.layers[name].masks.items()}
-            if ("channel" in k or "frame" in k) and _static_supported(conv, pruner.dims):
-                gathered.add(name)
-                executed += static_executed_macs(
-                    conv, shape, k_channel=k.get("channel"), k_frame=k.get("frame")
-                )
-            else:
-                plan.masked_layers.append(name)
-                executed += stats.layers[name].dense_macs
+            k_out = plan.keep_counts[chains[name].consumer]["channel"] if name in chains else None
+            executed += static_executed_macs(
+                modules[name], shape, k_channel=k.get("channel"), k_frame=k.get("frame"),
+                k_out=k_out,
+            )  # fmt: skip
         plan.executed_macs = int(executed)
     else:  # masked: everything is computed, plus the controller
         plan.executed_macs = int(stats.dense_total + stats.controller_macs)
-    module = DANCEExportModule(pruner, mode, shapes, plan.keep_counts, gathered).eval()
+    module = DANCEExportModule(pruner, mode, shapes, plan.keep_counts, gathered, chains).eval()
     plan.gate_margin = module.gate_margin(example_clip)
     return module, plan
 
