@@ -8,7 +8,9 @@ with ``policy="threshold"`` for ``threshold``), exported with
 
 - ``dense``: the plain model (the baseline of every speedup);
 - ``masked``: controller + masks multiplied in (static shapes, runs on every target);
-- ``topk``: kept channels and frames gathered to fixed counts (static shapes: the NPU path);
+- ``topk``: kept channels and frames gathered to fixed counts (static shapes: the NPU path),
+  and along channel chains the producer computes only the channels the next conv keeps
+  (``topk inputs-only``: the same without that, ``skip_outputs=False``);
 - ``threshold``: the gates' kept entries gathered (``NonZero``: dynamic shapes).
 
 All sessions run interleaved in one process (onnxruntime CPU, ``--threads`` intra-op threads,
@@ -79,6 +81,10 @@ def bench_model(name: str, args, folder: Path) -> dict:
                         continue
                     module, plan = build_export_module(pruner, mode, clip)
                     add(f"{mode} {budget:g}", module, plan.executed_macs / plan.dense_macs, ref)
+                    if mode == "topk" and "channel" in args.dims:
+                        module, plan = build_export_module(pruner, mode, clip, skip_outputs=False)
+                        add(f"{mode} inputs-only {budget:g}", module,
+                            plan.executed_macs / plan.dense_macs, ref)  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in variants}
     for i in range(args.warmup + args.repeats):
         for label, (sess, _, _) in variants.items():
@@ -122,10 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
             res = bench_model(name, args, Path(tmp))
             results["models"].append(res)
             print(f"\n{name} {res['clip']} (load {res['loadavg']}), onnxruntime CPU")
-            print(f"{'variant':<16}{'MAC ratio':>10}{'median ms':>11}{'p90 ms':>9}"
+            print(f"{'variant':<24}{'MAC ratio':>10}{'median ms':>11}{'p90 ms':>9}"
                   f"{'speedup':>9}{'real/ideal':>11}{'rel err':>10}")  # fmt: skip
             for r in res["rows"]:
-                print(f"{r['variant']:<16}{r['mac_ratio']:>10.3f}{r['median_ms']:>11.2f}"
+                print(f"{r['variant']:<24}{r['mac_ratio']:>10.3f}{r['median_ms']:>11.2f}"
                       f"{r['p90_ms']:>9.2f}{r['speedup']:>9.2f}{r['realized_over_ideal']:>11.2f}"
                       f"{r['max_rel_error']:>10.1e}")  # fmt: skip
     out = Path(args.out)

@@ -559,3 +559,14 @@ def test_export_benchmark_smoke(tmp_path):
     assert rows["dense"]["speedup"] == 1.0 and rows["masked 0.5"]["mac_ratio"] >= 1.0
     assert rows["topk 0.5"]["mac_ratio"] < 0.75 and rows["threshold 0.5"]["mac_ratio"] < 0.75
     assert all(r["max_rel_error"] < 1e-4 for r in rows.values())
+
+
+def test_topk_export_without_output_skipping_gathers_every_input():
+    pruner = _r2plus1d_topk(("channel",))
+    clip = _clip(shape=(1, 3, 4, 32, 32))
+    skipping, with_chains = build_export_module(pruner, "topk", clip)
+    plain, without = build_export_module(pruner, "topk", clip, skip_outputs=False)
+    assert plain.chains == {} and len(skipping.chains) == 24
+    assert without.executed_macs > with_chains.executed_macs
+    with torch.no_grad():
+        assert max_abs_error(skipping(clip), plain(clip)) < 1e-5

@@ -297,7 +297,7 @@ def _static_supported(conv: nn.Conv3d, dims: tuple[str, ...]) -> bool:
 
 @torch.no_grad()
 def build_export_module(
-    model: nn.Module, mode: str, example_clip: torch.Tensor
+    model: nn.Module, mode: str, example_clip: torch.Tensor, *, skip_outputs: bool = True
 ) -> tuple[nn.Module, ExportPlan]:
     """The module to export for ``mode`` and its :class:`ExportPlan` (MACs per clip).
 
@@ -305,6 +305,11 @@ def build_export_module(
         model: a plain 3D CNN (``"dense"`` only), an ``AdaptivePruner`` or a ``DANCEWrapper``.
         mode: one of :data:`MODES`.
         example_clip: ``[N, C, T, H, W]``; keep-counts and MACs are for this shape.
+        skip_outputs: ``topk`` mode: along each channel chain
+            (:meth:`AdaptivePruner.output_chains`) the producer computes only the channels its
+            consumer keeps (its weight rows and the BatchNorm parameters in between gathered),
+            and the consumer reads them without a gather. Chains through a BatchNorm that
+            normalizes with batch statistics keep every output.
 
     Raises:
         ValueError: unknown mode, or a mode that needs a DANCE model / the matching policy.
@@ -359,7 +364,7 @@ def build_export_module(
                 gathered.add(name)
             else:
                 plan.masked_layers.append(name)
-        if mode == "topk":  # static counts: producers compute only what the consumer keeps
+        if mode == "topk" and skip_outputs:  # producers compute only what consumers keep
             chains = {
                 p: c for p, c in pruner.output_chains().items()
                 if p in gathered and c.consumer in gathered
