@@ -152,7 +152,7 @@ class AdaptivePruner(nn.Module):
             channels for the same cost. Needs ``"channel"`` in ``dims``. What the masked model
             computes does not change (it multiplies by zero either way); a batch on the fast
             path computes the union of its clips' kept channels, so this per-clip count is
-            exact at batch 1. The static ``topk`` export does not skip outputs.
+            exact at batch 1 (and equals the static ``topk`` export's count).
     """
 
     def __init__(
@@ -216,6 +216,7 @@ class AdaptivePruner(nn.Module):
         self._dense_cache: dict[tuple[int, ...], tuple[int, dict[str, int]]] = {}
         self._fixed_fraction = 0.0
         self._layer_share: dict[str, float] = {}
+        self._credited: dict[tuple[float, ...], float] = {}  # (target, shares) -> keep ratio
         self._chains: dict | None = None
         self._force_dense = False
 
@@ -388,15 +389,22 @@ class AdaptivePruner(nn.Module):
     def _credited_keep_ratio(self, target: float) -> float:
         """The per-dim keep ratio ``r`` whose instrumented MACs, a chain producer's scaled by
         its consumer's ``r`` of the channels, are ``target`` (of the whole model): bisection."""
+        key = (target, *self._layer_share.values())
+        if key in self._credited:  # asked once per layer and forward: solved once per budget
+            return self._credited[key]
         producers = set(self.output_chains())
         d = len(self.dims)
         shares = [(f, d + (name in producers)) for name, f in self._layer_share.items()]
         lo, hi = 1e-3, 1.0
-        if sum(f * lo**e for f, e in shares) >= target:
-            return lo
-        for _ in range(40):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if sum(f * mid**e for f, e in shares) < target else (lo, mid)
+        if sum(f * lo**e for f, e in shares) < target:
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if sum(f * mid**e for f, e in shares) < target else (lo, mid)
+        else:
+            hi = lo
+        if len(self._credited) > 64:
+            self._credited.clear()
+        self._credited[key] = hi
         return hi
 
     @torch.no_grad()
