@@ -12,8 +12,6 @@ For each model (random init, eval, ``channels_last_3d``):
   ``compact`` (:class:`~lightning_dance.execution.CompactPruner`: each layer's kept input
   work, and producers of channel chains compute only the output channels the next conv keeps),
   ``inputs-only`` (the same without output skipping: computes exactly the counted MACs),
-  ``multiple-8`` (``compact`` with ``channel_multiple=8``: producers compute a multiple of 8
-  output channels, the faster oneDNN sizes),
   ``tuned`` (the same with per-layer kernel tunings: snapped counts and
   dense fallbacks where compact would be slower) and, where channels are pruned, ``credited``
   (a pruner with ``credit_outputs=True`` calibrated to the budget: the budget is what the
@@ -170,11 +168,9 @@ def dance_variants(
     clip: torch.Tensor,
     tunings: dict | None,
     skip_outputs: bool = True,
-    channel_multiple: int = 1,
 ) -> tuple[Variant, float]:
     """One compact variant; also checks it against the masked model (max relative error)."""
-    fast = CompactPruner(pruner, tunings=tunings, skip_outputs=skip_outputs,
-                         channel_multiple=channel_multiple)  # fmt: skip
+    fast = CompactPruner(pruner, tunings=tunings, skip_outputs=skip_outputs)
     with torch.no_grad():
         with accelerate_dense(pruner.model):
             ref = pruner(clip)
@@ -231,10 +227,6 @@ def bench_model(name: str, args) -> dict:
             variants.append(v)
             v, errors[label + " in"] = dance_variants(
                 f"{label} inputs-only", pruner, clip, None, skip_outputs=False
-            )
-            variants.append(v)
-            v, errors[label + " x8"] = dance_variants(
-                f"{label} multiple-8", pruner, clip, None, channel_multiple=8
             )
             variants.append(v)
             if "channel" in dims:

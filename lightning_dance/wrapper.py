@@ -231,14 +231,11 @@ class DANCEWrapper(L.LightningModule):
         tune: bool = False,
         batch_mode: str = "group",
         skip_outputs: bool = True,
-        channel_multiple: int = 1,
     ) -> Any:
         """Switch inference to the fast path that skips the pruned work (same outputs as the
         masked model; see :class:`lightning_dance.execution.CompactPruner`). ``tune=True`` times
         the layers on ``example`` and keeps a layer dense where pruning it would be slower;
-        ``skip_outputs`` also skips the output channels the next conv drops (channel chains),
-        ``channel_multiple`` rounds their number up to a faster kernel size (see
-        :class:`~lightning_dance.execution.CompactPruner`).
+        ``skip_outputs`` also skips the output channels the next conv drops (channel chains).
         Training steps always use the masked path; ``last_stats`` is not filled by the fast path.
 
         Example:
@@ -247,8 +244,7 @@ class DANCEWrapper(L.LightningModule):
         """
         from lightning_dance.execution import CompactPruner
 
-        fast = CompactPruner(self.pruner, batch_mode=batch_mode, skip_outputs=skip_outputs,
-                             channel_multiple=channel_multiple)  # fmt: skip
+        fast = CompactPruner(self.pruner, batch_mode=batch_mode, skip_outputs=skip_outputs)
         if tune:
             if example is None:
                 raise ValueError("tune=True needs an example clip to time the layers on")

@@ -169,14 +169,12 @@ def _channel_parts(
     zeroed: torch.Tensor | None = None,
     held: torch.Tensor | None = None,
     out_idx: torch.Tensor | None = None,
-    zero_read: bool = False,
 ) -> list[_ChannelPart]:
     """Conv calls over channel subsets. ``kept``: the channels read; ``zeroed`` (bool over
     ``kept``, only for ``groups == 1`` and depthwise): channels read with a zeroed weight (a
     count snapped up to a faster kernel size; the masked input reads as zero). ``groups == 1``
     only: ``held``, the channels the input holds (``None``: all); ``out_idx``, the output
-    channels to compute (``None``: all); ``zero_read``: read every held channel, those not
-    kept with a zeroed weight column, instead of gathering the kept ones from the input."""
+    channels to compute (``None``: all)."""
     w, b, groups = conv.weight, conv.bias, conv.groups
     c_in, c_out = conv.in_channels, conv.out_channels
     cg, og = c_in // groups, c_out // groups
@@ -190,10 +188,6 @@ def _channel_parts(
 
     if held is not None:  # groups == 1: read the kept channels at their positions in x
         kept = kept if kept is not None else torch.arange(c_in)
-        if zero_read and len(kept) < len(held):
-            weight = columns(held) if len(held) < c_in else w
-            read = torch.isin(held, kept).to(weight.dtype).view(1, -1, 1, 1, 1)
-            return [_ChannelPart(None, weight * read, b, None, 1)]
         weight = columns(kept) if len(kept) < c_in else w
         pos = None if len(kept) == len(held) else torch.searchsorted(held, kept)
         return [_ChannelPart(pos, weight, b, None, 1)]
@@ -534,13 +528,11 @@ def _compact_same_masks(
     tuning: LayerTuning | None = None,
     held: torch.Tensor | None = None,
     out_idx: torch.Tensor | None = None,
-    zero_read: bool = False,
 ) -> torch.Tensor:
     """Compact conv of a batch whose samples share the masks ``[T]``, ``[C]``, ``[H, W]``.
 
     ``held``: the input channels ``x`` holds (sorted; ``None``: all); ``out_idx``: the output
-    channels to compute (``None``: all); both ``groups == 1`` only. ``zero_read``: see
-    :func:`_channel_parts`."""
+    channels to compute (``None``: all); both ``groups == 1`` only."""
     g, x, m_t, m_f = _skip_unread(g, x, m_t, m_f)
     x = to_fast_layout(x)
     frames = _frame_plan(g, m_t.cpu()) if m_t is not None else None
@@ -572,7 +564,7 @@ def _compact_same_masks(
         zero_f = m_f.unsqueeze(0)
     zero = zero_t * zero_f if zero_t is not None and zero_f is not None else zero_t
     zero = zero if zero is not None else zero_f
-    parts = _channel_parts(conv, m_c, kept, zeroed, held, out_idx, zero_read)
+    parts = _channel_parts(conv, m_c, kept, zeroed, held, out_idx)
     if len(parts) == 1 and parts[0].out_idx is None:
         return _run_part(conv, g, x, parts[0], frames, zero, rects)
     out = _bias_filled(shape, conv.bias, x)
@@ -708,10 +700,8 @@ def _compact_conv3d(
     batch_mode: str,
     held: torch.Tensor | None,
     out_idx: torch.Tensor | None,
-    zero_read: bool = False,
 ) -> torch.Tensor:
-    """:func:`compact_conv3d` without the argument checks (for callers that built them);
-    ``zero_read``: see :func:`_channel_parts`."""
+    """:func:`compact_conv3d` without the argument checks (for callers that built them)."""
     g = _geometry(conv, (conv.in_channels, *x.shape[2:]))
     masks = {d: v.detach() > 0.5 for d, v in values.items()}
     if held is not None and len(held) == conv.in_channels:
@@ -722,7 +712,7 @@ def _compact_conv3d(
         return tuple(masks[d][i] if d in masks else None for d in DIMS)
 
     def run(xb: torch.Tensor, m_t, m_c, m_f) -> torch.Tensor:
-        return _compact_same_masks(conv, g, xb, m_t, m_c, m_f, tuning, held, out_idx, zero_read)
+        return _compact_same_masks(conv, g, xb, m_t, m_c, m_f, tuning, held, out_idx)
 
     if n == 1 or not masks:
         return run(x, *sample(0))

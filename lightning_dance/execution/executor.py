@@ -172,12 +172,6 @@ class CompactPruner:
             :func:`~lightning_dance.execution.compact.compact_conv3d`).
         skip_outputs: also skip the output channels the next conv drops (above). With a
             batch, a producer computes the union of the samples' kept channels.
-        channel_multiple: with ``skip_outputs``, round the number of output channels a
-            producer computes up to a multiple of this (the extra ones are the first dropped
-            channels; the next conv reads them with zeroed weight columns instead of
-            gathering its input). oneDNN's kernels are much faster at multiples of 8
-            (measured, 16 -> k channels, 1x3x3, 8x56x56: k = 32: 3.3 ms, 33: 7.8 ms, 40:
-            4.5 ms). Same outputs; more multiply-adds than the exact plan (1, the default).
 
     Example:
         >>> import torch
@@ -197,15 +191,9 @@ class CompactPruner:
         tunings: dict[str, LayerTuning] | None = None,
         batch_mode: str = "group",
         skip_outputs: bool = True,
-        channel_multiple: int = 1,
     ) -> None:
         if not isinstance(skip_outputs, bool):
             raise TypeError(f"skip_outputs must be a bool, got {skip_outputs!r}")
-        if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int):
-            raise TypeError(f"channel_multiple must be an int, got {channel_multiple!r}")
-        if channel_multiple < 1:
-            raise ValueError(f"channel_multiple must be >= 1, got {channel_multiple}")
-        self.channel_multiple = channel_multiple
         self.pruner = pruner
         self.tunings: dict[str, LayerTuning] = dict(tunings or {})
         self.batch_mode = check_batch_mode(batch_mode)
@@ -247,7 +235,6 @@ class CompactPruner:
         ctx = []  # the controller's context, set by the stem's first call
         early: dict[str, LayerMasks] = {}  # consumer -> its masks, made when its producer ran
         held: dict[str, torch.Tensor] = {}  # consumer / norm -> the channels its input holds
-        padded: set[str] = set()  # consumers whose input holds rounded-up extra channels
 
         def masks_of(name: str, shape: tuple[int, ...]) -> LayerMasks:
             if not ctx:
@@ -268,11 +255,6 @@ class CompactPruner:
                     ctx[0], chain.consumer, (conv.out_channels, *g.output)
                 )
                 out_idx = (q.values["channel"].detach() > 0.5).any(0).nonzero().flatten()
-                if self.channel_multiple > 1:
-                    wanted = len(out_idx)
-                    out_idx = _round_up_channels(out_idx, conv.out_channels, self.channel_multiple)
-                    if len(out_idx) > wanted:
-                        padded.add(chain.consumer)
                 if len(out_idx) < conv.out_channels:
                     for key in (chain.consumer, *chain.norms):
                         held[key] = out_idx
@@ -281,8 +263,7 @@ class CompactPruner:
             if name in layers:  # masks and channel subsets are well-formed by construction
                 return _compact_conv3d(conv, x, masks_of(name, shape).values,
                                        self.tunings.get(name), self.batch_mode,
-                                       held.pop(name, None), out_idx,
-                                       zero_read=name in padded)  # fmt: skip
+                                       held.pop(name, None), out_idx)  # fmt: skip
             y = conv3d_fast_forward(conv, x)
             if name == stem and not ctx:
                 budget = p.budget.to(y.dtype) if p.budget_conditioned else None
@@ -300,24 +281,6 @@ class CompactPruner:
             norms = {n: modules[n] for c in self.chains.values() for n in c.norms}
             self._routed_modules = {**all_conv3d(self.pruner.model), **norms}
         return self._routed_modules
-
-
-def _round_up_channels(idx: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
-    """The sorted channel indices ``idx`` (of ``size``) with the first missing channels added
-    until their number is a multiple of ``multiple`` (or ``size``); empty stays empty.
-
-    Example:
-        >>> _round_up_channels(torch.tensor([1, 4, 6]), 8, 4)
-        tensor([0, 1, 4, 6])
-    """
-    n = len(idx)
-    target = min(size, -(-n // multiple) * multiple)
-    if target <= n:
-        return idx
-    free = torch.ones(size, dtype=torch.bool, device=idx.device)
-    free[idx] = False
-    extra = free.nonzero().flatten()[: target - n]
-    return torch.cat([idx, extra]).sort().values
 
 
 def _norm_forward(bn: nn.BatchNorm3d, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
