@@ -20,6 +20,11 @@ Prints a table and writes JSON (default ``benchmarks/results/aap.json``).
     .venv/bin/python benchmarks/aap_benchmark.py --model r2plus1d_18 --width 0.5 \
         --policies topk --dim-sets channel --budgets 0.5 0.3 --joint --controller-epochs 6 \
         --control-epochs 6 --no-conditioned --threads 1
+    # the same with gradual pruning and a cosine schedule (-0.3 pp at budget 0.45, ~1 h)
+    .venv/bin/python benchmarks/aap_benchmark.py --model r2plus1d_18 --width 0.5 \
+        --policies topk --dim-sets channel --budgets 0.45 --joint --controller-epochs 12 \
+        --budget-warmup 0.3 --lr-schedule cosine --backbone-lr 2e-3 --control-epochs 12 \
+        --no-conditioned --threads 1
 """
 
 from __future__ import annotations
