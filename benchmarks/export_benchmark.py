@@ -79,7 +79,7 @@ def bench_model(name: str, args, folder: Path) -> dict:
                 for mode in modes:
                     if mode not in args.modes:
                         continue
-                    module, plan = build_export_module(pruner, mode, clip)
+                    module, plan = build_export_module(pruner, mode, clip, skip_outputs=True)
                     add(f"{mode} {budget:g}", module, plan.executed_macs / plan.dense_macs, ref)
                     if mode == "topk" and "channel" in args.dims:
                         module, plan = build_export_module(pruner, mode, clip, skip_outputs=False)

@@ -85,7 +85,7 @@ def test_gathered_plan_counts_real_savings(policy):
     pruner = _pruner(policy, keep="half")
     _, masked = build_export_module(pruner, "masked", clip)
     _, gathered = build_export_module(pruner, policy, clip, skip_outputs=False)
-    _, skipping = build_export_module(pruner, policy, clip)  # + output skipping (topk chains)
+    _, skipping = build_export_module(pruner, policy, clip, skip_outputs=True)  # topk chains
     assert skipping.executed_macs <= gathered.executed_macs < masked.executed_macs
     assert masked.executed_macs >= masked.dense_macs  # masking saves nothing
     assert all(k >= 1 for layer in gathered.keep_counts.values() for k in layer.values())
@@ -149,7 +149,7 @@ def test_topk_export_skips_the_outputs_a_chain_consumer_drops(dims):
 
     pruner = _r2plus1d_topk(dims)
     clip = _clip(shape=(2, 3, 4, 32, 32))
-    module, plan = build_export_module(pruner, "topk", clip)
+    module, plan = build_export_module(pruner, "topk", clip, skip_outputs=True)
     assert len(module.chains) == 24
     other = _clip(seed=7, shape=(2, 3, 4, 32, 32)) * 2
     with torch.no_grad():
@@ -173,7 +173,7 @@ def test_topk_export_with_chains_captures_and_runs_in_onnxruntime(tmp_path):
     pruner = _r2plus1d_topk(("channel",))
     clip = _clip(shape=(2, 3, 4, 32, 32))
     other = _clip(seed=7, shape=(2, 3, 4, 32, 32)) * 2
-    module, _ = build_export_module(pruner, "topk", clip)
+    module, _ = build_export_module(pruner, "topk", clip, skip_outputs=True)
     with torch.no_grad():
         graph = capture(module, clip).module()
         assert max_abs_error(pruner(other), graph(other)) < 1e-5
@@ -193,7 +193,7 @@ def test_topk_export_keeps_chains_whose_norm_uses_batch_statistics():
     ).eval()  # fmt: skip
     pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.5).eval()
     clip = _clip(shape=(2, 3, 2, 4, 4))
-    module, _ = build_export_module(pruner, "topk", clip)
+    module, _ = build_export_module(pruner, "topk", clip, skip_outputs=True)
     assert set(module.chains) == {"1"}  # 1 -> 2 (BN) -> 3 -> 4; not 4 -> 5 (batch stats) -> 6
     with torch.no_grad():
         assert max_abs_error(pruner(clip), module(clip)) < 1e-5
@@ -556,7 +556,8 @@ def test_export_benchmark_smoke(tmp_path):
         sys.modules.pop("latency_benchmark", None)
     (result,) = json.loads(out.read_text())["models"]
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"dense", "masked 0.5", "topk 0.5", "threshold 0.5"}
+    assert set(rows) == {"dense", "masked 0.5", "topk 0.5", "topk inputs-only 0.5",
+                         "threshold 0.5"}  # fmt: skip
     assert rows["dense"]["speedup"] == 1.0 and rows["masked 0.5"]["mac_ratio"] >= 1.0
     assert rows["topk 0.5"]["mac_ratio"] < 0.75 and rows["threshold 0.5"]["mac_ratio"] < 0.75
     assert all(r["max_rel_error"] < 1e-4 for r in rows.values())
@@ -565,8 +566,8 @@ def test_export_benchmark_smoke(tmp_path):
 def test_topk_export_without_output_skipping_gathers_every_input():
     pruner = _r2plus1d_topk(("channel",))
     clip = _clip(shape=(1, 3, 4, 32, 32))
-    skipping, with_chains = build_export_module(pruner, "topk", clip)
-    plain, without = build_export_module(pruner, "topk", clip, skip_outputs=False)
+    skipping, with_chains = build_export_module(pruner, "topk", clip, skip_outputs=True)
+    plain, without = build_export_module(pruner, "topk", clip)  # the default: off
     assert plain.chains == {} and len(skipping.chains) == 24
     assert without.executed_macs > with_chains.executed_macs
     with torch.no_grad():
