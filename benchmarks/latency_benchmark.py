@@ -16,7 +16,8 @@ For each model (random init, eval, ``channels_last_3d``):
   dense fallbacks where compact would be slower) and, where channels are pruned, ``credited``
   (a pruner with ``credit_outputs=True`` calibrated to the budget: the budget is what the
   output-skipping path really runs, so it keeps more channels than ``compact`` at the same
-  budget).
+  budget) and, for ``topk``, ``multiple-8`` (``compact`` with a pruner built with
+  ``channel_multiple=8``: every layer keeps a multiple of 8 channels, oneDNN's fast sizes).
 
 Everything runs interleaved in one process (round robin over variants after warm-up), with fixed
 threads; medians and p90 are reported. The controller's masks, statistics and per-layer logits
@@ -147,11 +148,13 @@ def calibrated_pruner(
     args,
     layers: list[str] | None = None,
     credit_outputs: bool = False,
+    channel_multiple: int = 1,
 ) -> AdaptivePruner:
     """An untrained controller, calibrated so that the mean MAC ratio meets ``budget``."""
     torch.manual_seed(args.seed)
     pruner = AdaptivePruner(model, dims=dims, policy=args.policy, budget=budget, layers=layers,
-                            credit_outputs=credit_outputs)  # fmt: skip
+                            credit_outputs=credit_outputs,
+                            channel_multiple=channel_multiple)  # fmt: skip
     pruner.eval()
     gen = torch.Generator().manual_seed(args.seed)
     calib = [torch.randn(clip.shape, generator=gen) for _ in range(args.calib_clips)]
@@ -232,6 +235,10 @@ def bench_model(name: str, args) -> dict:
             if "channel" in dims:
                 credited = calibrated_pruner(model, dims, budget, clip, args, credit_outputs=True)
                 v, errors[label + " cr"] = dance_variants(f"{label} credited", credited, clip, None)
+                variants.append(v)
+            if "channel" in dims and args.policy == "topk":
+                rounded = calibrated_pruner(model, dims, budget, clip, args, channel_multiple=8)
+                v, errors[label + " x8"] = dance_variants(f"{label} multiple-8", rounded, clip, None)
                 variants.append(v)
             if tunings is not None:
                 v, errors[label + " tuned"] = dance_variants(

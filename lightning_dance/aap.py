@@ -153,6 +153,12 @@ class AdaptivePruner(nn.Module):
             computes does not change (it multiplies by zero either way); a batch on the fast
             path computes the union of its clips' kept channels, so this per-clip count is
             exact at batch 1 (and equals the static ``topk`` export's count).
+        channel_multiple: ``topk`` only: each layer keeps a multiple of this many input
+            channels (the nearest to its keep ratio; all of a layer's channels count as one),
+            so that the compact path's kept sizes are the ones its kernels are fast at (oneDNN
+            on x86: 8; measured on R(2+1)D, ``benchmarks/latency_benchmark.py``). The MAC count
+            and training use the rounded counts, so the budget stays exact;
+            :meth:`calibrate` brings the total back to the budget.
     """
 
     def __init__(
@@ -171,6 +177,7 @@ class AdaptivePruner(nn.Module):
         noise: float = 1.0,
         init_keep: float = 0.9,
         credit_outputs: bool = False,
+        channel_multiple: int = 1,
     ) -> None:
         super().__init__()
         if policy not in POLICIES:
@@ -191,6 +198,16 @@ class AdaptivePruner(nn.Module):
                 f"its producer skip: it needs 'channel' in dims, got {self.dims}"
             )
         self.credit_outputs = credit_outputs
+        if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int):
+            raise TypeError(f"channel_multiple must be an int, got {channel_multiple!r}")
+        if channel_multiple < 1:
+            raise ValueError(f"channel_multiple must be >= 1, got {channel_multiple}")
+        if channel_multiple > 1 and (policy != "topk" or "channel" not in self.dims):
+            raise ValueError(
+                "channel_multiple rounds the number of channels the topk policy keeps: it needs "
+                f"policy='topk' and 'channel' in dims, got policy={policy!r}, dims={self.dims}"
+            )
+        self.channel_multiple = channel_multiple
         self.policy, self.min_keep, self.tau = policy, min_keep, tau
         self.model = model
         self.stem_name = stem_names(model)[0]
@@ -386,6 +403,12 @@ class AdaptivePruner(nn.Module):
         ratio *= math.exp(float(self.calibration))
         return min(1.0, max(1e-3, ratio))
 
+    def topk_count(self, dim: str, size: int) -> int:
+        """How many of a layer's ``size`` entries along ``dim`` the ``topk`` policy keeps at the
+        current budget (``channel_multiple`` applied to channels)."""
+        multiple = self.channel_multiple if dim == "channel" else 1
+        return keep_count(self.keep_ratio(), size, self.min_keep, multiple)
+
     def _credited_keep_ratio(self, target: float) -> float:
         """The per-dim keep ratio ``r`` whose instrumented MACs, a chain producer's scaled by
         its consumer's ``r`` of the channels, are ``target`` (of the whole model): bisection."""
@@ -480,7 +503,7 @@ class AdaptivePruner(nn.Module):
                 value = torch.ones_like(flat)
                 prob = torch.ones_like(flat)
             elif self.policy == "topk":
-                k = keep_count(self.keep_ratio(), flat.shape[1], self.min_keep)
+                k = self.topk_count(dim, flat.shape[1])
                 value = topk_gate(flat, k, training=training, tau=self.tau, noise=self.noise)
                 prob = value
             else:

@@ -79,9 +79,23 @@ class LayerMasks:
         return {d: v.detach().flatten(1).float().mean(1) for d, v in self.values.items()}
 
 
-def keep_count(ratio: float, size: int, min_keep: int = 1) -> int:
-    """Number of entries a ``topk`` gate keeps: ``round(ratio * size)`` clamped to [min_keep, size]."""
-    return int(min(size, max(min_keep, round(ratio * size))))
+def keep_count(ratio: float, size: int, min_keep: int = 1, multiple: int = 1) -> int:
+    """Number of entries a ``topk`` gate keeps: ``round(ratio * size)`` clamped to [min_keep, size].
+
+    ``multiple > 1`` rounds that count to the nearest multiple of ``multiple`` (at least one
+    multiple), or to ``size`` itself when that is nearer; sizes up to ``multiple`` are not
+    rounded. Kernels are faster at some sizes (oneDNN: multiples of 8 channels).
+
+    Example:
+        >>> keep_count(0.4, 72), keep_count(0.4, 72, multiple=8), keep_count(0.99, 115, multiple=8)
+        (29, 32, 115)
+    """
+    k = min(size, max(min_keep, round(ratio * size)))
+    if multiple > 1 and size > multiple:
+        below = max(multiple, (k // multiple) * multiple)
+        above = min(size, below + multiple)
+        k = max(min_keep, above if abs(above - k) < abs(k - below) else below)
+    return int(min(size, k))
 
 
 def _ensure_min_keep(hard: torch.Tensor, scores: torch.Tensor, min_keep: int) -> torch.Tensor:

@@ -61,9 +61,11 @@ class DANCEWrapper(L.LightningModule):
         budget_weight: weight of ``(E[executed]/dense - budget)^2``.
         bound_weight, min_layer_keep: per-layer lower bound on the kept MAC fraction (so that no
             layer collapses) and its weight.
-        grid, hidden, tau, init_keep, min_keep, credit_outputs: see
+        grid, hidden, tau, init_keep, min_keep, credit_outputs, channel_multiple: see
             :class:`~lightning_dance.aap.AdaptivePruner` (``credit_outputs=True``: the budget
-            is the cost of the output-skipping fast path, :meth:`compile_sparse`).
+            is the cost of the output-skipping fast path, :meth:`compile_sparse`;
+            ``channel_multiple=8``: ``topk`` keeps multiples of 8 channels, the sizes the CPU
+            fast path is fastest at).
         noise_anneal: the gates' exploration noise falls linearly from 1 to 0 over this fraction
             of the training steps, then training decisions are the eval ones, so the budget met
             in training is met at eval (0: no noise at all; 1: noise until the last step).
@@ -106,6 +108,7 @@ class DANCEWrapper(L.LightningModule):
         init_keep: float = 0.9,
         min_keep: int = 1,
         credit_outputs: bool = False,
+        channel_multiple: int = 1,
         noise_anneal: float = 0.7,
         budget_warmup: float = 0.0,
         lr_schedule: str = "constant",
@@ -170,6 +173,7 @@ class DANCEWrapper(L.LightningModule):
             tau=tau,
             init_keep=init_keep,
             credit_outputs=credit_outputs,
+            channel_multiple=channel_multiple,
         )
         self.budget_range = budget_range
         self.freeze_backbone = freeze_backbone

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from lightning_dance.aap import AdaptivePruner, budget_loss, distillation_loss
 from lightning_dance.layers import NoConv3dError
-from lightning_dance.macs import conv3d_executed_macs, count_macs
+from lightning_dance.macs import conv3d_executed_macs, conv3d_executed_macs_batch, count_macs
 from lightning_dance.masks import DIMS
 
 DIM_SETS = [("frame",), ("channel",), ("feature",), DIMS]
@@ -105,6 +105,36 @@ def test_topk_keeps_exactly_k(small_net, clip, budget):
         c = layer.input_shape[0]
         expected = max(1, round(ratio * c)) / c
         assert torch.allclose(layer.kept["channel"], torch.full((2,), expected)), name
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.7])  # floor: 4 of 8-16 channels per layer
+def test_topk_channel_multiple_keeps_rounded_counts(small_net, clip, budget):
+    """Every layer keeps the multiple of 4 nearest its keep ratio (or all its channels); the
+    counted MACs are those of the rounded masks; calibration still meets the budget."""
+    pruner = AdaptivePruner(
+        small_net, dims=("channel",), policy="topk", budget=budget, channel_multiple=4
+    ).eval()
+    _randomize(pruner)
+    pruner(clip)
+    ratio = pruner.keep_ratio()
+    rounded = 0
+    for name, layer in pruner.last_stats.layers.items():
+        c = layer.input_shape[0]
+        kept = (layer.kept["channel"] * c).round().long()
+        plain = max(1, round(ratio * c))
+        k = min([*range(4, c + 1, 4), c], key=lambda m: (abs(m - plain), m))
+        assert (kept == k).all(), (name, kept, k)
+        assert k % 4 == 0 or k == c
+        rounded += k != plain
+        module = small_net.get_submodule(name)
+        assert torch.equal(
+            layer.executed_macs,
+            conv3d_executed_macs_batch(module, layer.input_shape, **layer.masks),
+        )
+    assert rounded  # the rounding changed something
+    clips = [clip, torch.randn(2, 3, 8, 16, 16)]
+    reached = pruner.calibrate(clips)
+    assert abs(reached - budget) < 0.08, reached
 
 
 def test_executed_macs_are_consistent_with_fvcore(small_net, clip):
@@ -223,11 +253,20 @@ def test_too_few_frames_for_an_unpadded_stem():
         (dict(min_keep=0), "min_keep"),
         (dict(tau=0), "tau"),
         (dict(dims=("x",)), "unknown dims"),
+        (dict(policy="topk", channel_multiple=0), "channel_multiple must be >= 1"),
+        (dict(channel_multiple=8), "policy='topk'"),  # the default policy is threshold
+        (dict(policy="topk", dims=("frame",), channel_multiple=8), "'channel' in dims"),
     ],
 )
 def test_bad_arguments(small_net, kw, match):
     with pytest.raises(ValueError, match=match):
         AdaptivePruner(small_net, **kw)
+
+
+@pytest.mark.parametrize("multiple", [2.0, True, "8"])
+def test_channel_multiple_must_be_an_int(small_net, multiple):
+    with pytest.raises(TypeError, match="channel_multiple must be an int"):
+        AdaptivePruner(small_net, policy="topk", channel_multiple=multiple)
 
 
 @pytest.mark.parametrize("policy", ["threshold", "topk"])

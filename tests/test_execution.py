@@ -574,6 +574,7 @@ def test_latency_benchmark_smoke(tmp_path):
     assert abs(compact["mac_ratio"] - 0.5) < 0.1 and compact["ran_ratio"] < compact["mac_ratio"]
     inputs_only = rows["channel+frame @0.5 inputs-only"]
     assert inputs_only["ran_ratio"] == inputs_only["mac_ratio"] == compact["mac_ratio"]
+    assert abs(rows["channel+frame @0.5 multiple-8"]["mac_ratio"] - 0.5) < 0.1
     assert compact["realized_over_ideal"] == round(compact["speedup"] * compact["ran_ratio"], 3)
     assert compact["realized_over_ideal_counted"] == round(
         compact["speedup"] * compact["mac_ratio"], 3

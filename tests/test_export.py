@@ -133,24 +133,35 @@ def test_mode_errors():
         build_export_module(net, "fast", _clip())
 
 
-def _r2plus1d_topk(dims):
+def _r2plus1d_topk(dims, channel_multiple=1):
     torch.manual_seed(0)
     net = create_model("r2plus1d_18", num_classes=5, width=0.25).eval()
-    return AdaptivePruner(net, dims=dims, policy="topk", budget=0.4).eval()
+    return AdaptivePruner(
+        net, dims=dims, policy="topk", budget=0.4, channel_multiple=channel_multiple
+    ).eval()
 
 
-@pytest.mark.parametrize("dims", [("channel",), ("frame", "channel")])
-def test_topk_export_skips_the_outputs_a_chain_consumer_drops(dims):
+@pytest.mark.parametrize(
+    "dims,multiple", [(("channel",), 1), (("frame", "channel"), 1), (("channel",), 8)]
+)
+def test_topk_export_skips_the_outputs_a_chain_consumer_drops(dims, multiple):
     """R(2+1)D's 24 channel chains: each producer computes only its consumer's top-k channels
     (weight rows and BatchNorm parameters gathered), the consumer reads them without a gather.
     Same logits as eager (a batch, another clip), and, with channels only, exactly the MACs
-    the eager compact path runs (an independent count)."""
+    the eager compact path runs (an independent count). ``channel_multiple``: the plan keeps
+    the eager pruner's rounded counts."""
     from lightning_dance.execution import CompactPruner, count_executed_macs
 
-    pruner = _r2plus1d_topk(dims)
+    pruner = _r2plus1d_topk(dims, multiple)
     clip = _clip(shape=(2, 3, 4, 32, 32))
     module, plan = build_export_module(pruner, "topk", clip, skip_outputs=True)
     assert len(module.chains) == 24
+    pruner(clip)
+    for name, layer in pruner.last_stats.layers.items():
+        c = layer.input_shape[0]
+        k = plan.keep_counts[name]["channel"]
+        assert (layer.kept["channel"] * c).round().eq(k).all(), name
+        assert c <= multiple or k % multiple == 0 or k == c, (name, k, c)
     other = _clip(seed=7, shape=(2, 3, 4, 32, 32)) * 2
     with torch.no_grad():
         for c in (clip, other):

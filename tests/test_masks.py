@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_dance.masks import (
     DIMS,
@@ -61,6 +63,45 @@ def test_topk_bad_k():
 )
 def test_keep_count(ratio, size, expected):
     assert keep_count(ratio, size) == expected
+
+
+@pytest.mark.parametrize(
+    "ratio,size,min_keep,multiple,expected",
+    [
+        (0.4, 72, 1, 8, 32),  # 29 -> nearest multiple of 8
+        (0.97, 115, 1, 8, 112),  # 112 is a multiple
+        (0.99, 115, 1, 8, 115),  # 114: the whole layer is nearer than 112
+        (0.01, 72, 1, 8, 8),  # at least one multiple
+        (0.5, 8, 1, 8, 4),  # sizes up to the multiple are not rounded
+        (0.5, 12, 1, 8, 8),
+        (1.0, 72, 1, 8, 72),
+        (0.01, 72, 10, 8, 10),  # min_keep wins over the multiple
+        (0.4, 72, 1, 1, 29),
+    ],
+)
+def test_keep_count_multiple(ratio, size, min_keep, multiple, expected):
+    assert keep_count(ratio, size, min_keep, multiple) == expected
+
+
+@given(
+    size=st.integers(1, 600),
+    multiple=st.sampled_from([1, 2, 8, 16]),
+    ratios=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=2),
+)
+@settings(max_examples=200, deadline=None, derandomize=True)
+def test_keep_count_multiple_properties(size, multiple, ratios):
+    """Within [1, size], a multiple or the whole layer, nearest to the unrounded count, and
+    monotone in the ratio (so bisection calibration still converges)."""
+    lo, hi = sorted(ratios)
+    k_lo, k_hi = keep_count(lo, size, 1, multiple), keep_count(hi, size, 1, multiple)
+    assert 1 <= k_lo <= k_hi <= size
+    plain = keep_count(lo, size)
+    if size > multiple:
+        allowed = [*range(multiple, size + 1, multiple), size]
+        assert k_lo in allowed
+        assert abs(k_lo - plain) == min(abs(c - plain) for c in allowed)
+    else:
+        assert k_lo == plain
 
 
 @pytest.mark.parametrize("size", [(8, 8), (7, 5), (3, 3), (16, 9)])

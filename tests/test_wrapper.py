@@ -246,15 +246,21 @@ def test_budget_loss_and_calibration_meet_the_budget_on_synthetic_data(budget):
     assert held_out["mac_ratio_p5"] < held_out["mac_ratio"] < held_out["mac_ratio_p95"]
 
 
-@pytest.mark.parametrize("policy", ["threshold", "topk"])
-def test_compile_sparse_computes_what_the_masked_model_computes(policy):
+@pytest.mark.parametrize("policy,multiple", [("threshold", 1), ("topk", 1), ("topk", 4)])
+def test_compile_sparse_computes_what_the_masked_model_computes(policy, multiple):
     torch.manual_seed(0)
-    wrapper = DANCEWrapper(SmallNet(), budget=0.4, policy=policy).eval()
+    wrapper = DANCEWrapper(SmallNet(), budget=0.4, policy=policy, channel_multiple=multiple)
+    wrapper.eval()
+    assert wrapper.pruner.channel_multiple == wrapper.hparams.channel_multiple == multiple
     clip = torch.randn(2, 3, 8, 16, 16)
     with torch.no_grad():
         wrapper.pruner.calibrate(clip)  # real masks (an untrained controller keeps everything)
         masked = wrapper(clip)
         assert float(wrapper.last_stats.mac_ratio().mean()) < 0.6
+        for layer in wrapper.last_stats.layers.values():
+            kept = layer.masks["channel"].sum(1) if "channel" in layer.masks else None
+            if multiple > 1 and kept is not None and layer.input_shape[0] > multiple:
+                assert (kept % multiple == 0).all() or (kept == layer.input_shape[0]).all()
         wrapper.compile_sparse()
         assert wrapper.execution == "compact"
         fast = wrapper(clip)

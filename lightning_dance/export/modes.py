@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.macs import count_macs
-from lightning_dance.masks import expand_blocks, keep_count, threshold_gate, topk_gate
+from lightning_dance.masks import expand_blocks, threshold_gate, topk_gate
 
 __all__ = ["MODES", "DANCEExportModule", "ExportPlan", "build_export_module", "unwrap_pruner"]
 
@@ -349,13 +349,10 @@ def build_export_module(
     modules = dict(pruner.model.named_modules())
     gathered: set[str] = set()
     if pruner.policy == "topk":
-        ratio = pruner.keep_ratio()
         for name, (c, t, h, w) in shapes.items():
             grid = (min(pruner.controller.grid, h), min(pruner.controller.grid, w))
             sizes = {"frame": t, "channel": c, "feature": grid[0] * grid[1]}
-            plan.keep_counts[name] = {
-                d: keep_count(ratio, sizes[d], pruner.min_keep) for d in pruner.dims
-            }
+            plan.keep_counts[name] = {d: pruner.topk_count(d, sizes[d]) for d in pruner.dims}
     chains: dict[str, Any] = {}
     if mode in ("topk", "threshold"):
         from lightning_dance.execution.static import static_executed_macs
