@@ -90,6 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     p.add_argument("--credit-outputs", action="store_true",
                    help="budgets count the output-skipping fast path's MACs (see AdaptivePruner)")  # fmt: skip
+    p.add_argument("--channel-multiple", type=int, default=1,
+                   help="topk: keep a multiple of this many channels per layer (CPU: 8)")  # fmt: skip
     p.add_argument("--control-epochs", type=int, default=0,
                    help="also fine-tune the AVA model this many epochs without pruning (at the "
                         "joint backbone lr): the control that pruned accuracy is compared to")  # fmt: skip
@@ -173,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     freeze_backbone=not args.joint, backbone_lr=args.backbone_lr,
                     budget_warmup=args.budget_warmup, lr_schedule=args.lr_schedule,
                     credit_outputs=args.credit_outputs,
+                    **({"channel_multiple": args.channel_multiple} if policy == "topk" else {}),
                 )  # fmt: skip
                 row = {"policy": policy + ("+joint" if args.joint else ""), "dims": dim_set,
                        "budget": budget,

@@ -154,11 +154,13 @@ class AdaptivePruner(nn.Module):
             path computes the union of its clips' kept channels, so this per-clip count is
             exact at batch 1 (and equals the static ``topk`` export's count).
         channel_multiple: ``topk`` only: each layer keeps a multiple of this many input
-            channels (the nearest to its keep ratio; all of a layer's channels count as one),
+            channels (or all of them; layers of at most this many channels are not rounded),
             so that the compact path's kept sizes are the ones its kernels are fast at (oneDNN
-            on x86: 8; measured on R(2+1)D, ``benchmarks/latency_benchmark.py``). The MAC count
-            and training use the rounded counts, so the budget stays exact;
-            :meth:`calibrate` brings the total back to the budget.
+            on x86: 8; measured on R(2+1)D, ``benchmarks/latency_benchmark.py``). Each layer
+            rounds down or up so that the total stays near the unrounded count (see
+            :meth:`topk_count`); the MAC count and training use the rounded counts, and
+            :meth:`calibrate` brings the total to the budget. Small layers cannot keep fewer
+            than one multiple, which raises the lowest budget reachable.
     """
 
     def __init__(
@@ -234,6 +236,7 @@ class AdaptivePruner(nn.Module):
         self._fixed_fraction = 0.0
         self._layer_share: dict[str, float] = {}
         self._credited: dict[tuple[float, ...], float] = {}  # (target, shares) -> keep ratio
+        self._rounded: dict[tuple[float, ...], dict[str, int]] = {}  # (ratio, shares) -> counts
         self._chains: dict | None = None
         self._force_dense = False
 
@@ -403,11 +406,50 @@ class AdaptivePruner(nn.Module):
         ratio *= math.exp(float(self.calibration))
         return min(1.0, max(1e-3, ratio))
 
-    def topk_count(self, dim: str, size: int) -> int:
-        """How many of a layer's ``size`` entries along ``dim`` the ``topk`` policy keeps at the
-        current budget (``channel_multiple`` applied to channels)."""
-        multiple = self.channel_multiple if dim == "channel" else 1
-        return keep_count(self.keep_ratio(), size, self.min_keep, multiple)
+    def topk_count(self, dim: str, size: int, layer: str | None = None) -> int:
+        """How many of ``layer``'s ``size`` entries along ``dim`` the ``topk`` policy keeps at
+        the current budget.
+
+        With ``channel_multiple > 1`` a layer's channel count is the multiple just below or
+        just above ``keep_ratio() * size`` (or all ``size`` channels), chosen layer by layer in
+        network order so that the MACs rounded away so far and those added cancel (error
+        diffusion, weighted by each layer's MAC share): every layer runs at a fast size while
+        the total stays near the unrounded budget, instead of jumping when many equal-sized
+        layers round the same way. Without ``layer`` (or before the first forward) the nearest
+        multiple."""
+        ratio = self.keep_ratio()
+        if dim != "channel" or self.channel_multiple == 1:
+            return keep_count(ratio, size, self.min_keep)
+        plan = self._rounded_channels(ratio) if layer is not None else {}
+        if layer in plan and self._layers[layer].in_channels == size:
+            return plan[layer]
+        return keep_count(ratio, size, self.min_keep, self.channel_multiple)
+
+    def _rounded_channels(self, ratio: float) -> dict[str, int]:
+        """``{layer: kept channels}`` for :meth:`topk_count` (cached per ratio and shares)."""
+        key = (ratio, *self._layer_share.values())
+        if key in self._rounded:
+            return self._rounded[key]
+        m, others = self.channel_multiple, ratio ** (len(self.dims) - 1)
+        plan: dict[str, int] = {}
+        error = 0.0  # MACs (fraction of the model) kept beyond the unrounded counts so far
+        for name, share in self._layer_share.items():
+            c = self._layers[name].in_channels
+            exact = min(float(c), max(float(self.min_keep), ratio * c))
+            if c <= m:
+                plan[name] = keep_count(ratio, c, self.min_keep)
+                continue
+            below = max(m, int(exact // m) * m)
+            options = {below, min(c, below + m)} if exact > below else {below}
+            per_channel = share * others / c
+            k = min(sorted(options), key=lambda o: abs(error + per_channel * (o - exact)))
+            k = min(c, max(self.min_keep, k))
+            error += per_channel * (k - exact)
+            plan[name] = k
+        if len(self._rounded) > 64:
+            self._rounded.clear()
+        self._rounded[key] = plan
+        return plan
 
     def _credited_keep_ratio(self, target: float) -> float:
         """The per-dim keep ratio ``r`` whose instrumented MACs, a chain producer's scaled by
@@ -503,7 +545,7 @@ class AdaptivePruner(nn.Module):
                 value = torch.ones_like(flat)
                 prob = torch.ones_like(flat)
             elif self.policy == "topk":
-                k = self.topk_count(dim, flat.shape[1])
+                k = self.topk_count(dim, flat.shape[1], name)
                 value = topk_gate(flat, k, training=training, tau=self.tau, noise=self.noise)
                 prob = value
             else:

@@ -109,32 +109,35 @@ def test_topk_keeps_exactly_k(small_net, clip, budget):
 
 @pytest.mark.parametrize("budget", [0.5, 0.7])  # floor: 4 of 8-16 channels per layer
 def test_topk_channel_multiple_keeps_rounded_counts(small_net, clip, budget):
-    """Every layer keeps the multiple of 4 nearest its keep ratio (or all its channels); the
-    counted MACs are those of the rounded masks; calibration still meets the budget."""
+    """Every layer keeps a multiple of 4 channels (or all) within one multiple of its keep
+    ratio; the rounding errors cancel across layers (the total moves by less than one layer's
+    step); the counted MACs are those of the rounded masks; calibration meets the budget."""
     pruner = AdaptivePruner(
         small_net, dims=("channel",), policy="topk", budget=budget, channel_multiple=4
     ).eval()
     _randomize(pruner)
     pruner(clip)
     ratio = pruner.keep_ratio()
-    rounded = 0
-    for name, layer in pruner.last_stats.layers.items():
+    stats = pruner.last_stats
+    error, steps = 0.0, []
+    for name, layer in stats.layers.items():
         c = layer.input_shape[0]
         kept = (layer.kept["channel"] * c).round().long()
-        plain = max(1, round(ratio * c))
-        k = min([*range(4, c + 1, 4), c], key=lambda m: (abs(m - plain), m))
-        assert (kept == k).all(), (name, kept, k)
-        assert k % 4 == 0 or k == c
-        rounded += k != plain
+        k = int(kept[0])
+        assert (kept == k).all(), name  # topk: the same count for every clip
+        assert k % 4 == 0 or k == c, (name, k)
+        assert abs(k - ratio * c) < 4, (name, k, ratio * c)
         module = small_net.get_submodule(name)
         assert torch.equal(
             layer.executed_macs,
             conv3d_executed_macs_batch(module, layer.input_shape, **layer.masks),
         )
-    assert rounded  # the rounding changed something
-    clips = [clip, torch.randn(2, 3, 8, 16, 16)]
-    reached = pruner.calibrate(clips)
-    assert abs(reached - budget) < 0.08, reached
+        per_channel = layer.dense_macs / c
+        error += per_channel * (k - ratio * c)
+        steps.append(4 * per_channel)
+    assert abs(error) <= max(steps)
+    reached = pruner.calibrate([clip, torch.randn(2, 3, 8, 16, 16)])
+    assert abs(reached - budget) < 0.05, reached
 
 
 def test_executed_macs_are_consistent_with_fvcore(small_net, clip):
@@ -292,3 +295,26 @@ def test_calibrate_warns_when_the_budget_is_out_of_reach(small_net):
         reached = pruner.calibrate(torch.randn(2, 3, 8, 16, 16))
     # the floor: every layer keeps its minimum; far above the asked budget, still below dense
     assert 0.01 < reached < 0.6
+
+
+def test_channel_multiple_meets_the_budget_on_r2plus1d():
+    """R(2+1)D has 8 layers of 32 input channels: rounded all alike, its MAC ratio would jump
+    from 0.33 to 0.46 around budget 0.4 (measured); rounded layer by layer it reaches 0.4."""
+    from lightning_dance.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("r2plus1d_18", num_classes=5, width=0.5).eval()
+    pruner = AdaptivePruner(
+        net, dims=("channel",), policy="topk", budget=0.4, channel_multiple=8
+    ).eval()
+    clip = torch.randn(1, 3, 8, 32, 32)
+    reached = pruner.calibrate([clip], iters=12, tol=0.005)
+    assert abs(reached - 0.4) <= 0.005, reached
+    with torch.no_grad():
+        pruner(clip)
+    sizes = {}
+    for name, layer in pruner.last_stats.layers.items():
+        c, k = layer.input_shape[0], int(layer.masks["channel"].sum())
+        assert c <= 8 or k % 8 == 0 or k == c, (name, k, c)
+        sizes.setdefault(c, set()).add(k)
+    assert len(sizes[32]) > 1  # equal layers rounded differently

@@ -352,7 +352,7 @@ def build_export_module(
         for name, (c, t, h, w) in shapes.items():
             grid = (min(pruner.controller.grid, h), min(pruner.controller.grid, w))
             sizes = {"frame": t, "channel": c, "feature": grid[0] * grid[1]}
-            plan.keep_counts[name] = {d: pruner.topk_count(d, sizes[d]) for d in pruner.dims}
+            plan.keep_counts[name] = {d: pruner.topk_count(d, sizes[d], name) for d in pruner.dims}
     chains: dict[str, Any] = {}
     if mode in ("topk", "threshold"):
         from lightning_dance.execution.static import static_executed_macs
