@@ -493,6 +493,25 @@ def test_qnn_htp_simulator_gated(tmp_path, policy, mode, keep):
 
 
 @pytest.mark.slow
+def test_qnn_htp_runs_topk_output_skipping(tmp_path):
+    """The topk export's channel chains (weight rows gathered by data-dependent indices, the
+    BatchNorm scale/shift gathered) finalize and run on the HTP simulator. A Gather on axis 0
+    of the 5D weight did not (QNN_COMMON_ERROR_MEM_ALLOC); the rows come from a 2D view."""
+    pytest.importorskip("onnxruntime_qnn")
+    from lightning_dance.export.snapdragon import run_qnn_htp
+
+    pruner, clip = _clear_cut("topk", "half")
+    module, plan = build_export_module(pruner, "topk", clip)
+    _, inputs_only = build_export_module(pruner, "topk", clip, skip_outputs=False)
+    assert module.chains and plan.executed_macs < inputs_only.executed_macs
+    path = export_onnx(module, clip, tmp_path / "chains.onnx")
+    with torch.no_grad():
+        ref = pruner(clip)
+    got = run_qnn_htp(path, clip)
+    assert max_abs_error(ref, got) < 2e-2 * float(ref.abs().max())  # fp16 noise only
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", ["all", "half", "one"])
 @pytest.mark.parametrize("policy,mode", GATED)
 def test_executorch_runtime_gated(tmp_path, policy, mode, keep):
@@ -577,8 +596,8 @@ def test_export_benchmark_smoke(tmp_path):
 def test_topk_export_without_output_skipping_gathers_every_input():
     pruner = _r2plus1d_topk(("channel",))
     clip = _clip(shape=(1, 3, 4, 32, 32))
-    skipping, with_chains = build_export_module(pruner, "topk", clip, skip_outputs=True)
-    plain, without = build_export_module(pruner, "topk", clip)  # the default: off
+    skipping, with_chains = build_export_module(pruner, "topk", clip)  # the default: on
+    plain, without = build_export_module(pruner, "topk", clip, skip_outputs=False)
     assert plain.chains == {} and len(skipping.chains) == 24
     assert without.executed_macs > with_chains.executed_macs
     with torch.no_grad():

@@ -129,7 +129,10 @@ def _static_one(
     groups = conv.groups
     depthwise = groups == conv.in_channels and groups > 1
     if o_idx is not None:  # groups == 1: only these outputs (weight rows first: fewer columns)
-        weight = weight.index_select(0, o_idx)
+        # rows of a [C_out, C_in * k] view: the QNN HTP backend fails to finalize a Gather on
+        # axis 0 of a 5D conv weight (QNN_COMMON_ERROR_MEM_ALLOC), not this one (same values)
+        rows = weight.reshape(weight.shape[0], -1).index_select(0, o_idx)
+        weight = rows.reshape(o_idx.shape[0], *weight.shape[1:])
         bias = bias.index_select(0, o_idx) if bias is not None else None
     if f_idx is not None:
         x = x.index_select(2, f_idx)

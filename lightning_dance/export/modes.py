@@ -297,7 +297,7 @@ def _static_supported(conv: nn.Conv3d, dims: tuple[str, ...]) -> bool:
 
 @torch.no_grad()
 def build_export_module(
-    model: nn.Module, mode: str, example_clip: torch.Tensor, *, skip_outputs: bool = False
+    model: nn.Module, mode: str, example_clip: torch.Tensor, *, skip_outputs: bool = True
 ) -> tuple[nn.Module, ExportPlan]:
     """The module to export for ``mode`` and its :class:`ExportPlan` (MACs per clip).
 
@@ -309,9 +309,9 @@ def build_export_module(
             (:meth:`AdaptivePruner.output_chains`) the producer computes only the channels its
             consumer keeps (its weight rows and the BatchNorm parameters in between gathered),
             and the consumer reads them without a gather. Chains through a BatchNorm that
-            normalizes with batch statistics keep every output. Off by default: verified in
-            onnxruntime (and ``torch.export``), but the QNN HTP simulator fails to finalize the
-            graph (a memory allocation error), so the Snapdragon path does not use it.
+            normalizes with batch statistics keep every output. Verified in onnxruntime,
+            ``torch.export`` and the QNN HTP simulator (``False``: every producer computes all
+            its outputs, as the pruner's uncredited count assumes).
 
     Raises:
         ValueError: unknown mode, or a mode that needs a DANCE model / the matching policy.
