@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import lightning as L
@@ -238,8 +239,11 @@ class DANCEWrapper(L.LightningModule):
     ) -> Any:
         """Switch inference to the fast path that skips the pruned work (same outputs as the
         masked model; see :class:`lightning_dance.execution.CompactPruner`). ``tune=True`` times
-        the layers on ``example`` and keeps a layer dense where pruning it would be slower;
-        ``skip_outputs`` also skips the output channels the next conv drops (channel chains).
+        the layers on ``example`` and keeps a layer dense where pruning it would be slower,
+        then times the whole fast path against the dense model and warns when it is slower
+        (:meth:`~lightning_dance.execution.CompactPruner.compare_dense`; small depthwise nets
+        such as X3D-XS are, on CPUs); ``skip_outputs`` also skips the output channels the next
+        conv drops (channel chains).
         Training steps always use the masked path; ``last_stats`` is not filled by the fast path.
 
         Example:
@@ -253,6 +257,17 @@ class DANCEWrapper(L.LightningModule):
             if example is None:
                 raise ValueError("tune=True needs an example clip to time the layers on")
             fast.tune(example)
+            timing = fast.compare_dense(example)
+            if timing["speedup"] < 1.0:
+                warnings.warn(
+                    f"the fast path is slower than the dense model on this machine: "
+                    f"{timing['compact_ms']:.1f} ms vs {timing['dense_ms']:.1f} ms per call on "
+                    f"the example ({timing['speedup']:.2f}x). Skipping the pruned work costs more "
+                    "than it saves here (small convs, per-call costs): deploy the dense model on "
+                    "this machine, or prune only the layers where it pays "
+                    "(lightning_dance.execution.profitable_layers, docs/execution.md).",
+                    stacklevel=2,
+                )
         object.__setattr__(self, "_compact", fast)
         self.execution = "compact"
         return fast

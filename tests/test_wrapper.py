@@ -273,6 +273,46 @@ def test_compile_sparse_computes_what_the_masked_model_computes(policy, multiple
     assert not any("_compact" in k for k in wrapper.state_dict())
 
 
+def test_compare_dense_times_both_paths_and_leaves_the_model_alone():
+    from lightning_dance.execution import CompactPruner
+
+    torch.manual_seed(0)
+    wrapper = DANCEWrapper(SmallNet(), budget=0.4, policy="topk").eval()
+    clip = torch.randn(1, 3, 8, 16, 16)
+    with torch.no_grad():
+        before = wrapper(clip)
+    timing = CompactPruner(wrapper.pruner).compare_dense(clip, repeats=2)
+    assert set(timing) == {"dense_ms", "compact_ms", "speedup"}
+    assert timing["dense_ms"] > 0 and timing["compact_ms"] > 0
+    assert timing["speedup"] == timing["dense_ms"] / timing["compact_ms"]
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(clip), before)  # no routing left behind
+        assert wrapper.last_stats is not None  # the masked path ran (hooks intact)
+
+
+@pytest.mark.parametrize("speedup", [0.6, 1.4])
+def test_compile_sparse_warns_when_the_fast_path_is_slower(monkeypatch, speedup):
+    """tune=True also times the whole fast path against the dense model: a user deploying a
+    model that DANCE makes slower on their machine (X3D-XS on CPU) hears of it."""
+    import warnings
+
+    from lightning_dance.execution import CompactPruner
+
+    timing = {"dense_ms": 10.0, "compact_ms": 10.0 / speedup, "speedup": speedup}
+    monkeypatch.setattr(CompactPruner, "tune", lambda self, clip, **kw: {})
+    monkeypatch.setattr(CompactPruner, "compare_dense", lambda self, clip, repeats=3: timing)
+    wrapper = DANCEWrapper(SmallNet(), budget=0.4, policy="topk").eval()
+    clip = torch.randn(1, 3, 8, 16, 16)
+    if speedup < 1:
+        with pytest.warns(UserWarning, match=r"slower than the dense model.*0\.60x"):
+            wrapper.compile_sparse(clip, tune=True)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*slower than the dense model")
+            wrapper.compile_sparse(clip, tune=True)
+    assert wrapper.execution == "compact"  # the fast path is used either way (same outputs)
+
+
 def test_execution_argument_is_checked():
     with pytest.raises(ValueError, match="execution"):
         DANCEWrapper(SmallNet(), execution="sparse")

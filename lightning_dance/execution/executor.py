@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,12 @@ from lightning_dance.execution.compact import (
     check_batch_mode,
     compact_conv3d,
 )
-from lightning_dance.execution.kernels import conv3d_fast_forward, route_conv3d, to_fast_layout
+from lightning_dance.execution.kernels import (
+    accelerate_dense,
+    conv3d_fast_forward,
+    route_conv3d,
+    to_fast_layout,
+)
 from lightning_dance.execution.tuning import LayerTuning, best_ms, tune_layers
 from lightning_dance.layers import LayerSelector, all_conv3d, select_conv3d
 from lightning_dance.masks import DIMS
@@ -217,6 +223,32 @@ class CompactPruner:
         kwargs.setdefault("grid", p.controller.grid)
         self.tunings = tune_layers(p.model, clip, p.layer_names, p.dims, **kwargs)
         return self.tunings
+
+    def compare_dense(self, clip: torch.Tensor, repeats: int = 3) -> dict[str, float]:
+        """Time this fast path against the dense model (every conv on the same fast kernels,
+        :func:`~lightning_dance.execution.kernels.accelerate_dense`) on ``clip``: after one
+        warm-up each, ``repeats`` interleaved rounds, best of each (the statistic least
+        disturbed by other jobs). Returns ``{"dense_ms", "compact_ms", "speedup"}``.
+
+        On some models and machines skipping the work costs more than it saves (X3D-XS at batch
+        1 on a CPU: many tiny depthwise / 1x1x1 convs where gathers and per-call costs exceed
+        the saved multiply-adds; ``docs/execution.md``): check before deploying.
+        """
+        model, fast_clip = self.pruner.model, to_fast_layout(clip)
+
+        def dense() -> object:
+            with accelerate_dense(model):
+                return model(fast_clip)
+
+        best = {"dense_ms": float("inf"), "compact_ms": float("inf")}
+        with torch.no_grad():
+            dense(), self(clip)
+            for _ in range(max(1, repeats)):
+                for key, fn in (("dense_ms", dense), ("compact_ms", lambda: self(clip))):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[key] = min(best[key], (time.perf_counter() - t0) * 1e3)
+        return {**best, "speedup": best["dense_ms"] / best["compact_ms"]}
 
     def _prepare(self, clip: torch.Tensor) -> None:
         """What ``AdaptivePruner.forward`` sets up before its hooks run (the topk keep ratio
