@@ -238,7 +238,9 @@ def bench_model(name: str, args) -> dict:
                 variants.append(v)
             if "channel" in dims and args.policy == "topk":
                 rounded = calibrated_pruner(model, dims, budget, clip, args, channel_multiple=8)
-                v, errors[label + " x8"] = dance_variants(f"{label} multiple-8", rounded, clip, None)
+                v, errors[label + " x8"] = dance_variants(
+                    f"{label} multiple-8", rounded, clip, None
+                )
                 variants.append(v)
             if tunings is not None:
                 v, errors[label + " tuned"] = dance_variants(
