@@ -575,9 +575,13 @@ def test_latency_benchmark_smoke(tmp_path):
     inputs_only = rows["channel+frame @0.5 inputs-only"]
     assert inputs_only["ran_ratio"] == inputs_only["mac_ratio"] == compact["mac_ratio"]
     assert abs(rows["channel+frame @0.5 multiple-8"]["mac_ratio"] - 0.5) < 0.1
-    assert compact["realized_over_ideal"] == round(compact["speedup"] * compact["ran_ratio"], 3)
-    assert compact["realized_over_ideal_counted"] == round(
-        compact["speedup"] * compact["mac_ratio"], 3
+    # the JSON holds rounded figures (speedup to 3, ratios to 4 decimals): products agree to
+    # within that rounding, not exactly (0.247 vs 0.248 happened)
+    assert compact["realized_over_ideal"] == pytest.approx(
+        compact["speedup"] * compact["ran_ratio"], abs=2e-3
+    )
+    assert compact["realized_over_ideal_counted"] == pytest.approx(
+        compact["speedup"] * compact["mac_ratio"], abs=2e-3
     )
     assert rows["channel+frame @0.5 tuned"]["ran_ratio"] >= compact["ran_ratio"] - 1e-6
     assert {r["variant"] for r in result["batch"]} == {
