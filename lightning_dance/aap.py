@@ -51,6 +51,7 @@ from lightning_dance.masks import (
     apply_masks,
     expand_blocks,
     keep_count,
+    multiple_options,
     threshold_gate,
     topk_gate,
 )
@@ -439,10 +440,9 @@ class AdaptivePruner(nn.Module):
             if c <= m:
                 plan[name] = keep_count(ratio, c, self.min_keep)
                 continue
-            below = max(m, int(exact // m) * m)
-            options = {below, min(c, below + m)} if exact > below else {below}
             per_channel = share * others / c
-            k = min(sorted(options), key=lambda o: abs(error + per_channel * (o - exact)))
+            options = multiple_options(exact, c, m)
+            k = min(options, key=lambda o: abs(error + per_channel * (o - exact)))
             k = min(c, max(self.min_keep, k))
             error += per_channel * (k - exact)
             plan[name] = k

@@ -40,6 +40,7 @@ __all__ = [
     "apply_masks",
     "expand_blocks",
     "keep_count",
+    "multiple_options",
     "threshold_gate",
     "topk_gate",
 ]
@@ -92,10 +93,21 @@ def keep_count(ratio: float, size: int, min_keep: int = 1, multiple: int = 1) ->
     """
     k = min(size, max(min_keep, round(ratio * size)))
     if multiple > 1 and size > multiple:
-        below = max(multiple, (k // multiple) * multiple)
-        above = min(size, below + multiple)
-        k = max(min_keep, above if abs(above - k) < abs(k - below) else below)
+        k = max(min_keep, min(multiple_options(k, size, multiple), key=lambda o: abs(o - k)))
     return int(min(size, k))
+
+
+def multiple_options(count: float, size: int, multiple: int) -> tuple[int, ...]:
+    """The allowed kept counts around ``count`` when counts must be multiples of ``multiple``
+    (at least one) or all ``size`` entries: the one just below and the one just above (one
+    option when ``count`` is on it), ascending. For ``size > multiple``.
+
+    Example:
+        >>> multiple_options(12.8, 32, 8), multiple_options(16, 32, 8), multiple_options(113, 115, 8)
+        ((8, 16), (16,), (112, 115))
+    """
+    below = max(multiple, int(count // multiple) * multiple)
+    return (below, min(size, below + multiple)) if count > below else (below,)
 
 
 def _ensure_min_keep(hard: torch.Tensor, scores: torch.Tensor, min_keep: int) -> torch.Tensor:
