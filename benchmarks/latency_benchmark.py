@@ -18,6 +18,9 @@ For each model (random init, eval, ``channels_last_3d``):
   output-skipping path really runs, so it keeps more channels than ``compact`` at the same
   budget) and, for ``topk``, ``multiple-8`` (``compact`` with a pruner built with
   ``channel_multiple=8``: every layer keeps a multiple of 8 channels, oneDNN's fast sizes).
+  With ``topk`` and channels only, ``compact`` runs the index plan
+  (:mod:`lightning_dance.execution.indexed`) and ``general plan`` is the same pruner on the
+  mask-based plan (``index_plan=False``), for comparison.
 
 Everything runs interleaved in one process (round robin over variants after warm-up), with fixed
 threads; medians and p90 are reported. The controller's masks, statistics and per-layer logits
@@ -171,9 +174,10 @@ def dance_variants(
     clip: torch.Tensor,
     tunings: dict | None,
     skip_outputs: bool = True,
+    index_plan: bool = True,
 ) -> tuple[Variant, float]:
     """One compact variant; also checks it against the masked model (max relative error)."""
-    fast = CompactPruner(pruner, tunings=tunings, skip_outputs=skip_outputs)
+    fast = CompactPruner(pruner, tunings=tunings, skip_outputs=skip_outputs, index_plan=index_plan)
     with torch.no_grad():
         with accelerate_dense(pruner.model):
             ref = pruner(clip)
@@ -232,6 +236,11 @@ def bench_model(name: str, args) -> dict:
                 f"{label} inputs-only", pruner, clip, None, skip_outputs=False
             )
             variants.append(v)
+            if dims == ("channel",) and args.policy == "topk":  # compact ran the index plan
+                v, errors[label + " gen"] = dance_variants(
+                    f"{label} general plan", pruner, clip, None, index_plan=False
+                )
+                variants.append(v)
             if "channel" in dims:
                 credited = calibrated_pruner(model, dims, budget, clip, args, credit_outputs=True)
                 v, errors[label + " cr"] = dance_variants(f"{label} credited", credited, clip, None)

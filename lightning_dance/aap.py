@@ -407,7 +407,23 @@ class AdaptivePruner(nn.Module):
         ratio *= math.exp(float(self.calibration))
         return min(1.0, max(1e-3, ratio))
 
-    def topk_count(self, dim: str, size: int, layer: str | None = None) -> int:
+    def topk_counts(
+        self, shapes: dict[str, tuple[int, int, int, int]]
+    ) -> dict[str, dict[str, int]]:
+        """``{layer: {dim: k}}``: what the ``topk`` policy keeps of each layer whose input is
+        ``shapes[layer] = (C, T, H, W)``, at the current budget (:meth:`topk_count`, the keep
+        ratio computed once; features count the layer's blocks)."""
+        ratio = self.keep_ratio()
+        grid = self.controller.grid
+        counts = {}
+        for name, (c, t, h, w) in shapes.items():
+            sizes = {"frame": t, "channel": c, "feature": min(grid, h) * min(grid, w)}
+            counts[name] = {d: self.topk_count(d, sizes[d], name, ratio) for d in self.dims}
+        return counts
+
+    def topk_count(
+        self, dim: str, size: int, layer: str | None = None, ratio: float | None = None
+    ) -> int:
         """How many of ``layer``'s ``size`` entries along ``dim`` the ``topk`` policy keeps at
         the current budget.
 
@@ -417,8 +433,8 @@ class AdaptivePruner(nn.Module):
         diffusion, weighted by each layer's MAC share): every layer runs at a fast size while
         the total stays near the unrounded budget, instead of jumping when many equal-sized
         layers round the same way. Without ``layer`` (or before the first forward) the nearest
-        multiple."""
-        ratio = self.keep_ratio()
+        multiple. ``ratio``: :meth:`keep_ratio`, when the caller has it already."""
+        ratio = self.keep_ratio() if ratio is None else ratio
         if dim != "channel" or self.channel_multiple == 1:
             return keep_count(ratio, size, self.min_keep)
         plan = self._rounded_channels(ratio) if layer is not None else {}

@@ -231,8 +231,10 @@ class Controller(nn.Module):
     def channel_logits(self, ctx: ControllerContext, layer: str) -> torch.Tensor:
         """``[N, C_in]`` channel logits of ``layer``."""
         start, stop = self._channel_slices[layer]
-        i = self.layer_index[layer]
-        return ctx.channel_logits[:, start:stop] + self._budget_shift(ctx, i, "channel")
+        logits = ctx.channel_logits[:, start:stop]
+        if ctx.budget_logit is None:  # a view: no op per layer and forward
+            return logits
+        return logits + self._budget_shift(ctx, self.layer_index[layer], "channel")
 
     def frame_logits(self, ctx: ControllerContext, layer: str, frames: int) -> torch.Tensor:
         """``[N, frames]`` frame logits of ``layer`` whose input has ``frames`` frames."""

@@ -136,6 +136,10 @@ def test_topk_channel_multiple_keeps_rounded_counts(small_net, clip, budget):
         error += per_channel * (k - ratio * c)
         steps.append(4 * per_channel)
     assert abs(error) <= max(steps)
+    shapes = {name: layer.input_shape for name, layer in stats.layers.items()}
+    counts = {name: {"channel": int(layer.kept["channel"][0] * layer.input_shape[0] + 0.5)}
+              for name, layer in stats.layers.items()}  # fmt: skip
+    assert pruner.topk_counts(shapes) == counts  # the counts executors and exports plan with
     reached = pruner.calibrate([clip, torch.randn(2, 3, 8, 16, 16)])
     assert abs(reached - budget) < 0.05, reached
 

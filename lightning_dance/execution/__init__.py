@@ -9,6 +9,8 @@
   slower than dense;
 - :mod:`~lightning_dance.execution.chains`: conv -> per-channel ops -> conv chains, where a
   conv skips the output channels the next one drops;
+- :mod:`~lightning_dance.execution.indexed`: the index plan ``CompactPruner`` runs for ``topk``
+  channel pruning at batch 1 (straight from the top-k indices, far fewer small ops);
 - :mod:`~lightning_dance.execution.static`: the static-shape ``topk`` path for
   ``torch.jit.trace`` / ``torch.export``.
 """

@@ -48,7 +48,7 @@ import contextlib
 import dataclasses
 import functools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -143,7 +143,27 @@ def _gather_in_channels(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return flat.view(o, kt, kh, kw, len(idx)).permute(0, 4, 1, 2, 3)
 
 
-_contiguous_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def derived_tensor(
+    module: nn.Module,
+    kind: str,
+    sources: tuple[torch.Tensor | None, ...],
+    make: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """``make()`` (a tensor derived from ``module``'s ``sources``, e.g. a weight in another
+    layout), cached per module and ``kind`` without autograd, and made again when a source
+    changes (another tensor, an in-place update, dtype or device). For inference paths."""
+    key = tuple(
+        None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
+    )
+    per_module = _derived.setdefault(module, {})
+    hit = per_module.get(kind)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = per_module[kind] = (key, make())
+    return hit[1]
 
 
 def _gatherable_weight(conv: nn.Conv3d) -> torch.Tensor:
@@ -155,11 +175,7 @@ def _gatherable_weight(conv: nn.Conv3d) -> torch.Tensor:
         return w
     if torch.is_grad_enabled():
         return w.contiguous()
-    key = (w.data_ptr(), w._version, w.dtype, w.device)
-    hit = _contiguous_weights.get(conv)
-    if hit is None or hit[0] != key:
-        hit = _contiguous_weights[conv] = (key, w.detach().contiguous())
-    return hit[1]
+    return derived_tensor(conv, "contiguous", (w,), lambda: w.detach().contiguous())
 
 
 def _channel_parts(
@@ -333,9 +349,18 @@ def _gather(x: torch.Tensor, frames: torch.Tensor | None, chans: torch.Tensor | 
         xp = xp.reshape(n, t, h * w * c).index_select(1, frames.to(x.device))
         t = len(frames)
     if chans is not None:
-        xp = xp.reshape(-1, c).index_select(1, chans.to(x.device))
+        xp = _take_columns(xp.reshape(-1, c), chans.to(x.device))
         c = len(chans)
     return xp.reshape(n, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+def _take_columns(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``rows[:, idx]`` of a contiguous ``[R, C]``: ``torch.gather`` with a broadcast index is
+    1.2-2.3x faster than ``index_select`` on dim 1 for many rows (parallel over rows; measured
+    25088x32 -> 12 columns, 2 threads: 0.21 vs 0.47 ms), a little slower for a few rows."""
+    if rows.shape[0] < 256:
+        return rows.index_select(1, idx)
+    return torch.gather(rows, 1, idx.view(1, -1).expand(rows.shape[0], -1))
 
 
 def _bias_filled(shape: tuple[int, ...], bias: torch.Tensor | None, like: torch.Tensor):

@@ -46,6 +46,7 @@ from lightning_dance.execution.compact import (
     check_batch_mode,
     compact_conv3d,
 )
+from lightning_dance.execution.indexed import IndexedRun, index_plan_applies
 from lightning_dance.execution.kernels import (
     accelerate_dense,
     conv3d_fast_forward,
@@ -178,6 +179,10 @@ class CompactPruner:
             :func:`~lightning_dance.execution.compact.compact_conv3d`).
         skip_outputs: also skip the output channels the next conv drops (above). With a
             batch, a producer computes the union of the samples' kept channels.
+        index_plan: for a ``topk`` pruner of channels only, at batch 1 and without
+            ``tunings``, run straight from each layer's top-k indices
+            (:mod:`~lightning_dance.execution.indexed`: far fewer small ops; same result and
+            multiply-adds). ``False``: always the general mask-based plan.
 
     Example:
         >>> import torch
@@ -197,10 +202,13 @@ class CompactPruner:
         tunings: dict[str, LayerTuning] | None = None,
         batch_mode: str = "group",
         skip_outputs: bool = True,
+        index_plan: bool = True,
     ) -> None:
-        if not isinstance(skip_outputs, bool):
-            raise TypeError(f"skip_outputs must be a bool, got {skip_outputs!r}")
+        for arg, value in (("skip_outputs", skip_outputs), ("index_plan", index_plan)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{arg} must be a bool, got {value!r}")
         self.pruner = pruner
+        self.index_plan = index_plan
         self.tunings: dict[str, LayerTuning] = dict(tunings or {})
         self.batch_mode = check_batch_mode(batch_mode)
         self.skip_outputs = skip_outputs
@@ -263,7 +271,12 @@ class CompactPruner:
                 "are stochastic and need gradients through the masked model)"
             )
         self._prepare(clip)
-        stem, layers, chains = p.stem_name, set(p.layer_names), self.chains
+        chains = self.chains
+        if self.index_plan and not self.tunings and index_plan_applies(p, clip):
+            run = IndexedRun(p, chains)
+            with torch.no_grad(), route_conv3d(self._routed(), run):
+                return p.model(to_fast_layout(clip))
+        stem, layers = p.stem_name, set(p.layer_names)
         ctx = []  # the controller's context, set by the stem's first call
         early: dict[str, LayerMasks] = {}  # consumer -> its masks, made when its producer ran
         held: dict[str, torch.Tensor] = {}  # consumer / norm -> the channels its input holds

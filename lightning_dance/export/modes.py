@@ -349,10 +349,7 @@ def build_export_module(
     modules = dict(pruner.model.named_modules())
     gathered: set[str] = set()
     if pruner.policy == "topk":
-        for name, (c, t, h, w) in shapes.items():
-            grid = (min(pruner.controller.grid, h), min(pruner.controller.grid, w))
-            sizes = {"frame": t, "channel": c, "feature": grid[0] * grid[1]}
-            plan.keep_counts[name] = {d: pruner.topk_count(d, sizes[d], name) for d in pruner.dims}
+        plan.keep_counts = pruner.topk_counts(shapes)
     chains: dict[str, Any] = {}
     if mode in ("topk", "threshold"):
         from lightning_dance.execution.static import static_executed_macs

@@ -1,0 +1,238 @@
+"""The index plan of CompactPruner (topk channel pruning at batch 1, run from the top-k indices):
+same result and multiply-adds as the general mask-based plan and the masked model, far fewer ops,
+and the general plan wherever it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.profiler import ProfilerActivity, profile
+
+import lightning_dance.execution.executor as executor
+from lightning_dance.aap import AdaptivePruner
+from lightning_dance.execution import CompactPruner, count_executed_macs
+from lightning_dance.execution.indexed import indexed_conv3d, indexed_norm, topk_indices
+from lightning_dance.masks import apply_masks
+from tests.test_execution import CL, ChainNet, _close, _randomized
+
+
+def _both_plans(pruner: AdaptivePruner, clip: torch.Tensor):
+    """Outputs and executed MACs of the index plan and the general plan, and the masked model."""
+    out = {}
+    with torch.no_grad():
+        ref = pruner(clip)
+        for flag in (True, False):
+            with count_executed_macs() as macs:
+                y = CompactPruner(pruner, index_plan=flag)(clip)
+            out[flag] = (y, macs.total)
+    return out[True], out[False], ref
+
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(
+    budget=st.sampled_from([0.05, 0.3, 0.6, 1.0]),
+    multiple=st.sampled_from([1, 4]),
+    conditioned=st.booleans(),
+    seed=st.integers(0, 100),
+)
+def test_index_plan_equals_the_general_plan_and_the_masked_model(
+    budget, multiple, conditioned, seed
+):
+    torch.manual_seed(seed)
+    net = ChainNet().eval()
+    if seed % 2:
+        net = net.to(memory_format=CL)  # weights in either layout
+    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=budget,
+                            channel_multiple=multiple, budget_conditioned=conditioned)  # fmt: skip
+    pruner = _randomized(pruner, seed)
+    clip = torch.randn(1, 3, 5, 12, 12, generator=torch.Generator().manual_seed(seed))
+    (y_idx, macs_idx), (y_gen, macs_gen), ref = _both_plans(pruner, clip)
+    _close(y_idx, ref)
+    _close(y_idx, y_gen)
+    assert macs_idx == macs_gen  # the same kept channels, the same output skipping
+    assert all("forward" not in m.__dict__ for m in net.modules())
+
+
+def test_index_plan_on_r2plus1d_runs_far_fewer_ops():
+    """A real R(2+1)D: same logits and MACs, and about half the ops of the general plan
+    (the per-layer mask round trip and the four BatchNorm gathers are gone)."""
+    from lightning_dance.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("r2plus1d_18", num_classes=5, width=0.25).eval().to(memory_format=CL)
+    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.4).eval()
+    clip = torch.randn(1, 3, 4, 32, 32)
+    (y_idx, macs_idx), (y_gen, macs_gen), ref = _both_plans(pruner, clip)
+    _close(y_idx, ref)
+    assert macs_idx == macs_gen
+    ops = {}
+    with torch.no_grad():
+        for flag in (True, False):
+            fast = CompactPruner(pruner, index_plan=flag)
+            fast(clip)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fast(clip)
+            events = prof.key_averages()
+            ops[flag] = sum(e.count for e in events if e.key.startswith("aten::"))
+            names = {e.key for e in events}
+            assert "aten::slow_conv3d_forward" not in names
+            # the general plan turns masks back into indices; the index plan never does
+            assert ("aten::nonzero" in names) == (not flag)
+    assert ops[True] < 0.6 * ops[False], ops
+
+
+class _OddNet(nn.Module):
+    """Instrumented layers the index plan leaves to compact_conv3d: grouped, depthwise, "same"
+    and reflect padding; a chain from a "same"-padded conv into an ordinary one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv3d(8, 8, 3, padding=1, groups=2)
+        self.same = nn.Conv3d(8, 12, (2, 3, 3), padding="same")
+        self.s = nn.Conv3d(12, 12, (1, 3, 3), padding=(0, 1, 1))
+        self.bn = nn.BatchNorm3d(12)
+        self.t = nn.Conv3d(12, 8, (3, 1, 1), padding=(1, 0, 0))
+        self.dw = nn.Conv3d(8, 8, 3, padding=1, groups=8)
+        self.reflect = nn.Conv3d(8, 6, 3, padding=1, padding_mode="reflect")
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        x = self.same(torch.relu(self.grouped(self.stem(x))))
+        x = self.t(torch.relu(self.bn(self.s(x))))
+        return self.reflect(self.dw(x)).mean((2, 3, 4))
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.7])
+def test_index_plan_leaves_odd_layers_to_the_general_plan(budget):
+    pruner = _randomized(AdaptivePruner(_OddNet(), dims=("channel",), policy="topk",
+                                        budget=budget), 3)  # fmt: skip
+    clip = torch.randn(1, 3, 4, 10, 10)
+    (y_idx, macs_idx), (y_gen, macs_gen), ref = _both_plans(pruner, clip)
+    _close(y_idx, ref)
+    assert macs_idx == macs_gen
+    assert sorted(CompactPruner(pruner).chains) == ["s", "same"]  # "same" padding: general
+
+
+def _spy(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = executor.IndexedRun
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "IndexedRun", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "policy, dims, n, use",
+    [("topk", ("channel",), 1, True), ("topk", ("channel",), 2, False),
+     ("threshold", ("channel",), 1, False), ("topk", ("channel", "frame"), 1, False)],
+)  # fmt: skip
+def test_index_plan_only_where_it_applies(monkeypatch, policy, dims, n, use):
+    calls = _spy(monkeypatch)
+    pruner = _randomized(AdaptivePruner(ChainNet(), dims=dims, policy=policy, budget=0.4), 0)
+    clip = torch.randn(n, 3, 4, 12, 12)
+    with torch.no_grad():
+        _close(CompactPruner(pruner)(clip), pruner(clip))
+        assert len(calls) == int(use)
+        CompactPruner(pruner, index_plan=False)(clip)
+        assert len(calls) == int(use)
+
+
+def test_tunings_use_the_general_plan(monkeypatch):
+    calls = _spy(monkeypatch)
+    pruner = _randomized(AdaptivePruner(ChainNet(), dims=("channel",), policy="topk"), 0)
+    clip = torch.randn(1, 3, 4, 12, 12)
+    fast = CompactPruner(pruner)
+    fast.tune(clip, repeats=1)
+    with torch.no_grad():
+        _close(fast(clip), pruner(clip))
+    assert calls == []
+
+
+def test_index_plan_follows_weight_and_statistics_updates():
+    """Input-major weight copies and BatchNorm scale/shift are cached: an in-place update (an
+    optimizer step, a loaded checkpoint) must reach the next call."""
+    net = ChainNet().eval().to(memory_format=CL)
+    pruner = _randomized(AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.3), 5)
+    fast, clip = CompactPruner(pruner), torch.randn(1, 3, 4, 12, 12)
+    with torch.no_grad():
+        for _ in range(2):
+            _close(fast(clip), pruner(clip))
+            net.s1.weight.mul_(-1.5)
+            net.bn1.running_var.mul_(3.0)
+            net.bn1.weight.add_(0.5)
+        net.load_state_dict({k: v * 0.5 for k, v in net.state_dict().items()})
+        _close(fast(clip), pruner(clip))
+
+
+def test_index_plan_errors():
+    pruner = AdaptivePruner(ChainNet(), dims=("channel",), policy="topk", budget=0.2).eval()
+    with pytest.raises(TypeError, match="index_plan must be a bool"):
+        CompactPruner(pruner, index_plan=1)
+    fast, clip = CompactPruner(pruner), torch.randn(1, 3, 4, 12, 12)
+    with torch.no_grad():
+        fast(clip)  # (the first call counts dense MACs in eval mode, resetting bn1's mode)
+    pruner.model.bn1.train()
+    with pytest.raises(RuntimeError, match="training mode"), torch.no_grad():
+        fast(clip)
+    pruner.model.bn1.eval()
+    with pytest.raises(ValueError, match="reads 3 channels"), torch.no_grad():
+        fast(torch.randn(1, 4, 4, 12, 12))
+    with pytest.raises(ValueError, match="NaN"), torch.no_grad():
+        fast(torch.full((1, 3, 4, 12, 12), float("nan")))
+    assert all("forward" not in m.__dict__ for m in pruner.model.modules())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_indexed_conv3d_against_the_masked_conv(bias, stride):
+    """One conv: kept inputs in any order, chosen outputs in any order, gathered inputs."""
+    torch.manual_seed(stride)
+    conv = nn.Conv3d(10, 7, (3, 1, 1) if stride == 1 else 1, stride=stride,
+                     padding=(1, 0, 0) if stride == 1 else 0, bias=bias)  # fmt: skip
+    x = torch.randn(1, 10, 4, 6, 6)
+    in_idx, out_idx = torch.tensor([7, 0, 3, 9]), torch.tensor([5, 1, 2])
+    mask = torch.zeros(1, 10).index_fill_(1, in_idx, 1.0)
+    ref = conv(apply_masks(x, {"channel": mask}))
+    with torch.no_grad():
+        _close(indexed_conv3d(conv, x, in_idx), ref)
+        _close(indexed_conv3d(conv, x, in_idx, out_idx), ref[:, out_idx])
+        _close(indexed_conv3d(conv, x[:, in_idx], in_idx, out_idx, gathered=True), ref[:, out_idx])
+        _close(indexed_conv3d(conv, x, None, out_idx), conv(x)[:, out_idx])
+        assert indexed_conv3d(conv, x, in_idx).is_contiguous(memory_format=CL)
+
+
+def test_indexed_norm_and_indices():
+    bn = nn.BatchNorm3d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+        x = torch.randn(1, 6, 3, 4, 4)
+        idx = torch.tensor([4, 1, 5])
+        _close(indexed_norm(bn, x[:, idx], idx), bn(x)[:, idx])
+    pruner = _randomized(AdaptivePruner(ChainNet(), dims=("channel",), policy="topk",
+                                        budget=0.4), 2)  # fmt: skip
+    clip = torch.randn(1, 3, 4, 12, 12)
+    with torch.no_grad():
+        pruner(clip)
+        stem = pruner.model.stem[0](clip)
+        idx = topk_indices(pruner, pruner.controller(stem))
+    for name, stats in pruner.last_stats.layers.items():
+        kept = stats.masks["channel"][0].nonzero().flatten()
+        got = idx[name]
+        if got is None:
+            assert len(kept) == pruner._layers[name].in_channels
+        else:
+            assert got.tolist() == kept.tolist()  # sorted, the masks' kept channels
