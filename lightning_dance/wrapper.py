@@ -239,8 +239,10 @@ class DANCEWrapper(L.LightningModule):
     ) -> Any:
         """Switch inference to the fast path that skips the pruned work (same outputs as the
         masked model; see :class:`lightning_dance.execution.CompactPruner`). ``tune=True`` times
-        the layers on ``example`` and keeps a layer dense where pruning it would be slower,
-        then times the whole fast path against the dense model and warns when it is slower
+        the layers on ``example`` and keeps a layer dense where pruning it would be slower
+        (for a ``topk`` pruner of channels at batch 1 it also times the untuned index plan and
+        keeps whichever runs faster), then times the whole fast path against the dense model
+        and warns when it is slower
         (:meth:`~lightning_dance.execution.CompactPruner.compare_dense`; small depthwise nets
         such as X3D-XS are, on CPUs); ``skip_outputs`` also skips the output channels the next
         conv drops (channel chains).
@@ -251,13 +253,21 @@ class DANCEWrapper(L.LightningModule):
             >>> logits = wrapper(clip)                   # now runs compactly  # doctest: +SKIP
         """
         from lightning_dance.execution import CompactPruner
+        from lightning_dance.execution.indexed import index_plan_applies
 
         fast = CompactPruner(self.pruner, batch_mode=batch_mode, skip_outputs=skip_outputs)
         if tune:
             if example is None:
                 raise ValueError("tune=True needs an example clip to time the layers on")
+            plain = None
+            if index_plan_applies(self.pruner, example):  # tunings would disable it
+                plain = CompactPruner(self.pruner, batch_mode=batch_mode, skip_outputs=skip_outputs)
             fast.tune(example)
             timing = fast.compare_dense(example)
+            if plain is not None:
+                untuned = plain.compare_dense(example)
+                if untuned["compact_ms"] < timing["compact_ms"]:
+                    fast, timing = plain, untuned
             if timing["speedup"] < 1.0:
                 warnings.warn(
                     f"the fast path is slower than the dense model on this machine: "

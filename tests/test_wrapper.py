@@ -313,6 +313,27 @@ def test_compile_sparse_warns_when_the_fast_path_is_slower(monkeypatch, speedup)
     assert wrapper.execution == "compact"  # the fast path is used either way (same outputs)
 
 
+@pytest.mark.parametrize("tuned_ms, chosen", [(5.0, "tuned"), (9.0, "index plan")])
+def test_compile_sparse_keeps_the_faster_of_tuned_and_index_plan(monkeypatch, tuned_ms, chosen):
+    """Tunings switch a topk channel pruner to the general plan: compile_sparse(tune=True)
+    times the untuned index plan too and keeps whichever is faster."""
+    from lightning_dance.execution import CompactPruner
+
+    def compare(self, clip, repeats=3):
+        ms = tuned_ms if self.tunings else 7.0
+        return {"dense_ms": 10.0, "compact_ms": ms, "speedup": 10.0 / ms}
+
+    monkeypatch.setattr(CompactPruner, "compare_dense", compare)
+    wrapper = DANCEWrapper(SmallNet(), budget=0.4, policy="topk", dims=("channel",)).eval()
+    clip = torch.randn(1, 3, 8, 16, 16)
+    fast = wrapper.compile_sparse(clip, tune=True)
+    assert bool(fast.tunings) == (chosen == "tuned")
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(clip), wrapper.pruner(clip), rtol=1e-4, atol=1e-5)
+    other = DANCEWrapper(SmallNet(), budget=0.4, policy="topk").eval()  # all dims: no index plan
+    assert other.compile_sparse(clip, tune=True).tunings
+
+
 def test_execution_argument_is_checked():
     with pytest.raises(ValueError, match="execution"):
         DANCEWrapper(SmallNet(), execution="sparse")
