@@ -47,7 +47,14 @@ if TYPE_CHECKING:
     from lightning_dance.controller import ControllerContext
     from lightning_dance.execution.chains import ChannelChain
 
-__all__ = ["IndexedRun", "index_plan_applies", "indexed_conv3d", "indexed_norm", "topk_indices"]
+__all__ = [
+    "IndexedRun",
+    "index_plan_applies",
+    "indexed_conv3d",
+    "indexed_norm",
+    "norm_scale_shift",
+    "topk_indices",
+]
 
 
 def index_plan_applies(pruner: AdaptivePruner, clip: torch.Tensor) -> bool:
@@ -87,20 +94,22 @@ def _input_major_weight(conv: nn.Conv3d) -> torch.Tensor:
     )
 
 
+def norm_scale_shift(bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval BatchNorm as a per-channel affine map ``x * scale + shift`` (``[C]`` each; plain
+    tensor ops, traceable for export)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
 def _norm_affine(bn: nn.BatchNorm3d) -> torch.Tensor:
-    """``[2, C]``: an eval BatchNorm's per-channel scale and shift (cached)."""
-
-    def make() -> torch.Tensor:
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        return torch.stack([scale, shift]).detach()
-
+    """``[2, C]``: :func:`norm_scale_shift` stacked (cached)."""
     tensors = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
-    return derived_tensor(bn, "affine", tensors, make)
+    return derived_tensor(bn, "affine", tensors, lambda: torch.stack(norm_scale_shift(bn)))
 
 
 def indexed_conv3d(

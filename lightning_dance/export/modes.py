@@ -176,13 +176,9 @@ class _GatheredNorm(nn.Module):
         self._owner = (owner,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bn = self.norm
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
+        from lightning_dance.execution.indexed import norm_scale_shift
+
+        scale, shift = norm_scale_shift(self.norm)
         idx = self._owner[0].route.early[self.consumer]  # [N, k]
         n, k = idx.shape
         flat = idx.reshape(-1)
