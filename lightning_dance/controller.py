@@ -216,7 +216,9 @@ class Controller(nn.Module):
             b = b.expand(n, 1).clamp(1e-3, 1 - 1e-3)
             budget_logit = torch.log(b) - torch.log1p(-b)
             parts += [b, budget_logit]
-        h = self.trunk(torch.cat(parts, dim=1))
+        # statistics in float32; the trunk in the controller's own dtype (a model and
+        # controller cast to bfloat16 / float64 for deployment run as cast)
+        h = self.trunk(torch.cat(parts, dim=1).to(self.trunk[1].weight.dtype))
         channel_logits = self.channel_head(h) if self.channel_head is not None else h[:, :0]
         return ControllerContext(
             h, channel_logits, frame_stats, motion_map, magnitude_map, budget_logit

@@ -236,3 +236,24 @@ def test_indexed_norm_and_indices():
             assert len(kept) == pruner._layers[name].in_channels
         else:
             assert got.tolist() == kept.tolist()  # sorted, the masks' kept channels
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 2e-2), (torch.float64, 1e-10)])
+def test_both_plans_in_other_dtypes(dtype, rtol):
+    """A pruner cast for deployment (bfloat16) or checking (float64): the masked model, both
+    plans and the float32 model agree (oneDNN's bfloat16 convs need AVX-512 BW/VL/DQ; without
+    them the convs fall back to F.conv3d instead of failing)."""
+    net = ChainNet().eval()
+    pruner = _randomized(AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.4), 1)
+    clip = torch.randn(1, 3, 4, 12, 12)
+    with torch.no_grad():
+        ref32 = pruner(clip)
+        pruner.to(dtype)
+        low = clip.to(dtype)
+        ref = pruner(low)
+        assert ref.dtype == dtype
+        for flag in (True, False):
+            y = CompactPruner(pruner, index_plan=flag)(low)
+            assert y.dtype == dtype
+            _close(y.double(), ref.double(), rtol)
+        _close(ref.double(), ref32.double(), max(rtol, 1e-5) * 3)

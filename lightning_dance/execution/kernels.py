@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -72,7 +73,18 @@ def fast_kernel_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.device.type == "cpu"
         and x.dtype in _FAST_DTYPES
         and weight.dtype == x.dtype
+        and (x.dtype != torch.bfloat16 or _bf16_supported())
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _bf16_supported() -> bool:
+    """Whether oneDNN runs bfloat16 convs on this CPU (it needs AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT; without them ``mkldnn_convolution`` raises, ``F.conv3d`` does not)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def to_fast_layout(x: torch.Tensor) -> torch.Tensor:
