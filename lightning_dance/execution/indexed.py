@@ -11,7 +11,7 @@ everything:
   input-channel-major copy of the weight (a row gather there: ~3x faster than a column gather
   of the conv weight);
 - a channel-chain producer (:mod:`~lightning_dance.execution.chains`) computes only its
-  consumer's kept channels, in the consumer's order; each BatchNorm in between applies its
+  consumer's kept channels (sorted, like every index here); each BatchNorm in between applies its
   precomputed scale and shift, gathered once (one ``index_select`` and one ``addcmul``
   instead of four gathers and a ``batch_norm``); the consumer reads its input as it comes;
 - the stem runs dense; grouped and depthwise layers and ``"same"`` or non-zero padding modes
