@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lightning_dance.execution.chains import ChannelChain
 from lightning_dance.execution.compact import (
@@ -46,7 +45,7 @@ from lightning_dance.execution.compact import (
     check_batch_mode,
     compact_conv3d,
 )
-from lightning_dance.execution.indexed import IndexedRun, index_plan_applies
+from lightning_dance.execution.indexed import IndexedRun, index_plan_applies, indexed_norm
 from lightning_dance.execution.kernels import (
     accelerate_dense,
     conv3d_fast_forward,
@@ -289,7 +288,7 @@ class CompactPruner:
 
         def forward(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             if isinstance(module, nn.BatchNorm3d):
-                return _norm_forward(module, x, held.get(name))
+                return indexed_norm(module, x, held.get(name))
             conv = module
             shape = (conv.in_channels, *x.shape[2:])  # x may hold only the kept channels
             out_idx = None
@@ -326,21 +325,6 @@ class CompactPruner:
             norms = {n: modules[n] for c in self.chains.values() for n in c.norms}
             self._routed_modules = {**all_conv3d(self.pruner.model), **norms}
         return self._routed_modules
-
-
-def _norm_forward(bn: nn.BatchNorm3d, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """``bn(x)``, or, when ``x`` holds only the channels ``idx``, ``bn(full)[:, idx]``."""
-    if idx is None or x.shape[1] == bn.num_features:
-        return type(bn).forward(bn, x)
-    if bn.training:
-        raise RuntimeError(f"BatchNorm {bn} is in training mode: CompactPruner needs eval mode")
-
-    def sel(t: torch.Tensor | None) -> torch.Tensor | None:
-        return t.index_select(0, idx.to(t.device)) if t is not None else None
-
-    batch_stats = bn.running_mean is None  # track_running_stats=False: per-channel batch stats
-    return F.batch_norm(x, sel(bn.running_mean), sel(bn.running_var), sel(bn.weight),
-                        sel(bn.bias), batch_stats, 0.0, bn.eps)  # fmt: skip
 
 
 def random_masks(

@@ -1,9 +1,9 @@
 """Batch-1 ``topk`` channel pruning run straight from the top-k indices (the index plan).
 
 :class:`~lightning_dance.execution.CompactPruner`'s general plan turns each layer's controller
-scores into a 0/1 mask, the mask back into sorted kept indices, and gathers four BatchNorm
-vectors per chain: some 35 small ops per layer, which do not get faster with a second thread
-and cost R(2+1)D as much as a quarter of its pruned latency on a 2-core CPU. With the ``topk``
+scores into a 0/1 mask and the mask back into sorted kept indices, gathers and weight slices:
+some 30 small ops per layer, which do not get faster with a second thread and cost R(2+1)D
+as much as a fifth of its pruned latency on a 2-core CPU. With the ``topk``
 policy, channels the only pruned dim and one clip, the ``k`` highest scores of each layer say
 everything:
 
@@ -12,8 +12,8 @@ everything:
   of the conv weight);
 - a channel-chain producer (:mod:`~lightning_dance.execution.chains`) computes only its
   consumer's kept channels (sorted, like every index here); each BatchNorm in between applies its
-  precomputed scale and shift, gathered once (one ``index_select`` and one ``addcmul``
-  instead of four gathers and a ``batch_norm``); the consumer reads its input as it comes;
+  precomputed scale and shift, gathered once (:func:`indexed_norm`: one ``index_select`` and
+  one ``addcmul``, in both plans); the consumer reads its input as it comes;
 - the stem runs dense; grouped and depthwise layers and ``"same"`` or non-zero padding modes
   go through :func:`~lightning_dance.execution.compact_conv3d`'s plan, as in the general plan.
 
@@ -140,9 +140,11 @@ def indexed_conv3d(
     return _conv(x, w, b, g.stride, g.pad_lo, g.dilation, 1)
 
 
-def indexed_norm(bn: nn.BatchNorm3d, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """An eval BatchNorm on ``x`` holding only its channels ``idx``, in that order (equals
-    ``bn(full)[:, idx]``)."""
+def indexed_norm(bn: nn.BatchNorm3d, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """``bn(x)``, or, when ``x`` holds only the channels ``idx`` of the full input (in that
+    order), ``bn(full)[:, idx]`` (eval mode; both plans of ``CompactPruner``)."""
+    if idx is None or (x.shape[1] == bn.num_features and len(idx) == bn.num_features):
+        return type(bn).forward(bn, x)
     if bn.training:
         raise RuntimeError(f"BatchNorm {bn} is in training mode: CompactPruner needs eval mode")
     if bn.running_mean is None:  # track_running_stats=False: per-channel batch statistics
@@ -165,8 +167,7 @@ class IndexedRun:
     def __call__(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         p = self.pruner
         if isinstance(module, nn.BatchNorm3d):
-            idx = self.held.pop(name, None)
-            return type(module).forward(module, x) if idx is None else indexed_norm(module, x, idx)
+            return indexed_norm(module, x, self.held.pop(name, None))
         conv = module
         if name not in p._layers:
             y = conv3d_fast_forward(conv, x)
