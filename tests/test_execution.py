@@ -769,17 +769,25 @@ def test_compact_pruner_equals_the_masked_model(dims, policy, budget, n, seed, b
     pruner = _randomized(AdaptivePruner(net, dims=dims, policy=policy, budget=budget), seed)
     clip = torch.randn(n, 3, 6, 16, 16, generator=torch.Generator().manual_seed(seed))
     fast = CompactPruner(pruner, batch_mode=batch_mode)
+    inputs_only = CompactPruner(pruner, batch_mode=batch_mode, skip_outputs=False)
     with torch.no_grad():
         ref = pruner(clip)
         with count_executed_macs() as macs:
             y = fast(clip)
+        with count_executed_macs() as macs_inputs_only:
+            y_inputs_only = inputs_only(clip)
     _close(y, ref)
+    _close(y_inputs_only, ref)
+    # res.0 -> BN -> ReLU -> the depthwise res.3: a chain into a depthwise consumer
+    assert sorted(fast.chains) == (["res.0"] if "channel" in dims else [])
     stats = pruner.last_stats
     counted = sum(int(s.executed_macs.sum()) for s in stats.layers.values())
+    skipped = _skipped_macs_reference(pruner, fast.chains)
     if batch_mode == "group":
-        assert macs.total == counted  # exactly the pruner's executed count
+        assert macs_inputs_only.total == counted  # exactly the pruner's executed count
+        assert macs.total == skipped  # minus the outputs res.3 drops
     else:
-        assert macs.total >= counted
+        assert macs_inputs_only.total >= counted and macs.total >= skipped
     assert all("forward" not in m.__dict__ for m in net.modules())
 
 
@@ -880,24 +888,26 @@ def test_channel_chains_of_a_graph():
         "t1": ChannelChain("t1", "s2", ("bn2",)),
         "s2": ChannelChain("s2", "t2", ()),
     }
-    # a grouped consumer, a conv called twice and a conv read twice end no chain
+    # a grouped (not depthwise) consumer, a conv called twice and a conv read twice end no
+    # chain; a depthwise consumer does
     shared = nn.Conv3d(4, 4, 1)
 
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b, self.dw = nn.Conv3d(4, 4, 1), shared, nn.Conv3d(4, 4, 1, groups=4)
+            self.a, self.b, self.g = nn.Conv3d(4, 4, 1), shared, nn.Conv3d(4, 4, 1, groups=2)
+            self.c, self.dw = nn.Conv3d(4, 6, 1), nn.Conv3d(6, 12, 3, groups=6)
 
         def forward(self, x):
             y = self.b(self.b(x))
             z = self.a(y)
-            return self.dw(torch.relu(z)) + self.b(y)
+            return self.g(torch.relu(z)) + self.b(y) + self.dw(torch.sigmoid(self.c(x))).mean()
 
-    assert channel_chains(Shared()) == {}
+    assert channel_chains(Shared()) == {"c": ChannelChain("c", "dw", ())}
 
 
 def test_channel_chains_of_video_models():
-    from lightning_dance.execution.chains import channel_chains
+    from lightning_dance.execution.chains import ChannelChain, channel_chains
     from lightning_dance.models import create_model
 
     r2 = channel_chains(create_model("r2plus1d_18", num_classes=4, width=0.25))
@@ -908,6 +918,14 @@ def test_channel_chains_of_video_models():
     assert "layer1.0.conv2.0.3" not in r2  # meets the residual add
     # torchvision-style Conv3d subclasses (Conv3DSimple) are found too
     assert len(channel_chains(create_model("r3d_18", num_classes=4, width=0.25))) == 8
+    # X3D-XS: each of its 26 bottlenecks' conv_a -> norm_a -> ReLU -> depthwise conv_b, the
+    # 15 squeeze-excitation conv pairs, the stem's conv_t -> depthwise conv_xy
+    x3d = channel_chains(create_model("x3d_xs", num_classes=4))
+    blocks = [n[: -len(".conv_a")] for n in x3d if n.endswith("branch2.conv_a")]
+    assert len(blocks) == 26 and len(x3d) == 26 + 15 + 1
+    for b in blocks:
+        assert x3d[f"{b}.conv_a"] == ChannelChain(f"{b}.conv_a", f"{b}.conv_b", (f"{b}.norm_a",))
+    assert x3d["blocks.0.conv.conv_t"].consumer == "blocks.0.conv.conv_xy"
 
 
 def test_channel_chains_untraceable_model_warns():

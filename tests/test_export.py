@@ -194,6 +194,33 @@ def test_topk_export_with_chains_captures_and_runs_in_onnxruntime(tmp_path):
         assert max_abs_error(module(other), got) < 1e-4
 
 
+def test_topk_export_chain_into_a_depthwise_conv(tmp_path):
+    """conv -> BN -> ReLU -> depthwise conv (X3D's conv_a -> conv_b): the producer computes only
+    the depthwise conv's top-k channels, which reads them without a gather; same logits as the
+    pruner eagerly, in torch.export and in onnxruntime, and fewer MACs than without the chain."""
+    from tests.conftest import SmallNet
+
+    torch.manual_seed(0)
+    pruner = AdaptivePruner(SmallNet(), dims=("channel",), policy="topk", budget=0.4).eval()
+    with torch.no_grad():  # well-separated scores, non-trivial statistics
+        pruner.controller.channel_head.weight.normal_(0.0, 1.0)
+        bn = pruner.model.res[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    clip, other = _clip(shape=(1, 3, 4, 16, 16)), _clip(seed=7, shape=(1, 3, 4, 16, 16)) * 2
+    module, plan = build_export_module(pruner, "topk", clip)
+    _, inputs_only = build_export_module(pruner, "topk", clip, skip_outputs=False)
+    assert module.chains["res.0"].consumer == "res.3"  # res.3: groups == channels
+    assert plan.executed_macs < inputs_only.executed_macs
+    with torch.no_grad():
+        ref = pruner(other)
+        assert max_abs_error(ref, module(other)) < 1e-5
+        assert max_abs_error(ref, capture(module, clip).module()(other)) < 1e-5
+        path = export_onnx(module, clip, tmp_path / "dw.onnx", opset=18)
+        got = torch.from_numpy(run_onnxruntime(path, other))
+        assert max_abs_error(ref, got) < 1e-4
+
+
 def test_topk_export_keeps_chains_whose_norm_uses_batch_statistics():
     """A BatchNorm without running statistics normalizes over the batch: its channels cannot
     differ per sample, so that chain keeps all outputs (the others still skip)."""

@@ -12,11 +12,18 @@ from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
 import lightning_dance.execution.executor as executor
+import lightning_dance.execution.indexed as indexed
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.execution import CompactPruner, count_executed_macs
-from lightning_dance.execution.indexed import indexed_conv3d, indexed_norm, topk_indices
+from lightning_dance.execution.indexed import (
+    indexed_conv3d,
+    indexed_depthwise,
+    indexed_norm,
+    topk_indices,
+)
 from lightning_dance.masks import apply_masks
-from tests.test_execution import CL, ChainNet, _close, _randomized
+from tests.conftest import SmallNet
+from tests.test_execution import CL, ChainNet, _close, _randomized, _skipped_macs_reference
 
 
 def _both_plans(pruner: AdaptivePruner, clip: torch.Tensor):
@@ -38,12 +45,13 @@ def _both_plans(pruner: AdaptivePruner, clip: torch.Tensor):
     multiple=st.sampled_from([1, 4]),
     conditioned=st.booleans(),
     seed=st.integers(0, 100),
+    model=st.sampled_from([ChainNet, SmallNet]),  # SmallNet: a chain into a depthwise conv
 )
 def test_index_plan_equals_the_general_plan_and_the_masked_model(
-    budget, multiple, conditioned, seed
+    budget, multiple, conditioned, seed, model
 ):
     torch.manual_seed(seed)
-    net = ChainNet().eval()
+    net = model().eval()
     if seed % 2:
         net = net.to(memory_format=CL)  # weights in either layout
     pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=budget,
@@ -117,7 +125,8 @@ def test_index_plan_leaves_odd_layers_to_the_general_plan(budget):
     (y_idx, macs_idx), (y_gen, macs_gen), ref = _both_plans(pruner, clip)
     _close(y_idx, ref)
     assert macs_idx == macs_gen
-    assert sorted(CompactPruner(pruner).chains) == ["s", "same"]  # "same" padding: general
+    # "same" padding: the general plan; t -> dw: a chain into a depthwise conv
+    assert sorted(CompactPruner(pruner).chains) == ["s", "same", "t"]
 
 
 def _spy(monkeypatch) -> list[int]:
@@ -210,6 +219,60 @@ def test_indexed_conv3d_against_the_masked_conv(bias, stride):
         _close(indexed_conv3d(conv, x[:, in_idx], in_idx, out_idx, gathered=True), ref[:, out_idx])
         _close(indexed_conv3d(conv, x, None, out_idx), conv(x)[:, out_idx])
         assert indexed_conv3d(conv, x, in_idx).is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("mult", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_indexed_depthwise_against_the_masked_conv(mult, bias, stride):
+    """A depthwise conv on its kept channels only: the same output as the masked conv (the
+    dropped channels' outputs are the bias), from the full input or the gathered one, and the
+    multiply-adds of the kept channels only."""
+    torch.manual_seed(stride + 2 * mult)
+    conv = nn.Conv3d(6, 6 * mult, 3, stride=(1, stride, stride), padding=1, groups=6, bias=bias)
+    x = torch.randn(1, 6, 4, 7, 7)
+    in_idx = torch.tensor([1, 2, 5])
+    mask = torch.zeros(1, 6).index_fill_(1, in_idx, 1.0)
+    with torch.no_grad():
+        ref = conv(apply_masks(x, {"channel": mask}))
+        with count_executed_macs() as macs:
+            y = indexed_depthwise(conv, x, in_idx)
+        _close(y, ref)
+        assert y.is_contiguous(memory_format=CL)
+        _close(indexed_depthwise(conv, x[:, in_idx], in_idx, gathered=True), ref)
+    assert macs.total == 3 * mult * 27 * ref[0, 0].numel()  # of 6 * mult output channels
+
+
+def test_x3d_index_plan_runs_depthwise_convs_on_kept_channels(monkeypatch):
+    """A real X3D-XS: the same logits as the masked model; every bottleneck's conv_a computes
+    only the channels its depthwise conv_b keeps; no layer falls back to the general plan."""
+    from lightning_dance.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("x3d_xs", num_classes=5).eval().to(memory_format=CL)
+    with torch.no_grad():  # non-trivial BatchNorm statistics (fresh ones are the identity)
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.4).eval()
+    pruner = _randomized(pruner, 3)
+    clip = torch.randn(1, 3, 4, 64, 64)
+    fast = CompactPruner(pruner)
+    general: list[nn.Conv3d] = []
+    real = indexed._compact_conv3d
+    monkeypatch.setattr(indexed, "_compact_conv3d",
+                        lambda conv, *a: general.append(conv) or real(conv, *a))  # fmt: skip
+    with torch.no_grad():
+        ref = pruner(clip)
+        with count_executed_macs() as macs:
+            y = fast(clip)
+    assert ref.abs().max() > 0
+    _close(y, ref)
+    assert general == []
+    chains = fast.chains
+    assert sum(n.endswith("conv_a") for n in chains) == 26
+    assert macs.total == _skipped_macs_reference(pruner, chains)
 
 
 def test_indexed_norm_and_indices():

@@ -7,11 +7,13 @@ channel separately (BatchNorm, ReLU and other elementwise activations, dropout, 
 input channel the consumer drops is multiplied by zero, so whatever the producer would have
 computed for it is never read: the producer can skip that output channel (its weight rows),
 and the ops in between run on the kept channels only. R(2+1)D's spatial -> temporal convs and
-the two halves of a basic block are such chains; a block's input (read by the shortcut too) and
-outputs that meet a residual add are not.
+the two halves of a basic block are such chains, and so is X3D's ``conv_a -> BN -> ReLU ->
+conv_b`` into a depthwise conv (which then convolves only the channels it keeps); a block's
+input (read by the shortcut too) and outputs that meet a residual add are not.
 
 :func:`channel_chains` finds the chains with ``torch.fx`` (symbolic tracing of the model;
-a model fx cannot trace has none, with a warning). Only ``groups == 1`` convs on both ends.
+a model fx cannot trace has none, with a warning). The producer is a ``groups == 1`` conv, the
+consumer a ``groups == 1`` or a depthwise (``groups == in_channels``) conv.
 :class:`lightning_dance.execution.CompactPruner` uses them (``skip_outputs=True``).
 
 Example:
@@ -89,6 +91,14 @@ def _is_conv(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return isinstance(m, nn.Conv3d) and m.groups == 1
 
 
+def _is_depthwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A depthwise conv: each output channel reads one input channel (a chain may end there)."""
+    if node.op != "call_module":
+        return False
+    m = modules.get(str(node.target))
+    return isinstance(m, nn.Conv3d) and m.groups == m.in_channels > 1
+
+
 def _per_channel(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` maps each channel of its first argument on its own."""
     others = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, fx.Node)]
@@ -130,7 +140,7 @@ def channel_chains(model: nn.Module) -> dict[str, ChannelChain]:
             (nxt,) = cur.users
             if nxt.args[:1] != (cur,):
                 break
-            if _is_conv(nxt, modules):
+            if _is_conv(nxt, modules) or _is_depthwise(nxt, modules):
                 names = (str(node.target), str(nxt.target), *norms)
                 if any(calls[n] > 1 for n in names):  # a module called twice: one route only
                     break

@@ -188,9 +188,9 @@ def _channel_parts(
 ) -> list[_ChannelPart]:
     """Conv calls over channel subsets. ``kept``: the channels read; ``zeroed`` (bool over
     ``kept``, only for ``groups == 1`` and depthwise): channels read with a zeroed weight (a
-    count snapped up to a faster kernel size; the masked input reads as zero). ``groups == 1``
-    only: ``held``, the channels the input holds (``None``: all); ``out_idx``, the output
-    channels to compute (``None``: all)."""
+    count snapped up to a faster kernel size; the masked input reads as zero). ``held``
+    (``groups == 1`` and depthwise): the channels the input holds (``None``: all);
+    ``out_idx`` (``groups == 1``): the output channels to compute (``None``: all)."""
     w, b, groups = conv.weight, conv.bias, conv.groups
     c_in, c_out = conv.in_channels, conv.out_channels
     cg, og = c_in // groups, c_out // groups
@@ -202,6 +202,12 @@ def _channel_parts(
     def columns(idx: torch.Tensor) -> torch.Tensor:
         return _gather_in_channels(source if source is not None else _gatherable_weight(conv), idx)
 
+    if held is not None and groups > 1:  # depthwise: the kept channels' outputs only
+        kept = kept if kept is not None else held  # (kept is within held)
+        pos = None if len(kept) == len(held) else torch.searchsorted(held, kept)
+        out_idx = kept if og == 1 else (kept[:, None] * og + torch.arange(og)).flatten()
+        bias = b.index_select(0, out_idx) if b is not None else None
+        return [_ChannelPart(pos, w.index_select(0, out_idx), bias, out_idx, len(kept))]
     if held is not None:  # groups == 1: read the kept channels at their positions in x
         kept = kept if kept is not None else torch.arange(c_in)
         weight = columns(kept) if len(kept) < c_in else w
@@ -556,8 +562,8 @@ def _compact_same_masks(
 ) -> torch.Tensor:
     """Compact conv of a batch whose samples share the masks ``[T]``, ``[C]``, ``[H, W]``.
 
-    ``held``: the input channels ``x`` holds (sorted; ``None``: all); ``out_idx``: the output
-    channels to compute (``None``: all); both ``groups == 1`` only."""
+    ``held``: the input channels ``x`` holds (sorted; ``None``: all; ``groups == 1`` and
+    depthwise); ``out_idx``: the output channels to compute (``None``: all; ``groups == 1``)."""
     g, x, m_t, m_f = _skip_unread(g, x, m_t, m_f)
     x = to_fast_layout(x)
     frames = _frame_plan(g, m_t.cpu()) if m_t is not None else None
@@ -593,12 +599,17 @@ def _compact_same_masks(
     if len(parts) == 1 and parts[0].out_idx is None:
         return _run_part(conv, g, x, parts[0], frames, zero, rects)
     out = _bias_filled(shape, conv.bias, x)
-    flat = out.permute(0, 2, 3, 4, 1).view(-1, conv.out_channels)  # [pixels, C_out]
     for part in parts:
-        y = to_fast_layout(_run_part(conv, g, x, part, frames, zero, rects))
-        y2 = y.permute(0, 2, 3, 4, 1).view(-1, y.shape[1])
-        flat.scatter_(1, part.out_idx.to(y.device).expand(y2.shape[0], -1), y2)
+        place_channels(out, part.out_idx, _run_part(conv, g, x, part, frames, zero, rects))
     return out
+
+
+def place_channels(out: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> None:
+    """``out[:, idx] = y`` for a ``channels_last_3d`` ``out`` (one scatter over its pixel rows)."""
+    y = to_fast_layout(y)
+    flat = out.permute(0, 2, 3, 4, 1).view(-1, out.shape[1])  # [pixels, C_out]
+    y2 = y.permute(0, 2, 3, 4, 1).view(-1, y.shape[1])
+    flat.scatter_(1, idx.to(y.device).expand(y2.shape[0], -1), y2)
 
 
 _geometries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -613,13 +624,15 @@ def _geometry(conv: nn.Conv3d, shape: tuple[int, ...]) -> ConvGeometry:
 
 
 def _channel_subset(
-    what: str, idx: torch.Tensor | None, size: int, conv: nn.Conv3d
+    what: str, idx: torch.Tensor | None, size: int, conv: nn.Conv3d, depthwise: bool = False
 ) -> torch.Tensor | None:
-    """Validate an ``in_channels`` / ``out_channels`` argument: sorted unique indices < size."""
+    """Validate an ``in_channels`` / ``out_channels`` argument: sorted unique indices < size
+    (``depthwise``: a depthwise conv takes it too)."""
     if idx is None:
         return None
-    if conv.groups != 1:
-        raise ValueError(f"{what} needs a conv with groups == 1, got groups={conv.groups}")
+    if conv.groups != 1 and not (depthwise and conv.groups == conv.in_channels):
+        allowed = "groups == 1 or a depthwise conv" if depthwise else "groups == 1"
+        raise ValueError(f"{what} needs a conv with {allowed}, got groups={conv.groups}")
     if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.long:
         raise TypeError(f"{what} must be a 1-d LongTensor of channel indices, got {idx!r}")
     if len(idx) and (idx.min() < 0 or idx.max() >= size or (idx[1:] <= idx[:-1]).any()):
@@ -700,9 +713,9 @@ def compact_conv3d(
         batch_mode: ``"group"`` (samples with equal masks together, the others one by one;
             exact) or ``"union"`` (one compact conv over the union of kept entries, the masked
             input zeroing what each sample dropped). Only matters for ``N > 1``.
-        in_channels: (``groups == 1``) the input channels ``x`` holds, sorted: ``x`` is
-            ``full_input[:, in_channels]``, e.g. the output of a previous conv that computed
-            only the channels this layer keeps. Must include every kept channel.
+        in_channels: (``groups == 1`` or depthwise) the input channels ``x`` holds, sorted:
+            ``x`` is ``full_input[:, in_channels]``, e.g. the output of a previous conv that
+            computed only the channels this layer keeps. Must include every kept channel.
         out_channels: (``groups == 1``) compute only these output channels (sorted), e.g. the
             ones the next layer keeps (see :mod:`lightning_dance.execution.chains`).
 
@@ -710,7 +723,7 @@ def compact_conv3d(
         ``[N, C_out, T_out, H_out, W_out]`` in ``channels_last_3d`` layout; with
         ``out_channels``, ``[N, len(out_channels), ...]``: those channels of it.
     """
-    held = _channel_subset("in_channels", in_channels, conv.in_channels, conv)
+    held = _channel_subset("in_channels", in_channels, conv.in_channels, conv, depthwise=True)
     out_idx = _channel_subset("out_channels", out_channels, conv.out_channels, conv)
     _check(conv, x, values, held)
     check_batch_mode(batch_mode)

@@ -14,8 +14,11 @@ everything:
   consumer's kept channels (sorted, like every index here); each BatchNorm in between applies its
   precomputed scale and shift, gathered once (:func:`indexed_norm`: one ``index_select`` and
   one ``addcmul``, in both plans); the consumer reads its input as it comes;
-- the stem runs dense; grouped and depthwise layers and ``"same"`` or non-zero padding modes
-  go through :func:`~lightning_dance.execution.compact_conv3d`'s plan, as in the general plan.
+- a depthwise layer convolves only its kept channels (:func:`indexed_depthwise`: as a chain's
+  consumer straight from the producer's output, e.g. X3D's ``conv_a -> conv_b``) and scatters
+  them into its output, whose other channels are the bias;
+- the stem runs dense; other grouped layers and ``"same"`` or non-zero padding modes go
+  through :func:`~lightning_dance.execution.compact_conv3d`'s plan, as in the general plan.
 
 The indices come from the same ``topk`` call on the same scores as the pruner's masks
 (:func:`~lightning_dance.masks.topk_gate`), so the kept channels, the result (up to float
@@ -32,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dance.execution.compact import (
+    _bias_filled,
     _compact_conv3d,
     _conv,
     _gather,
@@ -39,6 +43,7 @@ from lightning_dance.execution.compact import (
     _geometry,
     _skip_unread,
     derived_tensor,
+    place_channels,
 )
 from lightning_dance.execution.kernels import conv3d_fast_forward
 
@@ -51,6 +56,7 @@ __all__ = [
     "IndexedRun",
     "index_plan_applies",
     "indexed_conv3d",
+    "indexed_depthwise",
     "indexed_norm",
     "norm_scale_shift",
     "topk_indices",
@@ -62,9 +68,12 @@ def index_plan_applies(pruner: AdaptivePruner, clip: torch.Tensor) -> bool:
     return pruner.policy == "topk" and pruner.dims == ("channel",) and clip.shape[0] == 1
 
 
-def _indexable(conv: nn.Conv3d) -> bool:
-    """A conv :func:`indexed_conv3d` runs: ``groups == 1``, explicit zero padding."""
-    return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+def _indexable(conv: nn.Conv3d, depthwise: bool = False) -> bool:
+    """A conv :func:`indexed_conv3d` (``depthwise``: :func:`indexed_depthwise`) runs:
+    ``groups == 1`` (depthwise: ``groups == in_channels``), explicit zero padding."""
+    groups = conv.in_channels if depthwise else 1
+    padding_ok = conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    return conv.groups == groups and padding_ok
 
 
 def topk_indices(pruner: AdaptivePruner, ctx: ControllerContext) -> dict[str, torch.Tensor | None]:
@@ -140,6 +149,27 @@ def indexed_conv3d(
     return _conv(x, w, b, g.stride, g.pad_lo, g.dilation, 1)
 
 
+def indexed_depthwise(
+    conv: nn.Conv3d, x: torch.Tensor, in_idx: torch.Tensor, gathered: bool = False
+) -> torch.Tensor:
+    """A depthwise ``conv`` (``groups == in_channels``, explicit zero padding, batch 1) on the
+    input channels ``in_idx`` of ``x``: only their output channels are computed, the others are
+    the bias (or 0); ``gathered``: ``x`` holds only the channels ``in_idx``, in that order (a
+    channel chain's producer computed just those). The output is ``channels_last_3d``."""
+    g = _geometry(conv, (conv.in_channels, *x.shape[2:]))
+    g, x, _, _ = _skip_unread(g, x, None, None)
+    if not gathered:
+        x = _gather(x.contiguous(memory_format=torch.channels_last_3d), None, in_idx)
+    mult = conv.out_channels // conv.in_channels
+    rows = in_idx if mult == 1 else (in_idx[:, None] * mult + torch.arange(mult)).flatten()
+    b = conv.bias.index_select(0, rows) if conv.bias is not None else None
+    w = _gatherable_weight(conv).index_select(0, rows)
+    y = _conv(x, w, b, g.stride, g.pad_lo, g.dilation, len(in_idx))
+    out = _bias_filled((1, conv.out_channels, *y.shape[2:]), conv.bias, y)
+    place_channels(out, rows, y)
+    return out
+
+
 def indexed_norm(bn: nn.BatchNorm3d, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """``bn(x)``, or, when ``x`` holds only the channels ``idx`` of the full input (in that
     order), ``bn(full)[:, idx]`` (eval mode; both plans of ``CompactPruner``)."""
@@ -187,7 +217,9 @@ class IndexedRun:
                 self.held[key] = out_idx
         if _indexable(conv):
             return indexed_conv3d(conv, x, in_idx, out_idx, held is not None)
-        values = {}  # grouped, depthwise, "same" or non-zero padding: the general plan
+        if in_idx is not None and _indexable(conv, depthwise=True):
+            return indexed_depthwise(conv, x, in_idx, held is not None)
+        values = {}  # grouped, "same" or non-zero padding: the general plan
         if in_idx is not None:
             mask = torch.zeros(1, conv.in_channels, dtype=x.dtype, device=x.device)
             values["channel"] = mask.index_fill_(1, in_idx, 1.0)

@@ -83,11 +83,11 @@ def static_topk_conv3d(
     Equals ``conv(apply_masks(x, masks))`` with the corresponding 0/1 masks (see the module
     docstring for what is computed). Traceable and exportable (static shapes).
 
-    Output skipping along a channel chain (``groups == 1``): ``out_idx [N, k_o]`` computes only
+    Output skipping along a channel chain: ``out_idx [N, k_o]`` (``groups == 1``) computes only
     those output channels, in that order (``[N, k_o, ...]``: the weight rows and bias
-    gathered); ``input_gathered=True`` says ``x`` holds only the channels ``channel_idx``, in
-    that order (``[N, k_c, ...]``, what a producer with ``out_idx = channel_idx`` returned), so
-    only the weight columns are gathered.
+    gathered); ``input_gathered=True`` (``groups == 1`` or depthwise) says ``x`` holds only the
+    channels ``channel_idx``, in that order (``[N, k_c, ...]``, what a producer with
+    ``out_idx = channel_idx`` returned), so only the weights are gathered.
 
     Only ops the Hexagon NPU (QNN HTP) runs are used: samples are unrolled (``N`` is static in
     an export), inputs and weights are selected with ``index_select`` (ONNX ``Gather``), and
@@ -97,8 +97,10 @@ def static_topk_conv3d(
     if x.dim() != 5:
         raise ValueError(f"a Conv3d input must be [N, C, T, H, W], got {tuple(x.shape)}")
     _supported(conv, channel_idx is not None)
-    if (out_idx is not None or input_gathered) and conv.groups != 1:
-        raise NotImplementedError("out_idx / input_gathered need a groups == 1 conv")
+    if out_idx is not None and conv.groups != 1:
+        raise NotImplementedError("out_idx needs a groups == 1 conv")
+    if input_gathered and conv.groups not in (1, conv.in_channels):
+        raise NotImplementedError("input_gathered needs a groups == 1 or depthwise conv")
     if input_gathered and (channel_idx is None or x.shape[1] != channel_idx.shape[1]):
         raise ValueError(
             "input_gathered=True needs channel_idx [N, k] and an input holding those k channels, "
