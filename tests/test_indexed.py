@@ -129,6 +129,43 @@ def test_index_plan_leaves_odd_layers_to_the_general_plan(budget):
     assert sorted(CompactPruner(pruner).chains) == ["s", "same", "t"]
 
 
+class _DepthwiseTail(nn.Module):
+    """stem -> 1x1x1 conv -> BN -> ReLU -> depthwise conv (channel multiplier 2) with any
+    padding: a chain into a depthwise consumer the index plan or compact_conv3d runs."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.stem, self.a, self.bn = (
+            nn.Conv3d(3, 8, 3, padding=1),
+            nn.Conv3d(8, 12, 1),
+            nn.BatchNorm3d(12),
+        )
+        pad = {"padding": "same"} if mode == "same" else {"padding": 1, "padding_mode": mode}
+        self.dw = nn.Conv3d(12, 24, (2, 3, 3) if mode == "same" else 3, groups=12, **pad)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        return self.dw(torch.relu(self.bn(self.a(self.stem(x))))).mean((2, 3, 4))
+
+
+@pytest.mark.parametrize("mode", ["zeros", "same", "reflect", "circular"])
+@pytest.mark.parametrize(
+    "dims, n", [(("channel",), 1), (("channel",), 2), (("channel", "frame"), 1)]
+)
+def test_chain_into_a_depthwise_conv_with_any_padding(mode, dims, n):
+    pruner = AdaptivePruner(_DepthwiseTail(mode).eval(), dims=dims, policy="topk", budget=0.3)
+    pruner = _randomized(pruner, 1)
+    clip = torch.randn(n, 3, 4, 9, 9)
+    with torch.no_grad():
+        ref = pruner(clip)
+        for flag in (True, False):
+            fast = CompactPruner(pruner, index_plan=flag)
+            assert list(fast.chains) == ["a"]
+            _close(fast(clip), ref)
+
+
 def _spy(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = executor.IndexedRun
