@@ -194,23 +194,29 @@ def test_topk_export_with_chains_captures_and_runs_in_onnxruntime(tmp_path):
         assert max_abs_error(module(other), got) < 1e-4
 
 
-def test_topk_export_chain_into_a_depthwise_conv(tmp_path):
-    """conv -> BN -> ReLU -> depthwise conv (X3D's conv_a -> conv_b): the producer computes only
-    the depthwise conv's top-k channels, which reads them without a gather; same logits as the
-    pruner eagerly, in torch.export and in onnxruntime, and fewer MACs than without the chain."""
+@pytest.mark.parametrize("net, n", [("small", 1), ("multiplier", 2)])
+def test_topk_export_chain_into_a_depthwise_conv(tmp_path, net, n):
+    """conv -> BN -> ReLU -> depthwise conv (X3D's conv_a -> conv_b; also with a channel
+    multiplier of 2 and two clips): the producer computes only the depthwise conv's top-k
+    channels, which reads them without a gather; same logits as the pruner eagerly, in
+    torch.export and in onnxruntime, and fewer MACs than without the chain."""
     from tests.conftest import SmallNet
+    from tests.test_indexed import _DepthwiseTail
 
     torch.manual_seed(0)
-    pruner = AdaptivePruner(SmallNet(), dims=("channel",), policy="topk", budget=0.4).eval()
+    model = SmallNet() if net == "small" else _DepthwiseTail("zeros")
+    producer, norm, consumer = ("res.0", "res.1", "res.3") if net == "small" else ("a", "bn", "dw")
+    pruner = AdaptivePruner(model, dims=("channel",), policy="topk", budget=0.5).eval()
     with torch.no_grad():  # well-separated scores, non-trivial statistics
         pruner.controller.channel_head.weight.normal_(0.0, 1.0)
-        bn = pruner.model.res[1]
+        bn = pruner.model.get_submodule(norm)
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
-    clip, other = _clip(shape=(1, 3, 4, 16, 16)), _clip(seed=7, shape=(1, 3, 4, 16, 16)) * 2
+    shape = (n, 3, 4, 16, 16)
+    clip, other = _clip(shape=shape), _clip(seed=7, shape=shape) * 2
     module, plan = build_export_module(pruner, "topk", clip)
     _, inputs_only = build_export_module(pruner, "topk", clip, skip_outputs=False)
-    assert module.chains["res.0"].consumer == "res.3"  # res.3: groups == channels
+    assert module.chains[producer].consumer == consumer  # groups == in_channels
     assert plan.executed_macs < inputs_only.executed_macs
     with torch.no_grad():
         ref = pruner(other)
@@ -219,6 +225,27 @@ def test_topk_export_chain_into_a_depthwise_conv(tmp_path):
         path = export_onnx(module, clip, tmp_path / "dw.onnx", opset=18)
         got = torch.from_numpy(run_onnxruntime(path, other))
         assert max_abs_error(ref, got) < 1e-4
+
+
+def test_topk_export_plan_is_the_credited_count():
+    """With output skipping credited (AdaptivePruner(credit_outputs=True)), the topk export's
+    planned MACs are the pruner's count: the same outputs skipped, here along a chain into a
+    depthwise conv."""
+    from tests.conftest import SmallNet
+
+    torch.manual_seed(0)
+    pruner = AdaptivePruner(SmallNet(), dims=("channel",), policy="topk", budget=0.5,
+                            credit_outputs=True).eval()  # fmt: skip
+    with torch.no_grad():
+        pruner.controller.channel_head.weight.normal_(0.0, 1.0)
+    clip = _clip(shape=(1, 3, 4, 16, 16))
+    with torch.no_grad():
+        pruner(clip)
+    credited = int(pruner.last_stats.executed_macs().sum())
+    module, plan = build_export_module(pruner, "topk", clip)
+    assert "res.0" in module.chains and plan.executed_macs == credited
+    _, uncredited = build_export_module(pruner, "topk", clip, skip_outputs=False)
+    assert uncredited.executed_macs > credited
 
 
 def test_topk_export_keeps_chains_whose_norm_uses_batch_statistics():

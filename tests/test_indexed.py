@@ -94,8 +94,9 @@ def test_index_plan_on_r2plus1d_runs_far_fewer_ops():
 
 
 class _OddNet(nn.Module):
-    """Instrumented layers the index plan leaves to compact_conv3d: grouped, depthwise, "same"
-    and reflect padding; a chain from a "same"-padded conv into an ordinary one."""
+    """Instrumented layers the index plan leaves to compact_conv3d (grouped, "same" and reflect
+    padding), a chain from a "same"-padded conv into an ordinary one, and a chain into a
+    depthwise conv (which the index plan runs itself)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -118,7 +119,7 @@ class _OddNet(nn.Module):
 
 
 @pytest.mark.parametrize("budget", [0.2, 0.7])
-def test_index_plan_leaves_odd_layers_to_the_general_plan(budget):
+def test_index_plan_with_odd_layers(budget):
     pruner = _randomized(AdaptivePruner(_OddNet(), dims=("channel",), policy="topk",
                                         budget=budget), 3)  # fmt: skip
     clip = torch.randn(1, 3, 4, 10, 10)
@@ -152,18 +153,32 @@ class _DepthwiseTail(nn.Module):
 
 @pytest.mark.parametrize("mode", ["zeros", "same", "reflect", "circular"])
 @pytest.mark.parametrize(
-    "dims, n", [(("channel",), 1), (("channel",), 2), (("channel", "frame"), 1)]
-)
-def test_chain_into_a_depthwise_conv_with_any_padding(mode, dims, n):
-    pruner = AdaptivePruner(_DepthwiseTail(mode).eval(), dims=dims, policy="topk", budget=0.3)
+    "dims, n, batch_mode",
+    [(("channel",), 1, "group"), (("channel",), 2, "group"), (("channel",), 2, "union"),
+     (("channel", "frame"), 1, "group")],
+)  # fmt: skip
+def test_chain_into_a_depthwise_conv_with_any_padding(mode, dims, n, batch_mode):
+    """Both plans (the index plan where it applies: channels, batch 1, zero padding) equal the
+    masked model; in ``group`` mode the MACs are the exact output-skipping count."""
+    pruner = AdaptivePruner(_DepthwiseTail(mode).eval(), dims=dims, policy="topk", budget=0.8)
     pruner = _randomized(pruner, 1)
-    clip = torch.randn(n, 3, 4, 9, 9)
     with torch.no_grad():
-        ref = pruner(clip)
+        for seed in range(20):  # a batch whose samples keep different channels of dw
+            clip = torch.randn(n, 3, 4, 9, 9, generator=torch.Generator().manual_seed(seed))
+            clip[-1] = clip[-1] * 3 + 1
+            ref = pruner(clip)
+            kept = pruner.last_stats.layers["dw"].masks["channel"] > 0.5
+            if n == 1 or not torch.equal(kept[0], kept[1]):
+                break
+        assert 1 < int(kept[0].sum()) < 12 and (n == 1 or not torch.equal(kept[0], kept[1]))
         for flag in (True, False):
-            fast = CompactPruner(pruner, index_plan=flag)
+            fast = CompactPruner(pruner, index_plan=flag, batch_mode=batch_mode)
             assert list(fast.chains) == ["a"]
-            _close(fast(clip), ref)
+            with count_executed_macs() as macs:
+                y = fast(clip)
+            _close(y, ref)
+            if batch_mode == "group":
+                assert macs.total == _skipped_macs_reference(pruner, fast.chains)
 
 
 def _spy(monkeypatch) -> list[int]:

@@ -178,6 +178,15 @@ def _gatherable_weight(conv: nn.Conv3d) -> torch.Tensor:
     return derived_tensor(conv, "contiguous", (w,), lambda: w.detach().contiguous())
 
 
+def depthwise_rows(channels: torch.Tensor, multiplier: int) -> torch.Tensor:
+    """The output channels (weight rows) of a depthwise conv that read the input ``channels``
+    (``multiplier = C_out / C_in`` consecutive rows each)."""
+    if multiplier == 1:
+        return channels
+    steps = torch.arange(multiplier, device=channels.device)
+    return (channels[:, None] * multiplier + steps).flatten()
+
+
 def _channel_parts(
     conv: nn.Conv3d,
     m_c: torch.Tensor | None,
@@ -205,7 +214,7 @@ def _channel_parts(
     if held is not None and groups > 1:  # depthwise: the kept channels' outputs only
         kept = kept if kept is not None else held  # (kept is within held)
         pos = None if len(kept) == len(held) else torch.searchsorted(held, kept)
-        out_idx = kept if og == 1 else (kept[:, None] * og + torch.arange(og)).flatten()
+        out_idx = depthwise_rows(kept, og)
         bias = b.index_select(0, out_idx) if b is not None else None
         return [_ChannelPart(pos, w.index_select(0, out_idx), bias, out_idx, len(kept))]
     if held is not None:  # groups == 1: read the kept channels at their positions in x
@@ -222,7 +231,7 @@ def _channel_parts(
             weight = weight * (~zeroed).to(w.dtype).view(1, -1, 1, 1, 1)
         return [_ChannelPart(None if full else kept, weight, b, None, 1)]
     if cg == 1:  # depthwise: the kept channels' outputs only
-        out_idx = kept if og == 1 else (kept[:, None] * og + torch.arange(og)).flatten()
+        out_idx = depthwise_rows(kept, og)
         bias = b.index_select(0, out_idx) if b is not None else None
         weight = w.index_select(0, out_idx)
         if zeroed is not None:

@@ -42,6 +42,7 @@ from lightning_dance.execution.compact import (
     _gatherable_weight,
     _geometry,
     _skip_unread,
+    depthwise_rows,
     derived_tensor,
     place_channels,
 )
@@ -160,8 +161,7 @@ def indexed_depthwise(
     g, x, _, _ = _skip_unread(g, x, None, None)
     if not gathered:
         x = _gather(x.contiguous(memory_format=torch.channels_last_3d), None, in_idx)
-    mult = conv.out_channels // conv.in_channels
-    rows = in_idx if mult == 1 else (in_idx[:, None] * mult + torch.arange(mult)).flatten()
+    rows = depthwise_rows(in_idx, conv.out_channels // conv.in_channels)
     b = conv.bias.index_select(0, rows) if conv.bias is not None else None
     w = _gatherable_weight(conv).index_select(0, rows)
     y = _conv(x, w, b, g.stride, g.pad_lo, g.dilation, len(in_idx))

@@ -131,7 +131,7 @@ def fast_conv3d(
         )
     if _is_pointwise(x, weight, padding, groups):
         n, c_out = x.shape[0], weight.shape[0]
-        return F.linear(x.reshape(n, -1), weight.reshape(c_out, -1), bias).view(n, c_out, 1, 1, 1)
+        return F.linear(x.flatten(1), weight.flatten(1), bias).view(n, c_out, 1, 1, 1)
     if fast_kernel_available(x, weight):
         return _mkldnn_conv(
             to_fast_layout(x),
