@@ -563,6 +563,13 @@ def test_static_topk_errors():
     layer = StaticTopKConv3d(nn.Conv3d(8, 8, 3), k_frame=2)
     with pytest.raises(ValueError, match="pass frame_scores"):
         layer(torch.randn(1, 8, 4, 6, 6))
+    dw, idx = nn.Conv3d(8, 8, 3, padding=1, groups=8), torch.tensor([[1, 4]])
+    with pytest.raises(NotImplementedError, match="out_idx needs a groups == 1 conv"):
+        static_topk_conv3d(dw, torch.randn(1, 8, 4, 6, 6), channel_idx=idx, out_idx=idx)
+    x2 = torch.randn(1, 2, 4, 6, 6)  # a depthwise conv reads gathered channels
+    ref = dw(apply_masks(torch.zeros(1, 8, 4, 6, 6).index_copy(1, idx[0], x2),
+                         {"channel": torch.zeros(1, 8).index_fill(1, idx[0], 1.0)}))  # fmt: skip
+    _close(static_topk_conv3d(dw, x2, channel_idx=idx, input_gathered=True), ref)
 
 
 def test_profile_layers_reports_each_masked_layer(small_net):

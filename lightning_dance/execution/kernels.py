@@ -17,7 +17,7 @@ So :func:`fast_conv3d` calls ``torch.ops.aten.mkldnn_convolution`` directly on a
 ``channels_last_3d`` input (converted if needed; the output stays ``channels_last_3d``), and
 falls back to ``F.conv3d`` for what oneDNN does not take here (non-CPU tensors, dtypes other
 than float32/bfloat16, oneDNN disabled). A 1x1x1 conv on a 1x1x1 input (X3D's
-squeeze-excitation convs on pooled features), where a oneDNN call costs ~0.1 ms of fixed
+squeeze-excitation convs on pooled features), where a oneDNN call costs 0.1-0.5 ms of fixed
 overhead, is the matrix product it is (``F.linear``). Both have autograd formulas, so the
 fast path is differentiable too.
 
