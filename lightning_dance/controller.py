@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -237,6 +238,25 @@ class Controller(nn.Module):
         if ctx.budget_logit is None:  # a view: no op per layer and forward
             return logits
         return logits + self._budget_shift(ctx, self.layer_index[layer], "channel")
+
+    def stacked_channel_logits(self, ctx: ControllerContext, layers: Sequence[str]) -> torch.Tensor:
+        """``[N, len(layers), C]``: :meth:`channel_logits` of layers with the same ``C_in``,
+        stacked by one gather (and one budget shift), for a batched ``topk`` over them."""
+        sizes = {self.layer_channels[n] for n in layers}
+        if len(sizes) != 1:
+            raise ValueError(f"stacked_channel_logits needs layers of one width, got {sizes}")
+        cache = self.__dict__.setdefault("_stacked_index", {})  # layers -> their logit columns
+        flat = cache.get(tuple(layers))
+        if flat is None:
+            flat = torch.cat([torch.arange(*self._channel_slices[n]) for n in layers])
+            cache[tuple(layers)] = flat
+        logits = ctx.channel_logits
+        rows = logits.index_select(1, flat.to(logits.device)).view(len(logits), len(layers), -1)
+        if ctx.budget_logit is None:
+            return rows
+        idx = torch.tensor([self.layer_index[n] for n in layers], device=logits.device)
+        scale = self.budget_scale[:, self.dims.index("channel")].index_select(0, idx)
+        return rows + scale.view(1, -1, 1) * ctx.budget_logit.view(-1, 1, 1)
 
     def frame_logits(self, ctx: ControllerContext, layer: str, frames: int) -> torch.Tensor:
         """``[N, frames]`` frame logits of ``layer`` whose input has ``frames`` frames."""

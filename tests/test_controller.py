@@ -118,3 +118,23 @@ def test_statistics_do_not_depend_on_the_memory_layout(shape):
     (g_ref,) = torch.autograd.grad(ref.embedding.square().sum() + ref.motion_map.sum(), x)
     (g_got,) = torch.autograd.grad(got.embedding.square().sum() + got.motion_map.sum(), xc)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_stacked_channel_logits_equal_the_per_layer_ones(conditioned):
+    """The index plan's batched top-k reads layers of one width in one gather: the same values
+    as channel_logits layer by layer, budget shift included (per-layer scales made distinct)."""
+    torch.manual_seed(0)
+    widths = {"a": 6, "b": 4, "c": 6, "d": 6}
+    ctrl = Controller(8, widths, dims=("channel",), budget_conditioned=conditioned)
+    with torch.no_grad():
+        ctrl.channel_head.weight.normal_()
+        if conditioned:
+            ctrl.budget_scale.uniform_(0.5, 2.0)
+    ctx = ctrl(torch.randn(2, 8, 4, 6, 6), 0.3 if conditioned else None)
+    stacked = ctrl.stacked_channel_logits(ctx, ["d", "a", "c"])
+    assert stacked.shape == (2, 3, 6)
+    for i, name in enumerate(["d", "a", "c"]):
+        torch.testing.assert_close(stacked[:, i], ctrl.channel_logits(ctx, name))
+    with pytest.raises(ValueError, match="layers of one width"):
+        ctrl.stacked_channel_logits(ctx, ["a", "b"])

@@ -82,14 +82,16 @@ def topk_indices(pruner: AdaptivePruner, ctx: ControllerContext) -> dict[str, to
     same ``topk`` as the pruner's masks."""
     layers = pruner._layers
     counts = pruner.topk_counts({n: (c.in_channels, 1, 1, 1) for n, c in layers.items()})
-    out: dict[str, torch.Tensor | None] = {}
+    groups: dict[tuple[int, int], list[str]] = {}  # one topk per (width, k): 12 vs 115 on X3D
     for name, conv in layers.items():
         k = counts[name]["channel"]
-        if k >= conv.in_channels:
-            out[name] = None
-        else:
-            top = pruner.controller.channel_logits(ctx, name).topk(k, dim=1).indices[0]
-            out[name] = top.sort().values
+        if k < conv.in_channels:
+            groups.setdefault((conv.in_channels, k), []).append(name)
+    out: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
+    for (_, k), names in groups.items():
+        rows = pruner.controller.stacked_channel_logits(ctx, names)[0]  # [layers, C]
+        kept = rows.topk(k, dim=1).indices.sort(dim=1).values
+        out.update(zip(names, kept.unbind(0), strict=True))
     return out
 
 
