@@ -20,9 +20,11 @@ everything:
 - the stem runs dense; other grouped layers and ``"same"`` or non-zero padding modes go
   through :func:`~lightning_dance.execution.compact_conv3d`'s plan, as in the general plan.
 
-The indices come from the same ``topk`` call on the same scores as the pruner's masks
-(:func:`~lightning_dance.masks.topk_gate`), so the kept channels, the result (up to float
-rounding) and the multiply-adds are the general plan's. :class:`CompactPruner` picks this plan
+The indices come from a ``topk`` on the same scores as the pruner's masks
+(:func:`~lightning_dance.masks.topk_gate`; one call per group of layers of equal width and
+kept count, :meth:`~lightning_dance.controller.Controller.stacked_channel_logits`: 12 calls
+instead of 115 on X3D-XS), so the kept channels, the result (up to float rounding) and the
+multiply-adds are the general plan's. :class:`CompactPruner` picks this plan
 by itself where it applies (:func:`index_plan_applies`).
 """
 
