@@ -245,16 +245,18 @@ class Controller(nn.Module):
         sizes = {self.layer_channels[n] for n in layers}
         if len(sizes) != 1:
             raise ValueError(f"stacked_channel_logits needs layers of one width, got {sizes}")
-        cache = self.__dict__.setdefault("_stacked_index", {})  # layers -> their logit columns
-        flat = cache.get(tuple(layers))
-        if flat is None:
-            flat = torch.cat([torch.arange(*self._channel_slices[n]) for n in layers])
-            cache[tuple(layers)] = flat
         logits = ctx.channel_logits
-        rows = logits.index_select(1, flat.to(logits.device)).view(len(logits), len(layers), -1)
+        # (layers, device) -> their logit columns and layer indices, made once per device
+        cache = self.__dict__.setdefault("_stacked_index", {})
+        key = (tuple(layers), logits.device)
+        if key not in cache:
+            flat = torch.cat([torch.arange(*self._channel_slices[n]) for n in layers])
+            idx = torch.tensor([self.layer_index[n] for n in layers])
+            cache[key] = (flat.to(logits.device), idx.to(logits.device))
+        flat, idx = cache[key]
+        rows = logits.index_select(1, flat).view(len(logits), len(layers), -1)
         if ctx.budget_logit is None:
             return rows
-        idx = torch.tensor([self.layer_index[n] for n in layers], device=logits.device)
         scale = self.budget_scale[:, self.dims.index("channel")].index_select(0, idx)
         return rows + scale.view(1, -1, 1) * ctx.budget_logit.view(-1, 1, 1)
 
