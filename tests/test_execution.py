@@ -295,30 +295,45 @@ def test_fast_conv3d_depthwise_in_channels_last():
     _close(y, F.conv3d(x, w, None, 1, 1, 1, 16))
 
 
-@pytest.mark.parametrize("n, c_in, stride, bias, grad", [
-    (1, 54, 1, True, False), (3, 8, 2, False, False), (2, 5, 1, True, True),
-    (0, 4, 1, True, False)])  # fmt: skip
-def test_fast_conv3d_pointwise_on_pooled_features_is_a_matmul(n, c_in, stride, bias, grad):
-    """Squeeze-excitation convs (1x1x1 on a 1x1x1 input) run as one matrix product, with the
-    same values and gradients as F.conv3d; padding or a larger input keeps the conv."""
-    x = torch.randn(n, c_in, 1, 1, 1, requires_grad=grad)
+@pytest.mark.parametrize("n, c_in, size, stride, bias, grad, channels_last", [
+    (1, 54, (1, 1, 1), 1, True, False, False), (3, 8, (1, 1, 1), 2, False, False, False),
+    (2, 5, (1, 1, 1), 1, True, True, False), (0, 4, (1, 1, 1), 1, True, False, False),
+    (1, 19, (4, 5, 5), 1, False, False, True), (2, 6, (3, 7, 6), 1, True, True, False),
+    (1, 8, (4, 9, 8), 2, True, False, True), (1, 8, (5, 6, 7), (1, 2, 3), False, True, True),
+    (0, 4, (2, 3, 3), 1, True, False, True)])  # fmt: skip
+def test_fast_conv3d_pointwise_is_a_matmul(n, c_in, size, stride, bias, grad, channels_last):
+    """1x1x1 convs (squeeze-excitation convs on pooled features, X3D's bottleneck convs) run
+    as one matrix product, any stride, with the same values and gradients as F.conv3d and a
+    channels_last_3d output; padding or grouping keeps the conv."""
+    x = torch.randn(n, c_in, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    x.requires_grad_(grad)
     w = torch.randn(7, c_in, 1, 1, 1, requires_grad=grad)
     b = torch.randn(7, requires_grad=grad) if bias else None
     names = _kernels(lambda: fast_conv3d(x, w, b, stride, 0))
     assert "aten::mkldnn_convolution" not in names and "aten::slow_conv3d" not in names
+    assert {"aten::addmm", "aten::mm"} & names
     y, ref = fast_conv3d(x, w, b, stride, 0), F.conv3d(x, w, b, stride, 0)
-    assert y.shape == ref.shape == (n, 7, 1, 1, 1)  # also an empty batch
+    assert y.shape == ref.shape and y.shape[:2] == (n, 7)  # also an empty batch
+    assert y.is_contiguous(memory_format=CL)
     if n:
         _close(y, ref)
     if grad:
-        (g,) = torch.autograd.grad((y * ref.detach()).sum(), [w])
-        (g_ref,) = torch.autograd.grad((ref * ref.detach()).sum(), [w])
-        _close(g, g_ref)
+        g = torch.autograd.grad((y * ref.detach()).sum(), [x, w])
+        g_ref = torch.autograd.grad((ref * ref.detach()).sum(), [x, w])
+        for a, r in zip(g, g_ref, strict=True):
+            _close(a, r)
     m = max(n, 1)
-    for x2, pad in ((torch.randn(m, c_in, 1, 1, 1), 1), (torch.randn(m, c_in, 2, 1, 1), 0)):
-        run = functools.partial(fast_conv3d, x2, w, b, 1, pad)
+    x2 = torch.randn(m, c_in, *size)
+    w2 = torch.randn(c_in, 1, 1, 1, 1)
+    for run, ref2 in (
+        (functools.partial(fast_conv3d, x2, w, b, 1, 1), F.conv3d(x2, w, b, 1, 1)),
+        (functools.partial(fast_conv3d, x2, w2, None, 1, 0, 1, c_in),
+         F.conv3d(x2, w2, None, 1, 0, 1, c_in)),
+    ):  # fmt: skip
         assert "aten::mkldnn_convolution" in _kernels(run)
-        _close(run(), F.conv3d(x2, w, b, 1, pad))
+        _close(run(), ref2)
 
 
 def test_fast_conv3d_rejects_string_padding():

@@ -16,9 +16,12 @@ Measured on this project's CPU (AMD EPYC, AVX-512, torch 2.15; see
 So :func:`fast_conv3d` calls ``torch.ops.aten.mkldnn_convolution`` directly on a
 ``channels_last_3d`` input (converted if needed; the output stays ``channels_last_3d``), and
 falls back to ``F.conv3d`` for what oneDNN does not take here (non-CPU tensors, dtypes other
-than float32/bfloat16, oneDNN disabled). A 1x1x1 conv on a 1x1x1 input (X3D's
-squeeze-excitation convs on pooled features), where a oneDNN call costs 0.1-0.5 ms of fixed
-overhead, is the matrix product it is (``F.linear``). Both have autograd formulas, so the
+than float32/bfloat16, oneDNN disabled). A 1x1x1 conv (``groups == 1``, no padding) is the
+matrix product it is: ``F.linear`` over the ``[N, T, H, W, C]`` view of a ``channels_last_3d``
+input (output ``channels_last_3d``), a GEMM with ~10 us of fixed cost instead of a oneDNN call's
+~0.1 ms: on pooled features (X3D's squeeze-excitation convs) 10-50x faster, and 0.5-0.95x of
+oneDNN's time on X3D's bottleneck convs, pruned counts most (two threads, e.g. 77 -> 173
+channels on 4x5x5: 58 vs 112 us; ``docs/execution.md``). Both have autograd formulas, so the
 fast path is differentiable too.
 
 Example:
@@ -92,14 +95,33 @@ def _bf16_supported() -> bool:
 def _is_pointwise(
     x: torch.Tensor, weight: torch.Tensor, padding: int | Sequence[int], groups: int
 ) -> bool:
-    """A 1x1x1 conv, ``groups == 1``, no padding, on a 1x1x1 input (squeeze-excitation convs on
-    pooled features): a matrix product, ~10 us instead of a oneDNN call's 0.1-0.5 ms here."""
+    """A 1x1x1 conv, ``groups == 1``, no padding, that :func:`_pointwise` runs as a matrix
+    product: on a 1x1x1 input (squeeze-excitation convs on pooled features) on any device, on
+    larger inputs where the fast CPU kernels apply (GEMM beats oneDNN there, see module doc)."""
     return (
         groups == 1
-        and x.shape[2:] == (1, 1, 1)
         and weight.shape[2:] == (1, 1, 1)
         and all(p == 0 for p in _triple(padding))
+        and (x.shape[2:] == (1, 1, 1) or fast_kernel_available(x, weight))
     )
+
+
+def _pointwise(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | Sequence[int],
+) -> torch.Tensor:
+    """A 1x1x1 conv without padding as ``F.linear`` over channels (any stride: a 1x1x1 kernel
+    reads every ``s``-th position only). Output ``channels_last_3d``."""
+    s = _triple(stride)
+    if s != [1, 1, 1]:
+        x = x[:, :, :: s[0], :: s[1], :: s[2]]
+    if x.shape[2:] == (1, 1, 1):  # pooled features: no layout to keep
+        n = x.shape[0]
+        return F.linear(x.flatten(1), weight.flatten(1), bias).view(n, weight.shape[0], 1, 1, 1)
+    y = F.linear(to_fast_layout(x).permute(0, 2, 3, 4, 1), weight.flatten(1), bias)
+    return y.permute(0, 4, 1, 2, 3)  # [N, T, H, W, C_out] contiguous: channels_last_3d
 
 
 def to_fast_layout(x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +152,7 @@ def fast_conv3d(
             f"{tuple(weight.shape)}"
         )
     if _is_pointwise(x, weight, padding, groups):
-        n, c_out = x.shape[0], weight.shape[0]
-        return F.linear(x.flatten(1), weight.flatten(1), bias).view(n, c_out, 1, 1, 1)
+        return _pointwise(x, weight, bias, stride)
     if fast_kernel_available(x, weight):
         return _mkldnn_conv(
             to_fast_layout(x),
