@@ -23,7 +23,14 @@ from lightning_dance.execution.indexed import (
 )
 from lightning_dance.masks import apply_masks
 from tests.conftest import SmallNet
-from tests.test_execution import CL, ChainNet, _close, _randomized, _skipped_macs_reference
+from tests.test_execution import (
+    CL,
+    ChainNet,
+    _close,
+    _kernels,
+    _randomized,
+    _skipped_macs_reference,
+)
 
 
 def _both_plans(pruner: AdaptivePruner, clip: torch.Tensor):
@@ -255,22 +262,33 @@ def test_index_plan_errors():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("stride", [1, 2])
-def test_indexed_conv3d_against_the_masked_conv(bias, stride):
-    """One conv: kept inputs in any order, chosen outputs in any order, gathered inputs."""
-    torch.manual_seed(stride)
-    conv = nn.Conv3d(10, 7, (3, 1, 1) if stride == 1 else 1, stride=stride,
-                     padding=(1, 0, 0) if stride == 1 else 0, bias=bias)  # fmt: skip
+@pytest.mark.parametrize("kernel, stride, padding", [
+    ((3, 1, 1), 1, (1, 0, 0)), (1, 2, 0), (1, 1, 0), (1, (2, 1, 1), 0)])  # fmt: skip
+def test_indexed_conv3d_against_the_masked_conv(bias, kernel, stride, padding):
+    """One conv: kept inputs in any order, chosen outputs in any order, gathered inputs; 1x1x1
+    convs run as a GEMM from the gathered weight rows, with the same values and MACs."""
+    torch.manual_seed(3)
+    conv = nn.Conv3d(10, 7, kernel, stride=stride, padding=padding, bias=bias)
     x = torch.randn(1, 10, 4, 6, 6)
     in_idx, out_idx = torch.tensor([7, 0, 3, 9]), torch.tensor([5, 1, 2])
     mask = torch.zeros(1, 10).index_fill_(1, in_idx, 1.0)
     ref = conv(apply_masks(x, {"channel": mask}))
+    kvol = conv.kernel_size[0] * conv.kernel_size[1] * conv.kernel_size[2]
     with torch.no_grad():
-        _close(indexed_conv3d(conv, x, in_idx), ref)
-        _close(indexed_conv3d(conv, x, in_idx, out_idx), ref[:, out_idx])
+        with count_executed_macs() as macs:
+            _close(indexed_conv3d(conv, x, in_idx), ref)
+        assert macs.total == ref.numel() * len(in_idx) * kvol
+        with count_executed_macs() as macs:
+            _close(indexed_conv3d(conv, x, in_idx, out_idx), ref[:, out_idx])
+        assert macs.total == ref[:, out_idx].numel() * len(in_idx) * kvol
         _close(indexed_conv3d(conv, x[:, in_idx], in_idx, out_idx, gathered=True), ref[:, out_idx])
         _close(indexed_conv3d(conv, x, None, out_idx), conv(x)[:, out_idx])
-        assert indexed_conv3d(conv, x, in_idx).is_contiguous(memory_format=CL)
+        for y in (indexed_conv3d(conv, x, in_idx), indexed_conv3d(conv, x, in_idx, out_idx)):
+            assert y.is_contiguous(memory_format=CL)
+    names = _kernels(lambda: indexed_conv3d(conv, x, in_idx, out_idx))
+    gemm = kvol == 1 and torch.backends.mkldnn.is_available()
+    assert ("aten::mkldnn_convolution" in names) != gemm
+    assert bool({"aten::mm", "aten::addmm"} & names) == gemm
 
 
 @pytest.mark.parametrize("mult", [1, 2])

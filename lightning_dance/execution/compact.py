@@ -112,14 +112,19 @@ def count_executed_macs() -> Iterator[ExecutedMacs]:
         _counters.remove(counter)
 
 
-def _conv(x, w, b, stride, padding, dilation, groups) -> torch.Tensor:
-    y = fast_conv3d(x, w, b, stride, padding, dilation, groups)
+def _counted(y: torch.Tensor, macs_per_output: int) -> torch.Tensor:
+    """``y``, with its multiply-adds added to the active :func:`count_executed_macs`."""
     if _counters:
-        macs = y.numel() * w.shape[1] * w.shape[2] * w.shape[3] * w.shape[4]
+        macs = y.numel() * macs_per_output
         for c in _counters:
             c.total += macs
             c.calls += 1
     return y
+
+
+def _conv(x, w, b, stride, padding, dilation, groups) -> torch.Tensor:
+    y = fast_conv3d(x, w, b, stride, padding, dilation, groups)
+    return _counted(y, w.shape[1] * w.shape[2] * w.shape[3] * w.shape[4])
 
 
 # ----------------------------------------------------------------------------- plans

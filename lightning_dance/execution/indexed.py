@@ -40,6 +40,7 @@ from lightning_dance.execution.compact import (
     _bias_filled,
     _compact_conv3d,
     _conv,
+    _counted,
     _gather,
     _gatherable_weight,
     _geometry,
@@ -48,12 +49,17 @@ from lightning_dance.execution.compact import (
     derived_tensor,
     place_channels,
 )
-from lightning_dance.execution.kernels import conv3d_fast_forward
+from lightning_dance.execution.kernels import (
+    conv3d_fast_forward,
+    fast_kernel_available,
+    pointwise_from_columns,
+)
 
 if TYPE_CHECKING:
     from lightning_dance.aap import AdaptivePruner
     from lightning_dance.controller import ControllerContext
     from lightning_dance.execution.chains import ChannelChain
+    from lightning_dance.macs import ConvGeometry
 
 __all__ = [
     "IndexedRun",
@@ -142,16 +148,31 @@ def indexed_conv3d(
     if in_idx is not None and not gathered:
         x = _gather(x.contiguous(memory_format=torch.channels_last_3d), None, in_idx)
     w, b = conv.weight, conv.bias
+    if out_idx is not None and b is not None:
+        b = b.index_select(0, out_idx)
     if in_idx is not None:
         cols = _input_major_weight(conv).index_select(0, in_idx)
         if out_idx is not None:
             cols = cols.index_select(1, out_idx)
+        if _pointwise(conv, g, x):  # a GEMM straight from the gathered rows
+            y = pointwise_from_columns(x, cols.view(len(in_idx), -1), b)
+            return _counted(y, len(in_idx))
         w = cols.transpose(0, 1)
     elif out_idx is not None:
         w = _gatherable_weight(conv).index_select(0, out_idx)
-    if out_idx is not None and b is not None:
-        b = b.index_select(0, out_idx)
     return _conv(x, w, b, g.stride, g.pad_lo, g.dilation, 1)
+
+
+def _pointwise(conv: nn.Conv3d, g: ConvGeometry, x: torch.Tensor) -> bool:
+    """A 1x1x1 conv with stride 1 and no padding (after :func:`_skip_unread`), on the CPU
+    kernels: :func:`~lightning_dance.execution.kernels.pointwise_from_columns` runs it."""
+    return (
+        conv.kernel_size == (1, 1, 1)
+        and g.stride == (1, 1, 1)
+        and not any(g.pad_lo)
+        and not any(g.pad_hi)
+        and fast_kernel_available(x, conv.weight)
+    )
 
 
 def indexed_depthwise(

@@ -51,6 +51,7 @@ __all__ = [
     "accelerate_dense",
     "fast_conv3d",
     "fast_kernel_available",
+    "pointwise_from_columns",
     "route_conv3d",
     "to_fast_layout",
 ]
@@ -122,6 +123,18 @@ def _pointwise(
         return F.linear(x.flatten(1), weight.flatten(1), bias).view(n, weight.shape[0], 1, 1, 1)
     y = F.linear(to_fast_layout(x).permute(0, 2, 3, 4, 1), weight.flatten(1), bias)
     return y.permute(0, 4, 1, 2, 3)  # [N, T, H, W, C_out] contiguous: channels_last_3d
+
+
+def pointwise_from_columns(
+    x: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A 1x1x1 conv (stride 1, no padding) given its weight as ``columns = weight[:, :, 0, 0,
+    0].T`` (``[C_in, C_out]``, e.g. rows gathered from an input-channel-major weight copy): one
+    GEMM, no weight transpose or copy. Output ``channels_last_3d``."""
+    n, c, t, h, w = x.shape
+    rows = to_fast_layout(x).permute(0, 2, 3, 4, 1).reshape(n * t * h * w, c)
+    y = torch.mm(rows, columns) if bias is None else torch.addmm(bias, rows, columns)
+    return y.view(n, t, h, w, columns.shape[1]).permute(0, 4, 1, 2, 3)
 
 
 def to_fast_layout(x: torch.Tensor) -> torch.Tensor:
