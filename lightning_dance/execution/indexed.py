@@ -145,8 +145,6 @@ def indexed_conv3d(
     the output is ``channels_last_3d``."""
     g = _geometry(conv, (conv.in_channels, *x.shape[2:]))
     g, x, _, _ = _skip_unread(g, x, None, None)
-    if in_idx is not None and not gathered:
-        x = _gather(x.contiguous(memory_format=torch.channels_last_3d), None, in_idx)
     w, b = conv.weight, conv.bias
     if out_idx is not None and b is not None:
         b = b.index_select(0, out_idx)
@@ -154,9 +152,12 @@ def indexed_conv3d(
         cols = _input_major_weight(conv).index_select(0, in_idx)
         if out_idx is not None:
             cols = cols.index_select(1, out_idx)
-        if _pointwise(conv, g, x):  # a GEMM straight from the gathered rows
-            y = pointwise_from_columns(x, cols.view(len(in_idx), -1), b)
-            return _counted(y, len(in_idx))
+        k = in_idx.shape[0]
+        if _pointwise(conv, g, x):  # one gather + one GEMM on the pixels x channels view
+            y = pointwise_from_columns(x, cols.view(k, -1), b, None if gathered else in_idx)
+            return _counted(y, k)
+        if not gathered:
+            x = _gather(x.contiguous(memory_format=torch.channels_last_3d), None, in_idx)
         w = cols.transpose(0, 1)
     elif out_idx is not None:
         w = _gatherable_weight(conv).index_select(0, out_idx)

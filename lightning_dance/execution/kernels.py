@@ -53,6 +53,7 @@ __all__ = [
     "fast_kernel_available",
     "pointwise_from_columns",
     "route_conv3d",
+    "take_columns",
     "to_fast_layout",
 ]
 
@@ -125,14 +126,30 @@ def _pointwise(
     return y.permute(0, 4, 1, 2, 3)  # [N, T, H, W, C_out] contiguous: channels_last_3d
 
 
+def take_columns(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``rows[:, idx]`` of a contiguous ``[R, C]`` (e.g. the pixels x channels view of a
+    ``channels_last_3d`` activation): ``torch.gather`` with a broadcast index is 1.2-2.3x
+    faster than ``index_select`` on dim 1 for many rows (parallel over rows; measured 25088x32
+    -> 12 columns, 2 threads: 0.21 vs 0.47 ms), a little slower for a few rows."""
+    if rows.shape[0] < 256:
+        return rows.index_select(1, idx)
+    return torch.gather(rows, 1, idx.view(1, -1).expand(rows.shape[0], -1))
+
+
 def pointwise_from_columns(
-    x: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    columns: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    channels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A 1x1x1 conv (stride 1, no padding) given its weight as ``columns = weight[:, :, 0, 0,
-    0].T`` (``[C_in, C_out]``, e.g. rows gathered from an input-channel-major weight copy): one
-    GEMM, no weight transpose or copy. Output ``channels_last_3d``."""
+    0].T`` (``[C_in, C_out]``, e.g. rows gathered from an input-channel-major weight copy), on
+    the input channels ``channels`` of ``x`` (``None``: all): one channel gather and one GEMM
+    on the pixels x channels view, no weight transpose or copy. Output ``channels_last_3d``."""
     n, c, t, h, w = x.shape
     rows = to_fast_layout(x).permute(0, 2, 3, 4, 1).reshape(n * t * h * w, c)
+    if channels is not None:
+        rows = take_columns(rows, channels)
     y = torch.mm(rows, columns) if bias is None else torch.addmm(bias, rows, columns)
     return y.view(n, t, h, w, columns.shape[1]).permute(0, 4, 1, 2, 3)
 
