@@ -11,10 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
+import lightning_dance.execution.compact as compact
 import lightning_dance.execution.executor as executor
 import lightning_dance.execution.indexed as indexed
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.execution import CompactPruner, count_executed_macs
+from lightning_dance.execution.compact import kept_weight
 from lightning_dance.execution.indexed import (
     indexed_conv3d,
     indexed_depthwise,
@@ -289,6 +291,30 @@ def test_indexed_conv3d_against_the_masked_conv(bias, kernel, stride, padding):
     gemm = kvol == 1 and torch.backends.mkldnn.is_available()
     assert ("aten::mkldnn_convolution" in names) != gemm
     assert bool({"aten::mm", "aten::addmm"} & names) == gemm
+
+
+@pytest.mark.parametrize("flat_min", [0, 10**9])  # one flat row gather / two index_selects
+@pytest.mark.parametrize("in_idx, out_idx", [
+    ([7, 0, 3, 9], [5, 1, 2]), ([1, 2], None), (None, [6, 0]), (None, None)])  # fmt: skip
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_kept_weight_is_the_kept_block(monkeypatch, flat_min, in_idx, out_idx, channels_last):
+    """The kept block of the weight, contiguous, whichever gather runs; in-place weight
+    updates are seen (cached copies are renewed)."""
+    monkeypatch.setattr(compact, "FLAT_GATHER_MIN", flat_min)
+    conv = nn.Conv3d(10, 7, (3, 1, 2))
+    if channels_last:
+        conv = conv.to(memory_format=CL)
+    i = None if in_idx is None else torch.tensor(in_idx)
+    o = None if out_idx is None else torch.tensor(out_idx)
+    for _ in range(2):
+        ref = conv.weight.detach()
+        ref = ref if o is None else ref[o]
+        ref = ref if i is None else ref[:, i]
+        with torch.no_grad():
+            w = kept_weight(conv, i, o)
+        assert w.is_contiguous() and torch.equal(w, ref)
+        with torch.no_grad():
+            conv.weight.mul_(-2.0)
 
 
 @pytest.mark.parametrize("mult", [1, 2])

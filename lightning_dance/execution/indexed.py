@@ -7,9 +7,10 @@ as much as a fifth of its pruned latency on a 2-core CPU. With the ``topk``
 policy, channels the only pruned dim and one clip, the ``k`` highest scores of each layer say
 everything:
 
-- a layer gathers its kept input channels and the matching weight columns from a cached
-  input-channel-major copy of the weight (a row gather there: ~3x faster than a column gather
-  of the conv weight);
+- a layer gathers its kept input channels, and its kept block of the weight straight into
+  the contiguous layout the kernel reads (:func:`~lightning_dance.execution.compact.kept_weight`:
+  rows then columns of an NCDHW copy, or one row gather on a flat view for large weights); a
+  1x1x1 conv is one gather and one GEMM on the pixels x channels view;
 - a channel-chain producer (:mod:`~lightning_dance.execution.chains`) computes only its
   consumer's kept channels (sorted, like every index here); each BatchNorm in between applies its
   precomputed scale and shift, gathered once (:func:`indexed_norm`: one ``index_select`` and
@@ -47,6 +48,7 @@ from lightning_dance.execution.compact import (
     _skip_unread,
     depthwise_rows,
     derived_tensor,
+    kept_weight,
     place_channels,
 )
 from lightning_dance.execution.kernels import (
@@ -103,17 +105,6 @@ def topk_indices(pruner: AdaptivePruner, ctx: ControllerContext) -> dict[str, to
     return out
 
 
-def _input_major_weight(conv: nn.Conv3d) -> torch.Tensor:
-    """``conv.weight`` as ``[C_in, C_out, kT, kH, kW]`` (contiguous; cached): kept input channels
-    are then rows."""
-    return derived_tensor(
-        conv,
-        "input_major",
-        (conv.weight,),
-        lambda: conv.weight.detach().transpose(0, 1).contiguous(),
-    )
-
-
 def norm_scale_shift(bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
     """An eval BatchNorm as a per-channel affine map ``x * scale + shift`` (``[C]`` each; plain
     tensor ops, traceable for export)."""
@@ -145,22 +136,17 @@ def indexed_conv3d(
     the output is ``channels_last_3d``."""
     g = _geometry(conv, (conv.in_channels, *x.shape[2:]))
     g, x, _, _ = _skip_unread(g, x, None, None)
-    w, b = conv.weight, conv.bias
+    b = conv.bias
     if out_idx is not None and b is not None:
         b = b.index_select(0, out_idx)
+    w = kept_weight(conv, in_idx, out_idx)
     if in_idx is not None:
-        cols = _input_major_weight(conv).index_select(0, in_idx)
-        if out_idx is not None:
-            cols = cols.index_select(1, out_idx)
-        k = in_idx.shape[0]
         if _pointwise(conv, g, x):  # one gather + one GEMM on the pixels x channels view
-            y = pointwise_from_columns(x, cols.view(k, -1), b, None if gathered else in_idx)
-            return _counted(y, k)
+            columns = w.view(w.shape[0], w.shape[1]).t()
+            y = pointwise_from_columns(x, columns, b, None if gathered else in_idx)
+            return _counted(y, w.shape[1])
         if not gathered:
             x = _gather(x.contiguous(memory_format=torch.channels_last_3d), None, in_idx)
-        w = cols.transpose(0, 1)
-    elif out_idx is not None:
-        w = _gatherable_weight(conv).index_select(0, out_idx)
     return _conv(x, w, b, g.stride, g.pad_lo, g.dilation, 1)
 
 
