@@ -293,14 +293,14 @@ def test_indexed_conv3d_against_the_masked_conv(bias, kernel, stride, padding):
     assert bool({"aten::mm", "aten::addmm"} & names) == gemm
 
 
-@pytest.mark.parametrize("flat_min", [0, 10**9])  # one flat row gather / two index_selects
+@pytest.mark.parametrize("cl_min", [0, 10**9])  # channels_last gather / NCDHW index_selects
 @pytest.mark.parametrize("in_idx, out_idx", [
     ([7, 0, 3, 9], [5, 1, 2]), ([1, 2], None), (None, [6, 0]), (None, None)])  # fmt: skip
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_kept_weight_is_the_kept_block(monkeypatch, flat_min, in_idx, out_idx, channels_last):
-    """The kept block of the weight, contiguous, whichever gather runs; in-place weight
-    updates are seen (cached copies are renewed)."""
-    monkeypatch.setattr(compact, "FLAT_GATHER_MIN", flat_min)
+def test_kept_weight_is_the_kept_block(monkeypatch, cl_min, in_idx, out_idx, channels_last):
+    """The kept block of the weight, contiguous in the layout of the gather that ran; in-place
+    weight updates are seen (cached copies are renewed)."""
+    monkeypatch.setattr(compact, "CHANNELS_LAST_GATHER_MIN", cl_min)
     conv = nn.Conv3d(10, 7, (3, 1, 2))
     if channels_last:
         conv = conv.to(memory_format=CL)
@@ -312,7 +312,8 @@ def test_kept_weight_is_the_kept_block(monkeypatch, flat_min, in_idx, out_idx, c
         ref = ref if i is None else ref[:, i]
         with torch.no_grad():
             w = kept_weight(conv, i, o)
-        assert w.is_contiguous() and torch.equal(w, ref)
+        layout = CL if cl_min == 0 and i is not None else torch.contiguous_format
+        assert w.is_contiguous(memory_format=layout) and torch.equal(w, ref)
         with torch.no_grad():
             conv.weight.mul_(-2.0)
 

@@ -183,33 +183,43 @@ def _gatherable_weight(conv: nn.Conv3d) -> torch.Tensor:
     return derived_tensor(conv, "contiguous", (w,), lambda: w.detach().contiguous())
 
 
-#: Weights of at least this many elements gather their kept block with one row gather on the
-#: ``[C_out * C_in, kT * kH * kW]`` view (one pass, two small index ops) rather than two
-#: ``index_select`` calls (two passes). Measured, two threads, keep 0.4 of each side:
-#: 72x32x1x3x3 10 vs 24 us, 128x288x3x1x1 32 vs 49 us, 288x128x1x3x3 47 vs 48 us,
-#: 256x576x3x1x1 174 vs 152 us, 576x256x1x3x3 297 vs 189 us.
-FLAT_GATHER_MIN = 400_000
+#: Weights of at least this many elements gather their kept block in ``channels_last_3d``
+#: (rows of an ``[C_out, kT, kH, kW, C_in]`` copy, then its innermost columns): what oneDNN reads
+#: from a ``channels_last_3d`` input, so it makes no copy of its own. Smaller ones gather rows
+#: then columns of the NCDHW copy, faster even with oneDNN's copy. Measured, two threads, keep
+#: 0.4 of each side, both including oneDNN's copy: 72x32x1x3x3 14 vs 19 us, 144x64x1x3x3 44 vs
+#: 56 us, 288x128x1x3x3 74 vs 76 us, 256x576x3x1x1 204 vs 136 us; input channels only:
+#: 576x256x1x3x3 697 vs 394 us, 256x576x3x1x1 413 vs 137 us.
+CHANNELS_LAST_GATHER_MIN = 400_000
 
 
 def kept_weight(
     conv: nn.Conv3d, in_idx: torch.Tensor | None, out_idx: torch.Tensor | None
 ) -> torch.Tensor:
-    """``conv.weight[out_idx][:, in_idx]`` (``None``: all), contiguous ``[k_out, k_in, kT, kH,
-    kW]``: the layout oneDNN and the GEMM read, so no further copy. ``groups == 1``."""
+    """``conv.weight[out_idx][:, in_idx]`` (``None``: all), ``[k_out, k_in, kT, kH, kW]``,
+    contiguous in the layout the kernel reads (see :data:`CHANNELS_LAST_GATHER_MIN`; a 1x1x1
+    kernel is contiguous in both). ``groups == 1``."""
     w = _gatherable_weight(conv)
     if in_idx is None:
         return w if out_idx is None else w.index_select(0, out_idx)
-    if w.numel() < FLAT_GATHER_MIN:
+    if w.numel() < CHANNELS_LAST_GATHER_MIN:
         return (w if out_idx is None else w.index_select(0, out_idx)).index_select(1, in_idx)
-    c_out, c_in = w.shape[:2]
-    if out_idx is None:
-        starts = derived_tensor(conv, "row_starts", (conv.weight,),
-                                lambda: torch.arange(0, c_out * c_in, c_in, device=w.device))  # fmt: skip
-    else:
-        starts = out_idx * c_in
-    flat = (starts.view(-1, 1) + in_idx).view(-1)
-    block = w.view(c_out * c_in, -1).index_select(0, flat)
-    return block.view(starts.shape[0], in_idx.shape[0], *w.shape[2:])
+    c_out, c_in, *kernel = w.shape
+    w = _channels_last_weight(conv)  # [C_out, kT, kH, kW, C_in], contiguous
+    if out_idx is not None:
+        w = w.index_select(0, out_idx)
+    block = take_columns(w.view(-1, c_in), in_idx).view(w.shape[0], *kernel, in_idx.shape[0])
+    return block.permute(0, 4, 1, 2, 3)
+
+
+def _channels_last_weight(conv: nn.Conv3d) -> torch.Tensor:
+    """``conv.weight`` as a contiguous ``[C_out, kT, kH, kW, C_in]`` (a view of a
+    ``channels_last_3d`` weight; else a cached copy, renewed when the weight changes)."""
+    w = conv.weight.detach()
+    if w.is_contiguous(memory_format=_CL):
+        return w.permute(0, 2, 3, 4, 1)
+    return derived_tensor(conv, "channels_last", (conv.weight,),
+                          lambda: w.permute(0, 2, 3, 4, 1).contiguous())  # fmt: skip
 
 
 def depthwise_rows(channels: torch.Tensor, multiplier: int) -> torch.Tensor:

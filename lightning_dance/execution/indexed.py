@@ -9,7 +9,7 @@ everything:
 
 - a layer gathers its kept input channels, and its kept block of the weight straight into
   the contiguous layout the kernel reads (:func:`~lightning_dance.execution.compact.kept_weight`:
-  rows then columns of an NCDHW copy, or one row gather on a flat view for large weights); a
+  rows then columns of an NCDHW copy, or of a ``channels_last_3d`` one for large weights); a
   1x1x1 conv is one gather and one GEMM on the pixels x channels view;
 - a channel-chain producer (:mod:`~lightning_dance.execution.chains`) computes only its
   consumer's kept channels (sorted, like every index here); each BatchNorm in between applies its
