@@ -143,7 +143,7 @@ def pointwise_from_columns(
     channels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A 1x1x1 conv (stride 1, no padding) given its weight as ``columns = weight[:, :, 0, 0,
-    0].T`` (``[C_in, C_out]``, e.g. rows gathered from an input-channel-major weight copy), on
+    0].T`` (``[C_in, C_out]``, e.g. the transposed view of a gathered weight block), on
     the input channels ``channels`` of ``x`` (``None``: all): one channel gather and one GEMM
     on the pixels x channels view, no weight transpose or copy. Output ``channels_last_3d``."""
     n, c, t, h, w = x.shape
