@@ -266,9 +266,12 @@ def test_index_plan_errors():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kernel, stride, padding", [
     ((3, 1, 1), 1, (1, 0, 0)), (1, 2, 0), (1, 1, 0), (1, (2, 1, 1), 0)])  # fmt: skip
-def test_indexed_conv3d_against_the_masked_conv(bias, kernel, stride, padding):
+@pytest.mark.parametrize("cl_min", [0, compact.CHANNELS_LAST_GATHER_MIN])
+def test_indexed_conv3d_against_the_masked_conv(monkeypatch, bias, kernel, stride, padding, cl_min):
     """One conv: kept inputs in any order, chosen outputs in any order, gathered inputs; 1x1x1
-    convs run as a GEMM from the gathered weight rows, with the same values and MACs."""
+    convs run as a GEMM from the gathered weight rows, with the same values and MACs; weight
+    blocks gathered in either layout."""
+    monkeypatch.setattr(compact, "CHANNELS_LAST_GATHER_MIN", cl_min)
     torch.manual_seed(3)
     conv = nn.Conv3d(10, 7, kernel, stride=stride, padding=padding, bias=bias)
     x = torch.randn(1, 10, 4, 6, 6)
