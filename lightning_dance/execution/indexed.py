@@ -52,8 +52,8 @@ from lightning_dance.execution.compact import (
     place_channels,
 )
 from lightning_dance.execution.kernels import (
+    _is_pointwise,
     conv3d_fast_forward,
-    fast_kernel_available,
     pointwise_from_columns,
 )
 
@@ -61,7 +61,6 @@ if TYPE_CHECKING:
     from lightning_dance.aap import AdaptivePruner
     from lightning_dance.controller import ControllerContext
     from lightning_dance.execution.chains import ChannelChain
-    from lightning_dance.macs import ConvGeometry
 
 __all__ = [
     "IndexedRun",
@@ -141,25 +140,14 @@ def indexed_conv3d(
         b = b.index_select(0, out_idx)
     w = kept_weight(conv, in_idx, out_idx)
     if in_idx is not None:
-        if _pointwise(conv, g, x):  # one gather + one GEMM on the pixels x channels view
+        if g.stride == (1, 1, 1) and _is_pointwise(x, conv.weight, g.pad_lo, 1):
+            # one gather + one GEMM on the pixels x channels view
             columns = w.view(w.shape[0], w.shape[1]).t()
             y = pointwise_from_columns(x, columns, b, None if gathered else in_idx)
             return _counted(y, w.shape[1])
         if not gathered:
             x = _gather(x.contiguous(memory_format=torch.channels_last_3d), None, in_idx)
     return _conv(x, w, b, g.stride, g.pad_lo, g.dilation, 1)
-
-
-def _pointwise(conv: nn.Conv3d, g: ConvGeometry, x: torch.Tensor) -> bool:
-    """A 1x1x1 conv with stride 1 and no padding (after :func:`_skip_unread`), on the CPU
-    kernels: :func:`~lightning_dance.execution.kernels.pointwise_from_columns` runs it."""
-    return (
-        conv.kernel_size == (1, 1, 1)
-        and g.stride == (1, 1, 1)
-        and not any(g.pad_lo)
-        and not any(g.pad_hi)
-        and fast_kernel_available(x, conv.weight)
-    )
 
 
 def indexed_depthwise(
