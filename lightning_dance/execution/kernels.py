@@ -114,16 +114,13 @@ def _pointwise(
     bias: torch.Tensor | None,
     stride: int | Sequence[int],
 ) -> torch.Tensor:
-    """A 1x1x1 conv without padding as ``F.linear`` over channels (any stride: a 1x1x1 kernel
-    reads every ``s``-th position only). Output ``channels_last_3d``."""
+    """A 1x1x1 conv without padding as one GEMM over channels
+    (:func:`pointwise_from_columns`; any stride: a 1x1x1 kernel reads every ``s``-th position
+    only). Output ``channels_last_3d``."""
     s = _triple(stride)
     if s != [1, 1, 1]:
         x = x[:, :, :: s[0], :: s[1], :: s[2]]
-    if x.shape[2:] == (1, 1, 1):  # pooled features: no layout to keep
-        n = x.shape[0]
-        return F.linear(x.flatten(1), weight.flatten(1), bias).view(n, weight.shape[0], 1, 1, 1)
-    y = F.linear(to_fast_layout(x).permute(0, 2, 3, 4, 1), weight.flatten(1), bias)
-    return y.permute(0, 4, 1, 2, 3)  # [N, T, H, W, C_out] contiguous: channels_last_3d
+    return pointwise_from_columns(x, weight.flatten(1).t(), bias)
 
 
 def take_columns(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
