@@ -955,6 +955,32 @@ def test_channel_chains_of_a_graph():
     assert channel_chains(Shared()) == {"c": ChannelChain("c", "dw", ())}
 
 
+def test_conv_norms_of_a_graph():
+    """The BatchNorm that alone reads a conv's output, whatever its statistics (folding checks
+    them); not a conv read twice, a norm after another op, a norm called twice."""
+    from lightning_dance.execution.chains import conv_norms
+    from lightning_dance.models import create_model
+
+    assert conv_norms(ChainNet()) == {"stem.0": "stem.1", "s1": "bn1", "t1": "bn2"}
+    bn = nn.BatchNorm3d(4)
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = (nn.Conv3d(4, 4, 1) for _ in range(4))
+            self.bn_a, self.bn_b, self.shared = nn.BatchNorm3d(4), nn.BatchNorm3d(4), bn
+
+        def forward(self, x):
+            y = self.a(x)
+            y = self.bn_a(y) + y  # the conv output is read twice
+            y = self.bn_b(torch.relu(self.b(y)))  # an op in between
+            return self.shared(self.c(y)) + self.shared(self.d(y))  # a norm called twice
+
+    assert conv_norms(Odd()) == {}
+    r2 = conv_norms(create_model("r2plus1d_18", num_classes=4, width=0.25))
+    assert len(r2) == 2 + 8 * 4 + 3  # the stem (2+1)D pair, 4 per basic block, 3 shortcuts
+
+
 def test_channel_chains_of_video_models():
     from lightning_dance.execution.chains import ChannelChain, channel_chains
     from lightning_dance.models import create_model
@@ -978,7 +1004,7 @@ def test_channel_chains_of_video_models():
 
 
 def test_channel_chains_untraceable_model_warns():
-    from lightning_dance.execution.chains import channel_chains
+    from lightning_dance.execution.chains import channel_chains, conv_norms
 
     class Branchy(nn.Module):
         def __init__(self):
@@ -990,6 +1016,8 @@ def test_channel_chains_untraceable_model_warns():
 
     with pytest.warns(UserWarning, match="could not trace"):
         assert channel_chains(Branchy()) == {}
+    with pytest.warns(UserWarning, match="no BatchNorm will be folded"):
+        assert conv_norms(Branchy()) == {}
 
 
 @st.composite

@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ChannelChain", "channel_chains"]
+__all__ = ["ChannelChain", "channel_chains", "conv_norms"]
 
 #: Modules that act on each channel separately (BatchNorm: per-channel affine in eval).
 PER_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (
@@ -113,20 +113,60 @@ def _per_channel(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _trace(model: nn.Module, purpose: str) -> fx.Graph | None:
+    """``model``'s graph (convs and per-channel modules as leaves), or None with a warning."""
+    try:
+        return _Tracer().trace(model)
+    except Exception as err:  # data-dependent control flow, unsupported ops, ...
+        warnings.warn(
+            f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); "
+            f"{purpose}",
+            stacklevel=3,
+        )
+        return None
+
+
+def conv_norms(model: nn.Module) -> dict[str, str]:
+    """``{conv name: BatchNorm3d name}`` where the BatchNorm alone reads the conv's output (both
+    called once): the pairs an inference copy can fold into one conv (``x * scale + shift`` of
+    an eval BatchNorm is a per-output-channel affine map of the conv's weights and bias).
+
+    Returns ``{}`` (with a warning) when ``torch.fx`` cannot trace the model.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> conv_norms(nn.Sequential(nn.Conv3d(3, 8, 3), nn.BatchNorm3d(8), nn.ReLU()))
+        {'0': '1'}
+    """
+    graph = _trace(model, "no BatchNorm will be folded into its conv")
+    if graph is None:
+        return {}
+    modules = dict(model.named_modules())
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+    pairs: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), nn.Conv3d):
+            continue
+        if len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if user.op != "call_module" or user.args[:1] != (node,) or len(user.args) != 1:
+            continue
+        if not isinstance(modules.get(str(user.target)), nn.BatchNorm3d):
+            continue
+        if calls[str(node.target)] == 1 and calls[str(user.target)] == 1:
+            pairs[str(node.target)] = str(user.target)
+    return pairs
+
+
 def channel_chains(model: nn.Module) -> dict[str, ChannelChain]:
     """The channel chains of ``model``, keyed by producer conv name (see module docstring).
 
     Returns ``{}`` (with a warning) when ``torch.fx`` cannot trace the model: execution then
     skips input channels only, which is always correct.
     """
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as err:  # data-dependent control flow, unsupported ops, ...
-        warnings.warn(
-            f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); "
-            "no conv output channels will be skipped (input channels still are)",
-            stacklevel=2,
-        )
+    graph = _trace(model, "no conv output channels will be skipped (input channels still are)")
+    if graph is None:
         return {}
     modules = dict(model.named_modules())
     calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
