@@ -225,7 +225,10 @@ class Controller(nn.Module):
             h, channel_logits, frame_stats, motion_map, magnitude_map, budget_logit
         )
 
-    def _budget_shift(self, ctx: ControllerContext, layer: int, dim: str) -> torch.Tensor | float:
+    def _budget_shift(
+        self, ctx: ControllerContext, layer: int | torch.Tensor, dim: str
+    ) -> torch.Tensor | float:
+        """``[N, 1]`` (one layer index) or ``[N, L]`` (a tensor of ``L`` layer indices), or 0."""
         if ctx.budget_logit is None:
             return 0.0
         return self.budget_scale[layer, self.dims.index(dim)] * ctx.budget_logit
@@ -257,8 +260,7 @@ class Controller(nn.Module):
         rows = logits.index_select(1, flat).view(len(logits), len(layers), -1)
         if ctx.budget_logit is None:
             return rows
-        scale = self.budget_scale[:, self.dims.index("channel")].index_select(0, idx)
-        return rows + scale.view(1, -1, 1) * ctx.budget_logit.view(-1, 1, 1)
+        return rows + self._budget_shift(ctx, idx, "channel").unsqueeze(-1)
 
     def frame_logits(self, ctx: ControllerContext, layer: str, frames: int) -> torch.Tensor:
         """``[N, frames]`` frame logits of ``layer`` whose input has ``frames`` frames."""
