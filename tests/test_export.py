@@ -146,7 +146,7 @@ def _r2plus1d_topk(dims, channel_multiple=1):
 )
 def test_topk_export_skips_the_outputs_a_chain_consumer_drops(dims, multiple):
     """R(2+1)D's 24 channel chains: each producer computes only its consumer's top-k channels
-    (weight rows and BatchNorm parameters gathered), the consumer reads them without a gather.
+    (weight rows, with the BatchNorm folded in, gathered), the consumer reads them as they are.
     Same logits as eager (a batch, another clip), and, with channels only, exactly the MACs
     the eager compact path runs (an independent count). ``channel_multiple``: the plan keeps
     the eager pruner's rounded counts."""
@@ -264,6 +264,32 @@ def test_topk_export_keeps_chains_whose_norm_uses_batch_statistics():
         assert max_abs_error(pruner(clip), module(clip)) < 1e-5
 
 
+def test_topk_export_gathers_a_chain_norm_it_cannot_fold():
+    """conv -> ReLU -> BatchNorm -> conv: the norm does not read the conv's output directly,
+    so it is not folded; the producer computes the consumer's channels and the norm's scale
+    and shift are gathered to them. Same logits as eager on clips of a batch."""
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(3, 8, 1), torch.nn.Conv3d(8, 12, 1), torch.nn.ReLU(),
+        torch.nn.BatchNorm3d(12), torch.nn.Conv3d(12, 6, 1), torch.nn.AdaptiveAvgPool3d(1),
+        torch.nn.Flatten(),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        net[3].running_mean.uniform_(-1, 1)
+        net[3].running_var.uniform_(0.5, 2)
+        net[3].bias.uniform_(-1, 1)
+    torch.manual_seed(0)
+    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.5).eval()
+    with torch.no_grad():
+        pruner.controller.channel_head.weight.normal_(0.0, 1.0)
+    clip = _clip(shape=(2, 3, 2, 4, 4))
+    module, plan = build_export_module(pruner, "topk", clip)
+    assert module.chains["1"].norms == ("3",) and plan.folded_norms == {}
+    assert type(module.model[3]).__name__ == "_GatheredNorm"
+    with torch.no_grad():
+        for c in (clip, _clip(seed=7, shape=(2, 3, 2, 4, 4)) * 2):
+            assert max_abs_error(pruner(c), module(c)) < 1e-5
+
+
 def test_onnx_ops_allowlist(tmp_path):
     clip = _clip()
     module, _ = build_export_module(_pruner("topk", keep="half"), "topk", clip)
@@ -277,6 +303,54 @@ def test_onnx_ops_allowlist(tmp_path):
     assert max_abs_error(module(clip), torch.from_numpy(run_onnxruntime(path, clip))) < 1e-4
     with pytest.raises(ValueError, match="opset"):
         export_onnx(module, clip, tmp_path / "x.onnx", opset=21)
+
+
+@pytest.mark.parametrize(
+    "policy, mode", [("topk", "topk"), ("topk", "masked"), ("threshold", "threshold")]
+)
+def test_export_module_folds_norms_into_their_convs(tmp_path, policy, mode):
+    """Each eval BatchNorm that alone reads a conv's output is folded into that conv in the
+    export copy, except the stem's (the controller reads the raw stem output): same logits as
+    eager with non-trivial statistics, the user's model untouched. In the ``topk`` ONNX graph
+    no multiply reads a pruned conv's output (no BatchNorm left as Mul + Add), each layer has
+    one TopK per pruned dim and no ScatterElements (indices straight from the scores)."""
+    import onnx
+
+    from lightning_dance.execution.chains import conv_norms
+
+    pruner = _pruner(policy, keep="half")
+    with torch.no_grad():
+        for m in pruner.model.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    before = {k: v.clone() for k, v in pruner.model.state_dict().items()}
+    clip, other = _clip(), _clip(seed=7) * 2
+    module, plan = build_export_module(pruner, mode, clip)
+    pairs = conv_norms(pruner.model)
+    assert plan.folded_norms == {n: c for c, n in pairs.items() if c != pruner.stem_name}
+    assert len(plan.folded_norms) == len(pairs) - 1 == 4
+    for norm in plan.folded_norms:
+        assert isinstance(module.model.get_submodule(norm), torch.nn.Identity)
+        assert isinstance(pruner.model.get_submodule(norm), torch.nn.BatchNorm3d)
+    assert all(torch.equal(v, before[k]) for k, v in pruner.model.state_dict().items())
+    with torch.no_grad():
+        for c in (clip, other):
+            ref = pruner(c)
+            assert max_abs_error(ref, module(c)) < 1e-5
+    if mode != "topk":
+        return
+    path = export_onnx(module, clip, tmp_path / "m.onnx", opset=18)
+    graph = onnx.load(str(path)).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    pruned = {o for n in convs[1:] for o in n.output}  # every conv after the stem
+    assert not [n for n in graph.node if n.op_type == "Mul" and pruned & set(n.input)]
+    ops = onnx_op_types(path)
+    assert ops["TopK"] == 2 * len(pruner.layer_names) and "ScatterElements" not in ops
+    assert "BatchNormalization" not in ops
+    assert max_abs_error(ref, torch.from_numpy(run_onnxruntime(path, other))) < 1e-4
 
 
 def _check_manifest(out, clip, ref):
@@ -325,6 +399,7 @@ def test_export_dense_jetson(tmp_path):
         ("torchscript", "ok"),
     ]
     assert manifest["executed_macs"] == manifest["dense_macs"] > 0
+    assert manifest["folded_norms"] == {}  # the user's model as it is (exporters fold)
     script = (tmp_path / "exp/jetson/build_engine.sh").read_text()
     assert "--onnx=model.onnx" in script and "clip:1x3x4x16x16" in script
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temp folder left
@@ -341,6 +416,7 @@ def test_export_gated_jetson(tmp_path, policy, mode, keep):
     out = export_model(pruner, clip, targets=("jetson",), mode=mode, out_dir=tmp_path / "e")
     manifest = _check_manifest(out, clip, pruner(clip))
     assert manifest["mode"] == mode and manifest["policy"] == policy
+    assert set(manifest["folded_norms"]) == {"conv2.1", "conv3.1", "res.conv1.1", "res.conv2.1"}
     for art in manifest["artifacts"]:
         assert art["status"] == "ok" and art["parity_max_abs_error"] < 1e-4
     torchscript = next(a for a in manifest["artifacts"] if a["format"] == "torchscript")

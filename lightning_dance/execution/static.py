@@ -147,16 +147,18 @@ def _static_one(
             groups = c_idx.shape[0]
         else:
             weight = weight.index_select(1, c_idx)
-    if f_idx is None:
-        y = F.conv3d(x, weight, None, conv.stride, g.pad_lo, conv.dilation, groups)
+    scatter = c_idx is not None and depthwise
+    if f_idx is None:  # the bias inside the conv unless outputs are placed afterwards
+        b = None if scatter else bias
+        y = F.conv3d(x, weight, b, conv.stride, g.pad_lo, conv.dilation, groups)
     else:
         y = _static_frames(conv, g, x, weight, groups, f_idx)
-    if c_idx is not None and depthwise:  # back to all C_out channels (the others: bias only)
+    if scatter:  # back to all C_out channels (the others: bias only)
         full = y.new_zeros((1, conv.in_channels, mult * y.shape[2], *y.shape[3:]))
         index = c_idx.view(1, -1, 1, 1, 1).expand(1, -1, *full.shape[2:])
         y = full.scatter(1, index, y.reshape(1, -1, *full.shape[2:])).view(1, c_out, *y.shape[2:])
-    if bias is not None:
-        y = y + bias.view(1, -1, 1, 1, 1)
+    if bias is not None and (scatter or f_idx is not None):
+        y = y + bias.view(-1, 1, 1, 1)  # [C, 1, 1, 1]: the QNN HTP mis-adds a 5-d constant
     return y
 
 

@@ -233,6 +233,7 @@ def _export_into(
         gate_margin=None
         if eplan.gate_margin is None or math.isinf(eplan.gate_margin)
         else eplan.gate_margin,
+        folded_norms=eplan.folded_norms,
     )
     shape = list(clip.shape)
     soc_model = soc_model or sd.DEFAULT_SOC_MODEL

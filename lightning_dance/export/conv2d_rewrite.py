@@ -59,6 +59,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = [
     "Conv3dAs2d",
@@ -417,14 +418,9 @@ class Conv3dAs2d(nn.Module):
 
 
 def _fold_bn(weight, bias, gamma, beta, mean, var, eps):
-    """Weights of ``bn(conv(x))`` in eval mode as one conv (BN over output channels)."""
-    scale = torch.rsqrt(var + eps)
-    if gamma is not None:
-        scale = scale * gamma
-    w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    b = -mean * scale if bias is None else (bias - mean) * scale
-    if beta is not None:
-        b = b + beta
+    """Weights of ``bn(conv(x))`` in eval mode as one conv (BN over output channels;
+    ``torch.nn.utils.fusion.fuse_conv_bn_weights``, detached)."""
+    w, b = fuse_conv_bn_weights(weight, bias, mean, var, eps, gamma, beta)
     return w.detach(), b.detach()
 
 

@@ -76,6 +76,7 @@ class Manifest:
     keep_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     masked_layers: list[str] = field(default_factory=list)
     gate_margin: float | None = None  # smallest keep/drop score gap on the example clip
+    folded_norms: dict[str, str] = field(default_factory=dict)  # BatchNorm -> conv folded into
     artifacts: list[Artifact] = field(default_factory=list)
     versions: dict[str, str | None] = field(default_factory=package_versions)
     created: str = field(

@@ -19,6 +19,14 @@ MACs, validate clips and read buffers as Python floats: fine in eager mode, not 
   shapes, for runtimes that allow them (onnxruntime, TensorRT, not the Hexagon NPU); the
   plan's ``executed_macs`` are those of the first example clip.
 
+In every mode but ``"dense"`` the module runs a copy of the model in which each eval BatchNorm3d
+that alone reads a Conv3d's output (not the stem's: the controller reads that raw) is folded
+into the conv's weights and bias (:attr:`ExportPlan.folded_norms`). Exporters fold such pairs
+themselves only when the conv weight is a constant; a gathered (``topk``, ``threshold``) weight
+is not, and the BatchNorm would stay in the graph as a multiply and an add over the layer's
+output. ``topk`` layers take their kept indices straight from a ``TopK`` of the controller's
+scores (no 0/1 mask in between).
+
 The budget, the calibration offset and the ``topk`` keep-counts are baked in as constants for
 the example clip's shape: no Python branch depends on data, so ``torch.export`` captures the
 module faithfully (it raises on a data-dependent branch instead of baking it in, unlike
@@ -44,6 +52,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.macs import count_macs
@@ -72,6 +81,8 @@ class ExportPlan:
     #: runtime computing the controller in fp16 (the Hexagon NPU) flips decisions closer than
     #: its rounding (a few percent, measured on the HTP simulator)
     gate_margin: float | None = None
+    #: BatchNorm3d modules folded into the conv before them (name -> conv name)
+    folded_norms: dict[str, str] = field(default_factory=dict)
 
 
 def unwrap_pruner(model: nn.Module) -> AdaptivePruner | None:
@@ -133,7 +144,8 @@ class _GatedConv3d(nn.Module):
         from lightning_dance.masks import apply_masks
 
         owner = self._owner[0]
-        masks = owner.layer_masks(owner.route.ctx, self.name, tuple(x.shape[1:]))
+        indices = self.gather and owner.mode == "topk"  # kept channels / frames as indices
+        masks = owner.layer_masks(owner.route.ctx, self.name, tuple(x.shape[1:]), indices)
         if not self.gather:
             return self.conv(apply_masks(x, masks))
         if "feature" in masks:
@@ -149,19 +161,14 @@ class _GatedConv3d(nn.Module):
                         idx[f"{dim}_idx"] = kept.unsqueeze(0)
                 outs.append(static_topk_conv3d(self.conv, x[i : i + 1], **idx))
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        idx: dict[str, Any] = {}
-        for dim in ("channel", "frame"):
-            if dim in masks:
-                k = owner.keep_counts[self.name][dim]
-                idx[f"{dim}_idx"] = masks[dim].topk(k, dim=1).indices  # any order: no sort op
+        idx: dict[str, Any] = {f"{d}_idx": masks[d] for d in ("channel", "frame") if d in masks}
         early = owner.route.early
         if early is not None and self.name in early:  # x holds only the kept channels
             idx["channel_idx"], idx["input_gathered"] = early.pop(self.name), True
         if self.consumer is not None and early is not None:
             shape = owner.shapes[self.consumer]
-            kept = owner.layer_masks(owner.route.ctx, self.consumer, shape)["channel"]
-            k = owner.keep_counts[self.consumer]["channel"]
-            idx["out_idx"] = early[self.consumer] = kept.topk(k, dim=1).indices
+            kept = owner.layer_masks(owner.route.ctx, self.consumer, shape, True)["channel"]
+            idx["out_idx"] = early[self.consumer] = kept
         return static_topk_conv3d(self.conv, x, **idx)
 
 
@@ -217,6 +224,7 @@ class DANCEExportModule(nn.Module):
         self._margins: list[float] | None = None
         self.chains = dict(chains or {})  # producer -> ChannelChain (topk output skipping)
         model = copy.deepcopy(pruner.model)
+        self.folded_norms = _fold_norms(model, pruner)
         _replace(model, self.stem_name, _StemTap(model.get_submodule(self.stem_name), self))
         for name in self.layer_names:
             conv = model.get_submodule(name)
@@ -225,12 +233,19 @@ class DANCEExportModule(nn.Module):
             _replace(model, name, _GatedConv3d(conv, name, self, name in self.gathered, consumer))
         for chain in self.chains.values():
             for norm in chain.norms:
+                if norm in self.folded_norms:  # folded into the producer's gathered rows
+                    continue
                 bn = model.get_submodule(norm)
                 _replace(model, norm, _GatheredNorm(bn, chain.consumer, self))
         self.model = model
 
-    def layer_masks(self, ctx: Any, name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """Eval masks ``{dim: [N, ...]}`` of layer ``name`` (as ``AdaptivePruner.layer_masks``)."""
+    def layer_masks(
+        self, ctx: Any, name: str, shape: tuple[int, ...], indices: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Eval masks ``{dim: [N, ...]}`` of layer ``name`` (as ``AdaptivePruner.layer_masks``).
+
+        ``indices`` (``topk`` only): channels and frames as the kept indices ``[N, k]`` (in
+        ``TopK``'s order, unsorted), the same entries the mask keeps."""
         h, w = shape[2:]
         logits = self.controller.layer_logits(ctx, name, tuple(shape))
         values = {}
@@ -238,6 +253,9 @@ class DANCEExportModule(nn.Module):
             flat = lg.flatten(1) + self.offset if self.offset else lg.flatten(1)
             if self._margins is not None:  # eager, in build_export_module only
                 self._margins.append(self._margin(flat, name, dim))
+            if indices and dim != "feature":
+                values[dim] = flat.topk(self.keep_counts[name][dim], dim=1).indices
+                continue
             if self.policy == "topk":
                 value = topk_gate(flat, self.keep_counts[name][dim], training=False)
             else:
@@ -274,6 +292,26 @@ class DANCEExportModule(nn.Module):
             self.route.ctx, self.route.early = None, None
 
 
+def _fold_norms(model: nn.Module, pruner: AdaptivePruner) -> dict[str, str]:
+    """Fold, in ``model`` (a copy of ``pruner.model``), each eval BatchNorm3d with running
+    statistics that alone reads a Conv3d's output into that conv (``torch.nn.utils.fusion``),
+    the BatchNorm becoming an ``nn.Identity``; never the stem's, whose raw output the controller
+    reads. Returns ``{BatchNorm name: conv name}``."""
+    from lightning_dance.execution.chains import conv_norms
+
+    folded = {}
+    for conv_name, norm_name in conv_norms(pruner.model).items():
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(norm_name)
+        if conv_name == pruner.stem_name or bn.training or bn.running_mean is None:
+            continue
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        _replace(model, norm_name, nn.Identity())
+        folded[norm_name] = conv_name
+    return folded
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -303,7 +341,8 @@ def build_export_module(
         example_clip: ``[N, C, T, H, W]``; keep-counts and MACs are for this shape.
         skip_outputs: ``topk`` mode: along each channel chain
             (:meth:`AdaptivePruner.output_chains`) the producer computes only the channels its
-            consumer keeps (its weight rows and the BatchNorm parameters in between gathered),
+            consumer keeps (its weight rows gathered, with the BatchNorm after it folded in;
+            the parameters of any other BatchNorm in between gathered too),
             and the consumer reads them without a gather. Chains through a BatchNorm that
             normalizes with batch statistics keep every output. Verified in onnxruntime,
             ``torch.export`` and the QNN HTP simulator (``False``: every producer computes all
@@ -381,6 +420,7 @@ def build_export_module(
         plan.executed_macs = int(stats.dense_total + stats.controller_macs)
     module = DANCEExportModule(pruner, mode, shapes, plan.keep_counts, gathered, chains).eval()
     plan.gate_margin = module.gate_margin(example_clip)
+    plan.folded_norms = dict(module.folded_norms)
     return module, plan
 
 
