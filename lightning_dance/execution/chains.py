@@ -113,10 +113,13 @@ def _per_channel(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def _trace(model: nn.Module, purpose: str) -> fx.Graph | None:
-    """``model``'s graph (convs and per-channel modules as leaves), or None with a warning."""
+def _trace(
+    model: nn.Module, purpose: str
+) -> tuple[fx.Graph, dict[str, nn.Module], Counter[str]] | None:
+    """``model``'s graph (convs and per-channel modules as leaves), its modules by name and how
+    often each module is called; None, with a warning naming ``purpose``, if fx cannot trace."""
     try:
-        return _Tracer().trace(model)
+        graph = _Tracer().trace(model)
     except Exception as err:  # data-dependent control flow, unsupported ops, ...
         warnings.warn(
             f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); "
@@ -124,6 +127,8 @@ def _trace(model: nn.Module, purpose: str) -> fx.Graph | None:
             stacklevel=3,
         )
         return None
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+    return graph, dict(model.named_modules()), calls
 
 
 def conv_norms(model: nn.Module) -> dict[str, str]:
@@ -138,11 +143,10 @@ def conv_norms(model: nn.Module) -> dict[str, str]:
         >>> conv_norms(nn.Sequential(nn.Conv3d(3, 8, 3), nn.BatchNorm3d(8), nn.ReLU()))
         {'0': '1'}
     """
-    graph = _trace(model, "no BatchNorm will be folded into its conv")
-    if graph is None:
+    traced = _trace(model, "no BatchNorm will be folded into its conv")
+    if traced is None:
         return {}
-    modules = dict(model.named_modules())
-    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+    graph, modules, calls = traced
     pairs: dict[str, str] = {}
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(str(node.target)), nn.Conv3d):
@@ -165,11 +169,10 @@ def channel_chains(model: nn.Module) -> dict[str, ChannelChain]:
     Returns ``{}`` (with a warning) when ``torch.fx`` cannot trace the model: execution then
     skips input channels only, which is always correct.
     """
-    graph = _trace(model, "no conv output channels will be skipped (input channels still are)")
-    if graph is None:
+    traced = _trace(model, "no conv output channels will be skipped (input channels still are)")
+    if traced is None:
         return {}
-    modules = dict(model.named_modules())
-    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+    graph, modules, calls = traced
     chains: dict[str, ChannelChain] = {}
     for node in graph.nodes:
         if not _is_conv(node, modules):
