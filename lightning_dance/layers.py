@@ -28,12 +28,14 @@ from collections.abc import Callable, Iterable
 
 import torch.nn as nn
 
+from lightning_dance.errors import DanceError
+
 LayerSelector = None | str | Iterable[str] | Callable[[str, nn.Conv3d], bool]
 
 __all__ = ["LayerSelector", "all_conv3d", "stem_names", "select_conv3d", "NoConv3dError"]
 
 
-class NoConv3dError(ValueError):
+class NoConv3dError(DanceError, ValueError):
     """Raised when a model has no ``nn.Conv3d`` layer for DANCE to work on."""
 
 

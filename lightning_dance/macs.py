@@ -99,6 +99,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_dance.errors import DanceError
 from lightning_dance.layers import all_conv3d
 from lightning_dance.masks import DIMS
 
@@ -123,7 +124,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-class MacCountError(RuntimeError):
+class MacCountError(DanceError, RuntimeError):
     """A model could be counted neither by fvcore nor by the dispatch counter."""
 
 

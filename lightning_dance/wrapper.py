@@ -26,6 +26,7 @@ import torch.nn as nn
 from torchmetrics import MeanMetric
 
 from lightning_dance.aap import AdaptivePruner, PruningStats, budget_loss, distillation_loss
+from lightning_dance.errors import DanceError
 from lightning_dance.layers import LayerSelector
 from lightning_dance.masks import DIMS
 
@@ -36,7 +37,7 @@ EXECUTIONS = ("masked", "compact")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-class ArchitectureMismatchError(ValueError):
+class ArchitectureMismatchError(DanceError, ValueError):
     """A DANCE checkpoint was made for a different model architecture."""
 
 

@@ -60,6 +60,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_dance.data.transforms import KINETICS_MEAN, KINETICS_STD, ClipTransform
+from lightning_dance.errors import DanceError
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -99,7 +100,7 @@ _STAGE_SPLITS = {
 Sample = tuple[str, int]
 
 
-class VideoDecodeError(RuntimeError):
+class VideoDecodeError(DanceError, RuntimeError):
     """A video could not be opened or decoded. The message starts with the file's path."""
 
 

@@ -61,6 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from lightning_dance.errors import DanceError
+
 __all__ = [
     "Conv3dAs2d",
     "RewriteInfo",
@@ -77,7 +79,7 @@ __all__ = [
 ]
 
 
-class UnsupportedOpError(RuntimeError):
+class UnsupportedOpError(DanceError, RuntimeError):
     """An op of the model cannot be represented by an export target; ``op`` names it."""
 
     def __init__(self, op: str, message: str) -> None:

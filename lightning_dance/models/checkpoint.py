@@ -31,12 +31,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lightning_dance.errors import DanceError
+
 __all__ = ["CheckpointError", "load_checkpoint", "read_state_dict"]
 
 _NESTED = ("state_dict", "model_state", "model")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DanceError, ValueError):
     """A checkpoint file cannot be read or does not match the model."""
 
 

@@ -55,12 +55,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_dance.errors import DanceError
+
 __all__ = ["InflationError", "GlobalPool3d", "inflate_2d_to_3d", "timm_inflated"]
 
 TimeKernel = int | Callable[[str, nn.Conv2d], int]
 
 
-class InflationError(ValueError):
+class InflationError(DanceError, ValueError):
     """A 2D model (or one of its layers) cannot be inflated to 3D."""
 
 
