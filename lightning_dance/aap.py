@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from lightning_dance.controller import Controller, ControllerContext
+from lightning_dance.controller import Controller
+from lightning_dance.decision import DecisionPlan
 from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
 from lightning_dance.macs import (
     conv3d_executed_macs,
@@ -44,17 +45,8 @@ from lightning_dance.macs import (
     conv3d_expected_macs,
     count_macs,
 )
-from lightning_dance.masks import (
-    DIMS,
-    LayerMasks,
-    _check_dims,
-    apply_masks,
-    expand_blocks,
-    keep_count,
-    multiple_options,
-    threshold_gate,
-    topk_gate,
-)
+from lightning_dance.masks import DIMS, _check_dims, apply_masks, keep_count, multiple_options
+from lightning_dance.policies import Policy, available_policies, get_policy
 
 if TYPE_CHECKING:
     from lightning_dance.execution.chains import ChannelChain
@@ -68,7 +60,9 @@ __all__ = [
     "distillation_loss",
 ]
 
-POLICIES = ("threshold", "topk")
+#: the registered policy names when this module was imported (see
+#: :func:`lightning_dance.policies.available_policies` for the current list)
+POLICIES = available_policies()
 
 
 @dataclass
@@ -129,7 +123,9 @@ class AdaptivePruner(nn.Module):
     Args:
         model: any ``nn.Module`` containing ``nn.Conv3d`` layers (called as ``model(clip)``).
         dims: which input dims to prune, any subset of ``("frame", "channel", "feature")``.
-        policy: ``"threshold"`` (input-dependent keep counts) or ``"topk"`` (fixed counts).
+        policy: how scores become keep decisions: ``"threshold"`` (input-dependent keep
+            counts), ``"topk"`` (fixed counts), or any :class:`~lightning_dance.policies.Policy`
+            (name, class or instance; ``pruner.policy`` is the object, equal to its name).
         budget: target executed/dense MAC ratio in (0, 1] (``topk`` derives its keep-counts from
             it; ``threshold`` is trained toward it; a budget-conditioned controller reads it).
         layers: which Conv3d layers to instrument (see :func:`lightning_dance.layers.select_conv3d`;
@@ -169,7 +165,7 @@ class AdaptivePruner(nn.Module):
         model: nn.Module,
         *,
         dims: tuple[str, ...] | list[str] = DIMS,
-        policy: str = "threshold",
+        policy: str | Policy | type[Policy] = "threshold",
         budget: float = 0.5,
         layers: LayerSelector = None,
         budget_conditioned: bool = False,
@@ -183,8 +179,7 @@ class AdaptivePruner(nn.Module):
         channel_multiple: int = 1,
     ) -> None:
         super().__init__()
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        policy = get_policy(policy)
         if min_keep < 1:
             raise ValueError(f"min_keep must be >= 1 (no empty layer input), got {min_keep}")
         if tau <= 0:
@@ -205,10 +200,11 @@ class AdaptivePruner(nn.Module):
             raise TypeError(f"channel_multiple must be an int, got {channel_multiple!r}")
         if channel_multiple < 1:
             raise ValueError(f"channel_multiple must be >= 1, got {channel_multiple}")
-        if channel_multiple > 1 and (policy != "topk" or "channel" not in self.dims):
+        if channel_multiple > 1 and (not policy.fixed_counts or "channel" not in self.dims):
             raise ValueError(
-                "channel_multiple rounds the number of channels the topk policy keeps: it needs "
-                f"policy='topk' and 'channel' in dims, got policy={policy!r}, dims={self.dims}"
+                "channel_multiple rounds the number of channels a fixed-count policy keeps: it "
+                f"needs policy='topk' and 'channel' in dims, got policy={policy.name!r}, "
+                f"dims={self.dims}"
             )
         self.channel_multiple = channel_multiple
         self.policy, self.min_keep, self.tau = policy, min_keep, tau
@@ -228,8 +224,8 @@ class AdaptivePruner(nn.Module):
             init_keep=init_keep,
         )
         self.register_buffer("budget", torch.tensor(0.5, dtype=torch.float64))
-        # post-hoc shift of every keep decision, set by calibrate(): a logit offset for the
-        # threshold policy, a log-scale of the keep ratio for topk
+        # post-hoc shift of every keep decision, set by calibrate(); the policy says what it
+        # shifts (threshold: the logits; topk: the log of the keep ratio)
         self.register_buffer("calibration", torch.tensor(0.0, dtype=torch.float64))
         self.set_budget(budget)
         self.last_stats: PruningStats | None = None
@@ -341,7 +337,7 @@ class AdaptivePruner(nn.Module):
         state = _ForwardState()
         with self._hooks(state):
             out = self.model(clip)
-        if state.ctx is None:
+        if state.plan is None:
             raise RuntimeError(f"the stem {self.stem_name!r} did not run in the forward pass")
         if self.credit_outputs:
             self._credit_skipped_outputs(state)
@@ -404,7 +400,7 @@ class AdaptivePruner(nn.Module):
         ratio = inst ** (1.0 / len(self.dims))
         if self.credit_outputs and self._layer_share:
             ratio = self._credited_keep_ratio(b - fixed_fraction)
-        ratio *= math.exp(float(self.calibration))
+        ratio *= self.policy.ratio_scale(float(self.calibration))
         return min(1.0, max(1e-3, ratio))
 
     def topk_counts(
@@ -516,7 +512,7 @@ class AdaptivePruner(nn.Module):
                 ratios.append(self.last_stats.mac_ratio())
             return float(torch.cat(ratios).mean())
 
-        span = 8.0 if self.policy == "threshold" else 4.0
+        span = self.policy.calibration_span
         lo, hi = -span, span
         try:
             while ratio_at(lo) > target and lo > -1e3:
@@ -545,35 +541,31 @@ class AdaptivePruner(nn.Module):
         finally:
             self.train(was_training)
 
-    def layer_masks(
-        self, ctx: ControllerContext, name: str, shape: tuple[int, int, int, int]
-    ) -> LayerMasks:
-        """Masks of layer ``name`` for a batch whose input to that layer is ``(C, T, H, W)``."""
-        h, w = shape[2:]
-        training = self.training
-        values: dict[str, torch.Tensor] = {}
-        probs: dict[str, torch.Tensor] = {}
-        logits = self.controller.layer_logits(ctx, name, shape)
-        offset = float(self.calibration) if self.policy == "threshold" else 0.0
-        for dim, lg in logits.items():
-            flat = lg.flatten(1) + offset
-            if self._force_dense:
-                value = torch.ones_like(flat)
-                prob = torch.ones_like(flat)
-            elif self.policy == "topk":
-                k = self.topk_count(dim, flat.shape[1], name)
-                value = topk_gate(flat, k, training=training, tau=self.tau, noise=self.noise)
-                prob = value
-            else:
-                value = threshold_gate(
-                    flat, training=training, tau=self.tau, min_keep=self.min_keep, noise=self.noise
-                )
-                prob = value  # straight-through: hard in value, soft in gradient
-            value, prob = value.view_as(lg), prob.view_as(lg)
-            if dim == "feature":  # probs stay per block: the MAC count is exact for blocks
-                value = expand_blocks(value, (h, w))
-            values[dim], probs[dim] = value, prob
-        return LayerMasks(values, probs)
+    def decide(self, stem_out: torch.Tensor) -> DecisionPlan:
+        """The :class:`~lightning_dance.decision.DecisionPlan` of a batch from its stem output
+        ``[N, C0, T0, H0, W0]``: the controller runs once here; every layer's keep decisions
+        follow from the plan (by this pruner's policy, budget, calibration and mode)."""
+        budget = self.budget.to(stem_out.dtype) if self.budget_conditioned else None
+        ctx = self.controller(stem_out, budget)
+        counts = None
+        if self.policy.fixed_counts:
+            ratio = self.keep_ratio()  # fixed for this forward: computed once
+
+            def counts(layer: str, dim: str, size: int) -> int:
+                return self.topk_count(dim, size, layer, ratio)
+
+        return DecisionPlan(
+            self.controller,
+            ctx,
+            self.policy,
+            counts=counts,
+            offset=self.policy.logit_offset(float(self.calibration)),
+            training=self.training,
+            tau=self.tau,
+            noise=self.noise,
+            min_keep=self.min_keep,
+            dense=self._force_dense,
+        )
 
 
 def _pad(conv: nn.Conv3d, axis: int) -> int:
@@ -584,22 +576,21 @@ class _ForwardState:
     """Per-forward scratch space shared by the hooks of one call."""
 
     def __init__(self) -> None:
-        self.ctx: ControllerContext | None = None
+        self.plan: DecisionPlan | None = None
         self.stem_shape: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.layers: dict[str, LayerStats] = {}
         self.channel_probs: dict[str, torch.Tensor] = {}  # differentiable channel keep [N, C]
 
 
 class _StemHook:
-    """Forward hook on the stem: runs the controller on the stem output."""
+    """Forward hook on the stem: makes the batch's decision plan from the stem output."""
 
     def __init__(self, pruner: AdaptivePruner, state: _ForwardState) -> None:
         self.pruner, self.state = pruner, state
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.state.ctx is None:  # a stem reused later in the network does not re-plan
-            budget = self.pruner.budget.to(output.dtype) if self.pruner.budget_conditioned else None
-            self.state.ctx = self.pruner.controller(output, budget)
+        if self.state.plan is None:  # a stem reused later in the network does not re-plan
+            self.state.plan = self.pruner.decide(output)
             self.state.stem_shape = tuple(output.shape[1:])
 
 
@@ -610,7 +601,7 @@ class _MaskHook:
         self.pruner, self.state, self.name = pruner, state, name
 
     def __call__(self, module: nn.Conv3d, args: tuple) -> tuple:
-        if self.state.ctx is None:
+        if self.state.plan is None:
             raise RuntimeError(
                 f"instrumented layer {self.name!r} ran before the stem "
                 f"{self.pruner.stem_name!r}: the controller has no statistics yet. Exclude it "
@@ -618,7 +609,7 @@ class _MaskHook:
             )
         x = args[0]
         shape = tuple(x.shape[1:])
-        masks = self.pruner.layer_masks(self.state.ctx, self.name, shape)
+        masks = self.state.plan.masks(self.name, shape)
         hard = {d: v.detach() for d, v in masks.values.items()}
         executed = conv3d_executed_macs_batch(module, shape, **hard)
         # the straight-through mask values are 0/1 forward and carry the gates' gradients, so

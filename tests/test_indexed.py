@@ -391,7 +391,7 @@ def test_indexed_norm_and_indices():
     with torch.no_grad():
         pruner(clip)
         stem = pruner.model.stem[0](clip)
-        idx = topk_indices(pruner, pruner.controller(stem))
+        idx = topk_indices(pruner, pruner.decide(stem))
     for name, stats in pruner.last_stats.layers.items():
         kept = stats.masks["channel"][0].nonzero().flatten()
         got = idx[name]

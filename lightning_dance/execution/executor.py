@@ -58,7 +58,7 @@ from lightning_dance.masks import DIMS
 
 if TYPE_CHECKING:
     from lightning_dance.aap import AdaptivePruner
-    from lightning_dance.masks import LayerMasks
+    from lightning_dance.decision import DecisionPlan
 
 __all__ = ["CompactExecutor", "CompactPruner", "compact_forward", "profile_layers", "random_masks"]
 
@@ -154,7 +154,7 @@ class CompactPruner:
 
     Per clip: the stem runs dense (fast kernel), the pruner's controller reads the stem output,
     and each instrumented Conv3d gets its masks from the controller
-    (``pruner.layer_masks``) and runs through
+    (the clip's :class:`~lightning_dance.decision.DecisionPlan`, ``pruner.decide``) and runs through
     :func:`~lightning_dance.execution.compact.compact_conv3d`; every other Conv3d runs dense on
     the fast kernel. The result equals ``pruner(clip)`` in eval mode (the masked model), for any
     policy, dims, budget and calibration; batches are fine (samples with equal masks run
@@ -276,15 +276,8 @@ class CompactPruner:
             with torch.no_grad(), route_conv3d(self._routed(), run):
                 return p.model(to_fast_layout(clip))
         stem, layers = p.stem_name, set(p.layer_names)
-        ctx = []  # the controller's context, set by the stem's first call
-        early: dict[str, LayerMasks] = {}  # consumer -> its masks, made when its producer ran
+        plans: list[DecisionPlan] = []  # the clip's decisions, made when the stem first ran
         held: dict[str, torch.Tensor] = {}  # consumer / norm -> the channels its input holds
-
-        def masks_of(name: str, shape: tuple[int, ...]) -> LayerMasks:
-            if not ctx:
-                raise RuntimeError(f"instrumented layer {name!r} ran before the stem {stem!r}")
-            made = early.pop(name, None)
-            return made if made is not None else p.layer_masks(ctx[0], name, shape)
 
         def forward(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             if isinstance(module, nn.BatchNorm3d):
@@ -293,11 +286,9 @@ class CompactPruner:
             shape = (conv.in_channels, *x.shape[2:])  # x may hold only the kept channels
             out_idx = None
             chain = chains.get(name)
-            if chain is not None and ctx:  # compute only what the consumer keeps
+            if chain is not None and plans:  # compute only what the consumer keeps
                 g = _geometry(conv, shape)
-                q = early[chain.consumer] = p.layer_masks(
-                    ctx[0], chain.consumer, (conv.out_channels, *g.output)
-                )
+                q = plans[0].masks(chain.consumer, (conv.out_channels, *g.output))
                 out_idx = (q.values["channel"].detach() > 0.5).any(0).nonzero().flatten()
                 if len(out_idx) < conv.out_channels:
                     for key in (chain.consumer, *chain.norms):
@@ -305,13 +296,14 @@ class CompactPruner:
                 else:
                     out_idx = None
             if name in layers:  # masks and channel subsets are well-formed by construction
-                return _compact_conv3d(conv, x, masks_of(name, shape).values,
+                if not plans:
+                    raise RuntimeError(f"instrumented layer {name!r} ran before the stem {stem!r}")
+                return _compact_conv3d(conv, x, plans[0].masks(name, shape).values,
                                        self.tunings.get(name), self.batch_mode,
                                        held.pop(name, None), out_idx)  # fmt: skip
             y = conv3d_fast_forward(conv, x)
-            if name == stem and not ctx:
-                budget = p.budget.to(y.dtype) if p.budget_conditioned else None
-                ctx.append(p.controller(y, budget))
+            if name == stem and not plans:
+                plans.append(p.decide(y))
             return y
 
         with torch.no_grad(), route_conv3d(self._routed(), forward):

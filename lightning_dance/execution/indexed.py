@@ -59,7 +59,7 @@ from lightning_dance.execution.kernels import (
 
 if TYPE_CHECKING:
     from lightning_dance.aap import AdaptivePruner
-    from lightning_dance.controller import ControllerContext
+    from lightning_dance.decision import DecisionPlan
     from lightning_dance.execution.chains import ChannelChain
 
 __all__ = [
@@ -74,8 +74,9 @@ __all__ = [
 
 
 def index_plan_applies(pruner: AdaptivePruner, clip: torch.Tensor) -> bool:
-    """Whether the index plan can run ``clip``: a ``topk`` pruner of channels only, one clip."""
-    return pruner.policy == "topk" and pruner.dims == ("channel",) and clip.shape[0] == 1
+    """Whether the index plan can run ``clip``: a pruner of channels only whose policy keeps
+    fixed counts (``topk``), one clip."""
+    return pruner.policy.fixed_counts and pruner.dims == ("channel",) and clip.shape[0] == 1
 
 
 def _indexable(conv: nn.Conv3d, depthwise: bool = False) -> bool:
@@ -86,22 +87,10 @@ def _indexable(conv: nn.Conv3d, depthwise: bool = False) -> bool:
     return conv.groups == groups and padding_ok
 
 
-def topk_indices(pruner: AdaptivePruner, ctx: ControllerContext) -> dict[str, torch.Tensor | None]:
+def topk_indices(pruner: AdaptivePruner, plan: DecisionPlan) -> dict[str, torch.Tensor | None]:
     """``{layer: kept input channels [k]}`` of one clip, sorted (``None``: all kept), from the
-    same ``topk`` as the pruner's masks."""
-    layers = pruner._layers
-    counts = pruner.topk_counts({n: (c.in_channels, 1, 1, 1) for n, c in layers.items()})
-    groups: dict[tuple[int, int], list[str]] = {}  # one topk per (width, k): 12 vs 115 on X3D
-    for name, conv in layers.items():
-        k = counts[name]["channel"]
-        if k < conv.in_channels:
-            groups.setdefault((conv.in_channels, k), []).append(name)
-    out: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
-    for (_, k), names in groups.items():
-        rows = pruner.controller.stacked_channel_logits(ctx, names)[0]  # [layers, C]
-        kept = rows.topk(k, dim=1).indices.sort(dim=1).values
-        out.update(zip(names, kept.unbind(0), strict=True))
-    return out
+    clip's decision plan (:meth:`~lightning_dance.decision.DecisionPlan.channel_indices`)."""
+    return plan.channel_indices({n: c.in_channels for n, c in pruner._layers.items()})
 
 
 def norm_scale_shift(bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,8 +191,7 @@ class IndexedRun:
         if name not in p._layers:
             y = conv3d_fast_forward(conv, x)
             if name == p.stem_name and self.idx is None:
-                budget = p.budget.to(y.dtype) if p.budget_conditioned else None
-                self.idx = topk_indices(p, p.controller(y, budget))
+                self.idx = topk_indices(p, p.decide(y))
             return y
         if self.idx is None:
             raise RuntimeError(f"instrumented layer {name!r} ran before the stem {p.stem_name!r}")

@@ -55,8 +55,8 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lightning_dance.aap import AdaptivePruner
+from lightning_dance.decision import DecisionPlan
 from lightning_dance.macs import count_macs
-from lightning_dance.masks import expand_blocks, threshold_gate, topk_gate
 
 __all__ = ["MODES", "DANCEExportModule", "ExportPlan", "build_export_module", "unwrap_pruner"]
 
@@ -95,10 +95,11 @@ def unwrap_pruner(model: nn.Module) -> AdaptivePruner | None:
 
 class _Route:
     """What the stem tap hands to the gated convs during one forward (a plain object, so that
-    ``torch.export`` in strict mode traces the hand-over as ordinary Python data flow);
-    ``early``: chain consumer -> its kept channels ``[N, k]``, chosen when its producer ran."""
+    ``torch.export`` in strict mode traces the hand-over as ordinary Python data flow):
+    ``plan``, the clip's decisions; ``early``: chain consumer -> its kept channels ``[N, k]``,
+    handed over when its producer ran."""
 
-    ctx: Any = None
+    plan: DecisionPlan | None = None
     early: dict[str, torch.Tensor] | None = None
 
 
@@ -113,11 +114,11 @@ class _StemTap(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.stem(*args, **kwargs)
         owner = self._owner[0]
-        if owner.route.ctx is None:
+        if owner.route.plan is None:
             budget = None
             if owner.budget_value is not None:
                 budget = torch.full((), owner.budget_value, dtype=out.dtype)
-            owner.route.ctx = owner.controller(out, budget)
+            owner.route.plan = owner.decide(owner.controller(out, budget))
         return out
 
 
@@ -144,8 +145,11 @@ class _GatedConv3d(nn.Module):
         from lightning_dance.masks import apply_masks
 
         owner = self._owner[0]
-        indices = self.gather and owner.mode == "topk"  # kept channels / frames as indices
-        masks = owner.layer_masks(owner.route.ctx, self.name, tuple(x.shape[1:]), indices)
+        plan, shape = owner.route.plan, tuple(x.shape[1:])
+        if self.gather and owner.mode == "topk":  # kept channels / frames as indices
+            masks = plan.indices(self.name, shape)
+        else:
+            masks = plan.masks(self.name, shape).values
         if not self.gather:
             return self.conv(apply_masks(x, masks))
         if "feature" in masks:
@@ -166,8 +170,7 @@ class _GatedConv3d(nn.Module):
         if early is not None and self.name in early:  # x holds only the kept channels
             idx["channel_idx"], idx["input_gathered"] = early.pop(self.name), True
         if self.consumer is not None and early is not None:
-            shape = owner.shapes[self.consumer]
-            kept = owner.layer_masks(owner.route.ctx, self.consumer, shape, True)["channel"]
+            kept = plan.indices(self.consumer, owner.shapes[self.consumer])["channel"]
             idx["out_idx"] = early[self.consumer] = kept
         return static_topk_conv3d(self.conv, x, **idx)
 
@@ -217,7 +220,7 @@ class DANCEExportModule(nn.Module):
         self.mode, self.policy, self.dims = mode, pruner.policy, pruner.dims
         self.stem_name, self.layer_names = pruner.stem_name, list(pruner.layer_names)
         self.min_keep = pruner.min_keep
-        self.offset = float(pruner.calibration) if pruner.policy == "threshold" else 0.0
+        self.offset = pruner.policy.logit_offset(float(pruner.calibration))
         self.budget_value = float(pruner.budget) if pruner.budget_conditioned else None
         self.shapes, self.keep_counts, self.gathered = shapes, keep_counts, set(gathered)
         self.route = _Route()
@@ -239,40 +242,16 @@ class DANCEExportModule(nn.Module):
                 _replace(model, norm, _GatheredNorm(bn, chain.consumer, self))
         self.model = model
 
-    def layer_masks(
-        self, ctx: Any, name: str, shape: tuple[int, ...], indices: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """Eval masks ``{dim: [N, ...]}`` of layer ``name`` (as ``AdaptivePruner.layer_masks``).
-
-        ``indices`` (``topk`` only): channels and frames as the kept indices ``[N, k]`` (in
-        ``TopK``'s order, unsorted), the same entries the mask keeps."""
-        h, w = shape[2:]
-        logits = self.controller.layer_logits(ctx, name, tuple(shape))
-        values = {}
-        for dim, lg in logits.items():
-            flat = lg.flatten(1) + self.offset if self.offset else lg.flatten(1)
-            if self._margins is not None:  # eager, in build_export_module only
-                self._margins.append(self._margin(flat, name, dim))
-            if indices and dim != "feature":
-                values[dim] = flat.topk(self.keep_counts[name][dim], dim=1).indices
-                continue
-            if self.policy == "topk":
-                value = topk_gate(flat, self.keep_counts[name][dim], training=False)
-            else:
-                value = threshold_gate(flat, training=False, min_keep=self.min_keep)
-            value = value.view_as(lg)
-            values[dim] = expand_blocks(value, (h, w)) if dim == "feature" else value
-        return values
-
-    def _margin(self, flat: torch.Tensor, name: str, dim: str) -> float:
-        scale = flat.abs().amax(dim=1).clamp_min(1e-12)  # per row
-        if self.policy != "topk":
-            return float((flat.abs().amin(dim=1) / scale).min())
-        k = self.keep_counts[name][dim]
-        if k >= flat.shape[1]:
-            return math.inf
-        top = flat.topk(k + 1, dim=1).values
-        return float(((top[:, k - 1] - top[:, k]) / scale).min())
+    def decide(self, ctx: Any) -> DecisionPlan:
+        """The eval decisions of one forward from the controller's context: the pruner's
+        policy with this module's baked-in offset and keep counts."""
+        counts = self.keep_counts if self.policy.fixed_counts else None
+        plan = DecisionPlan(
+            self.controller, ctx, self.policy, counts=counts, offset=self.offset,
+            min_keep=self.min_keep,
+        )  # fmt: skip
+        plan.margins = self._margins  # eager, in build_export_module only
+        return plan
 
     def gate_margin(self, clip: torch.Tensor) -> float:
         """The smallest decision gap (:attr:`ExportPlan.gate_margin`) on ``clip`` (eager)."""
@@ -285,11 +264,11 @@ class DANCEExportModule(nn.Module):
             self._margins = None
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        self.route.ctx, self.route.early = None, {}
+        self.route.plan, self.route.early = None, {}
         try:
             return self.model(clip)
         finally:
-            self.route.ctx, self.route.early = None, None
+            self.route.plan, self.route.early = None, None
 
 
 def _fold_norms(model: nn.Module, pruner: AdaptivePruner) -> dict[str, str]:
@@ -364,26 +343,27 @@ def build_export_module(
         model = model.eval()
         dense = int(count_macs(model, one, per_module=False).total)
         return model, ExportPlan("dense", None, dense_macs=dense, executed_macs=dense)
-    if mode == "threshold" and pruner.policy != "threshold":
+    policy = pruner.policy
+    if mode == "threshold" and policy.fixed_counts:
         raise ValueError(
-            f"mode='threshold' needs a pruner trained with policy='threshold', this one uses "
-            f"{pruner.policy!r}: export mode='topk' instead"
+            f"mode='threshold' needs a pruner trained with policy='threshold' (input-dependent "
+            f"counts), this one uses {policy.name!r}: export mode='topk' instead"
         )
-    if mode == "topk" and pruner.policy != "topk":
+    if mode == "topk" and not policy.fixed_counts:
         raise ValueError(
-            f"mode='topk' needs a pruner trained with policy='topk', this one uses "
-            f"{pruner.policy!r}: export mode='masked' instead"
+            f"mode='topk' needs a pruner trained with policy='topk' (fixed counts), this one "
+            f"uses {policy.name!r}: export mode='masked' instead"
         )
     pruner.eval()
     pruner(one)  # sets the fixed MAC fraction (topk keep ratio) and the statistics
     stats = pruner.last_stats
-    plan = ExportPlan(mode, pruner.policy, pruner.dims, float(pruner.budget))
+    plan = ExportPlan(mode, policy.name, pruner.dims, float(pruner.budget))
     plan.dense_macs = int(stats.dense_total)
     plan.policy_macs = float(stats.executed_macs().double().mean())
     shapes = {name: tuple(s.input_shape) for name, s in stats.layers.items()}
     modules = dict(pruner.model.named_modules())
     gathered: set[str] = set()
-    if pruner.policy == "topk":
+    if policy.fixed_counts:
         plan.keep_counts = pruner.topk_counts(shapes)
     chains: dict[str, Any] = {}
     if mode in ("topk", "threshold"):

@@ -1,0 +1,29 @@
+"""Pruning policies: how the controller's scores become per-clip keep decisions.
+
+- :class:`ThresholdPolicy` (``"threshold"``, DANCE): keep what scores above zero, a number that
+  varies per clip;
+- :class:`TopKPolicy` (``"topk"``, CNN Mixture-of-Depths style): a fixed number per layer, static
+  shapes.
+
+Add one by subclassing :class:`Policy` in a new file and decorating it with
+:func:`register_policy`; ``AdaptivePruner(policy=...)`` and ``DANCEWrapper(policy=...)`` take its
+name, its class or an instance.
+"""
+
+from lightning_dance.policies.base import (
+    Policy,
+    available_policies,
+    get_policy,
+    register_policy,
+)
+from lightning_dance.policies.threshold import ThresholdPolicy
+from lightning_dance.policies.topk import TopKPolicy
+
+__all__ = [
+    "Policy",
+    "ThresholdPolicy",
+    "TopKPolicy",
+    "available_policies",
+    "get_policy",
+    "register_policy",
+]
