@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Any
 
@@ -29,6 +30,7 @@ from lightning_dance.aap import AdaptivePruner, PruningStats, budget_loss, disti
 from lightning_dance.errors import DanceError
 from lightning_dance.layers import LayerSelector
 from lightning_dance.masks import DIMS
+from lightning_dance.policies import Policy, available_policies, get_policy
 
 __all__ = ["DANCEWrapper", "ArchitectureMismatchError"]
 
@@ -46,10 +48,15 @@ class DANCEWrapper(L.LightningModule):
 
     Args:
         model: the user's network: an ``nn.Module`` or LightningModule mapping a clip
-            ``[N, C, T, H, W]`` to logits, or a factory name (with ``model_kwargs``).
+            ``[N, C, T, H, W]`` to logits, or a factory name (with ``model_kwargs``), or an
+            :class:`~lightning_dance.aap.AdaptivePruner` configured already (then the pruner's
+            own arguments below, from ``budget`` to ``channel_multiple`` but ``budget_range``,
+            stay at their defaults: the pruner has them).
         budget: target executed/dense MAC ratio in (0, 1].
         dims: which input dims to prune (subset of ``("frame", "channel", "feature")``).
-        policy: ``"threshold"`` (DANCE, input-dependent) or ``"topk"`` (fixed counts, exportable).
+        policy: ``"threshold"`` (DANCE, input-dependent), ``"topk"`` (fixed counts,
+            exportable) or any :class:`~lightning_dance.policies.Policy` (name, class or
+            instance).
         layers: which Conv3d to instrument (default: all but the stem).
         budget_range: train one budget-conditioned controller for budgets in ``(low, high)``
             (sampled per batch); pick one at inference with :meth:`set_budget`.
@@ -88,11 +95,11 @@ class DANCEWrapper(L.LightningModule):
 
     def __init__(
         self,
-        model: nn.Module | str,
+        model: nn.Module | str | AdaptivePruner,
         *,
         budget: float = 0.5,
         dims: tuple[str, ...] | list[str] = DIMS,
-        policy: str = "threshold",
+        policy: str | Policy | type[Policy] = "threshold",
         layers: LayerSelector = None,
         budget_range: tuple[float, float] | None = None,
         task: str = "both",
@@ -150,7 +157,17 @@ class DANCEWrapper(L.LightningModule):
                     f"budget_range must satisfy 0 < low < high <= 1, got {budget_range}"
                 )
             budget_range = (low, high)
-        if isinstance(model, str):
+        pruner_args = {
+            "budget": budget, "dims": dims, "policy": policy, "layers": layers, "grid": grid,
+            "hidden": hidden, "min_keep": min_keep, "tau": tau, "init_keep": init_keep,
+            "credit_outputs": credit_outputs, "channel_multiple": channel_multiple,
+        }  # fmt: skip
+        pruner = None
+        if isinstance(model, AdaptivePruner):
+            self.save_hyperparameters(ignore=["model"])
+            pruner = _configured_pruner(model, pruner_args, budget_range)
+            model = model.model
+        elif isinstance(model, str):
             from lightning_dance.models import create_model
 
             kwargs = dict(model_kwargs or {})
@@ -162,21 +179,14 @@ class DANCEWrapper(L.LightningModule):
             if not isinstance(model, nn.Module):
                 raise TypeError(f"model must be an nn.Module or a factory name, got {type(model)}")
             self.save_hyperparameters(ignore=["model"])
-        self.pruner = AdaptivePruner(
-            model,
-            dims=dims,
-            policy=policy,
-            budget=budget,
-            layers=layers,
-            budget_conditioned=budget_range is not None,
-            grid=grid,
-            hidden=hidden,
-            min_keep=min_keep,
-            tau=tau,
-            init_keep=init_keep,
-            credit_outputs=credit_outputs,
-            channel_multiple=channel_multiple,
-        )
+        if pruner is None:
+            pruner = AdaptivePruner(
+                model, budget_conditioned=budget_range is not None, **pruner_args
+            )
+        if not isinstance(policy, str) and _registered_as(pruner.policy):
+            # checkpoints keep the name (they load without unpickling a class)
+            self.hparams["policy"] = pruner.policy.name
+        self.pruner = pruner
         self.budget_range = budget_range
         self.freeze_backbone = freeze_backbone
         self.execution = execution
@@ -467,6 +477,39 @@ class DANCEWrapper(L.LightningModule):
                 f"{mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}"
             )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _configured_pruner(
+    pruner: AdaptivePruner, args: dict[str, Any], budget_range: tuple[float, float] | None
+) -> AdaptivePruner:
+    """``pruner``, after checking that the wrapper's pruner arguments were left at their
+    defaults (the pruner has its own) and that ``budget_range`` matches its controller."""
+    defaults = inspect.signature(DANCEWrapper.__init__).parameters
+    given = [k for k, v in args.items() if not _same(v, defaults[k].default)]
+    if given:
+        raise ValueError(
+            f"DANCEWrapper got an AdaptivePruner and also {given}: configure these on the "
+            "pruner (AdaptivePruner(model, ...)), or pass the model instead of a pruner"
+        )
+    if (budget_range is not None) != pruner.budget_conditioned:
+        raise ValueError(
+            "budget_range trains a budget-conditioned controller: build the pruner with "
+            f"budget_conditioned={budget_range is not None} to match budget_range={budget_range}"
+        )
+    return pruner
+
+
+def _registered_as(policy: Policy) -> bool:
+    """Whether ``policy`` is what its registered name gives (the name alone restores it)."""
+    return policy.name in available_policies() and get_policy(policy.name) == policy
+
+
+def _same(value: Any, default: Any) -> bool:
+    return (
+        value is default
+        or (type(value) is type(default) and value == default)
+        or (isinstance(value, (tuple, list)) and tuple(value) == default)
+    )
 
 
 def check_architecture(saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -1,0 +1,197 @@
+"""Policies as objects and the decision plan: a new policy is one class, and every runtime reads
+the same per-clip decisions."""
+
+import lightning as L
+import pytest
+import torch
+from conftest import SmallNet
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dance.aap import AdaptivePruner
+from lightning_dance.decision import DecisionPlan
+from lightning_dance.errors import DanceError
+from lightning_dance.execution import CompactPruner
+from lightning_dance.masks import threshold_gate
+from lightning_dance.policies import (
+    Policy,
+    ThresholdPolicy,
+    TopKPolicy,
+    available_policies,
+    get_policy,
+    register_policy,
+)
+from lightning_dance.policies import base as policy_base
+from lightning_dance.wrapper import DANCEWrapper
+
+MARGIN = 0.85  # logit of a 70% keep probability
+
+
+class StrictPolicy(Policy):
+    """Keeps an entry only when the controller gives it more than a 70% keep probability."""
+
+    name = "strict_test"
+
+    def gate(self, logits, *, training, k=None, tau=1.0, noise=1.0, min_keep=1):
+        return threshold_gate(
+            logits - MARGIN, training=training, tau=tau, noise=noise, min_keep=min_keep
+        )
+
+    def logit_offset(self, calibration):
+        return calibration
+
+
+@pytest.fixture
+def strict():
+    register_policy(StrictPolicy)
+    yield StrictPolicy()
+    del policy_base._REGISTRY[StrictPolicy.name]
+
+
+def _randomized(pruner, scale=3.0):
+    """Spread the controller's scores (a fresh controller keeps almost everything)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in pruner.controller.parameters():
+            p.normal_(0, scale / max(1, p.shape[-1] ** 0.5))
+    return pruner.eval()
+
+
+def test_a_policy_is_named_passed_as_class_or_instance():
+    assert set(available_policies()) >= {"threshold", "topk"}
+    topk = get_policy("topk")
+    assert isinstance(topk, TopKPolicy) and get_policy(TopKPolicy) == topk
+    assert get_policy(topk) is topk
+    assert topk == "topk" and topk != "threshold" and topk != ThresholdPolicy()
+    assert hash(topk) == hash(TopKPolicy()) and repr(topk) == "TopKPolicy()"
+    assert topk.fixed_counts and not ThresholdPolicy().fixed_counts
+    pruner = AdaptivePruner(SmallNet(), policy=TopKPolicy)
+    assert isinstance(pruner.policy, TopKPolicy) and pruner.policy == "topk"
+
+
+def test_unknown_and_malformed_policies_get_clear_errors():
+    with pytest.raises(ValueError, match=r"policy must be one of \('threshold', 'topk'"):
+        AdaptivePruner(SmallNet(), policy="nope")
+    with pytest.raises(ValueError, match="or a Policy object"):
+        get_policy(3)
+    with pytest.raises(TypeError, match="Policy subclass with a name"):
+        register_policy(int)
+
+    class Nameless(StrictPolicy):
+        name = ""
+
+    with pytest.raises(TypeError, match="Policy subclass with a name"):
+        register_policy(Nameless)
+
+    class Impostor(ThresholdPolicy):
+        pass
+
+    with pytest.raises(ValueError, match="'threshold' is registered already"):
+        register_policy(Impostor)
+    with pytest.raises(ValueError, match="topk policy needs the number"):
+        TopKPolicy().gate(torch.zeros(1, 4), training=False)
+
+
+def test_a_new_policy_is_one_class(strict, clip):
+    """Registered, it works by name in the masked forward, the compact path and calibration."""
+    pruner = _randomized(AdaptivePruner(SmallNet(), policy="strict_test", budget=0.6))
+    assert pruner.policy == strict
+    with torch.no_grad():
+        masked = pruner(clip)
+        stem = pruner.model.get_submodule(pruner.stem_name)(clip)
+        plan = pruner.decide(stem)
+    # the masks are the policy's rule applied to the controller's logits, independently
+    for name, stats in pruner.last_stats.layers.items():
+        logits = pruner.controller.layer_logits(plan.ctx, name, stats.input_shape)
+        for dim in ("channel", "frame"):
+            expect = (logits[dim] > MARGIN).float()
+            empty = expect.sum(1) == 0  # min_keep: the best-scored entry is kept
+            expect[empty, logits[dim][empty].argmax(1)] = 1.0
+            torch.testing.assert_close(stats.masks[dim], expect)
+    kept = torch.stack([s.masks["channel"].mean() for s in pruner.last_stats.layers.values()])
+    assert 0.05 < float(kept.mean()) < 0.95  # a real decision, not all or nothing
+    with torch.no_grad():
+        torch.testing.assert_close(CompactPruner(pruner)(clip), masked, atol=1e-4, rtol=1e-4)
+    reached = pruner.calibrate([clip, torch.randn(2, 3, 8, 16, 16)])
+    assert abs(reached - 0.6) < 0.05
+
+
+def test_the_compact_path_reads_the_masked_forwards_decisions(clip):
+    """Masked forward and compact path take each layer's decision from one plan per clip:
+    same masks (checked through identical outputs layer by layer), one controller call."""
+    pruner = _randomized(AdaptivePruner(SmallNet(), policy="threshold", budget=0.5))
+    calls = []
+    pruner.controller.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        masked = pruner(clip)
+        fast = CompactPruner(pruner, skip_outputs=True, index_plan=False)(clip)
+    assert len(calls) == 2  # one plan per forward, whatever the chains look ahead at
+    torch.testing.assert_close(fast, masked, atol=1e-4, rtol=1e-4)
+
+
+def test_plan_indices_and_masks_agree(clip):
+    pruner = _randomized(AdaptivePruner(SmallNet(), dims=("channel", "frame"), policy="topk"))
+    one = clip[:1]
+    with torch.no_grad():
+        pruner(one)
+        plan = pruner.decide(pruner.model.get_submodule(pruner.stem_name)(one))
+    widths = {n: s.input_shape[0] for n, s in pruner.last_stats.layers.items()}
+    sorted_channels = plan.channel_indices(widths)
+    for name, stats in pruner.last_stats.layers.items():
+        masks = plan.masks(name, stats.input_shape)
+        assert plan.masks(name, stats.input_shape) is masks  # decided once
+        idx = plan.indices(name, stats.input_shape)
+        for dim in ("channel", "frame"):
+            torch.testing.assert_close(masks.values[dim], stats.masks[dim])
+            kept = stats.masks[dim][0].nonzero().flatten()
+            assert torch.equal(idx[dim][0].sort().values, kept)
+            k = pruner.topk_count(dim, stats.masks[dim].shape[1], name)
+            assert idx[dim].shape == (1, k)
+        got = sorted_channels[name]
+        kept = stats.masks["channel"][0].nonzero().flatten()
+        assert torch.equal(got, kept) if got is not None else len(kept) == widths[name]
+    with pytest.raises(ValueError, match="pass counts="):
+        DecisionPlan(pruner.controller, plan.ctx, TopKPolicy())
+    threshold = DecisionPlan(pruner.controller, plan.ctx, ThresholdPolicy())
+    with pytest.raises(ValueError, match="fixed-count policy"):
+        threshold.indices(name, stats.input_shape)
+
+
+def test_wrapper_takes_a_configured_pruner(tmp_path):
+    torch.manual_seed(0)
+    pruner = AdaptivePruner(SmallNet(), dims=("channel",), policy="topk", budget=0.4)
+    wrapper = DANCEWrapper(pruner, lr=1e-2)
+    assert wrapper.pruner is pruner and wrapper.model is pruner.model
+    assert float(wrapper.pruner.budget) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match=r"also \['dims', 'policy'\]: configure these"):
+        DANCEWrapper(pruner, dims=("frame",), policy="topk")
+    with pytest.raises(ValueError, match="budget_conditioned=True"):
+        DANCEWrapper(pruner, budget_range=(0.2, 0.8))
+    data = TensorDataset(torch.randn(8, 3, 8, 16, 16), torch.randint(0, 4, (8,)))
+    before = [p.clone() for p in pruner.controller.parameters()]
+    L.Trainer(
+        max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    ).fit(wrapper, DataLoader(data, batch_size=4))  # fmt: skip
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, pruner.controller.parameters(), strict=True)
+    )
+
+
+def test_wrapper_saves_a_registered_policy_by_name(strict):
+    wrapper = DANCEWrapper(SmallNet(), policy=TopKPolicy(), dims=("channel",))
+    assert wrapper.hparams["policy"] == "topk" and wrapper.pruner.policy == "topk"
+    assert DANCEWrapper(SmallNet(), policy=StrictPolicy).hparams["policy"] == "strict_test"
+
+
+def test_every_project_error_is_a_dance_error():
+    import lightning_dance as ld
+    from lightning_dance.export.conv2d_rewrite import UnsupportedOpError
+
+    errors = [ld.NoConv3dError, ld.ArchitectureMismatchError, ld.InflationError,
+              ld.CheckpointError, ld.VideoDecodeError, ld.MacCountError, UnsupportedOpError]  # fmt: skip
+    for error in errors:
+        assert issubclass(error, DanceError)
+    with pytest.raises(DanceError, match="no nn.Conv3d layer"):
+        AdaptivePruner(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError):  # the built-in base still catches it
+        AdaptivePruner(torch.nn.Linear(2, 2))
