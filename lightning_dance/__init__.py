@@ -1,14 +1,19 @@
 """lightning-dance: DANCE (AVA + AAP) dynamic pruning of 3D CNNs for PyTorch Lightning.
 
 Example:
-    >>> import lightning as L
+    >>> import lightning as L, torch
     >>> from lightning_dance import (AVACallback, DANCEWrapper, SyntheticVideoDataModule,
     ...                              VideoClassifier)
-    >>> dm = SyntheticVideoDataModule(num_classes=6, frames=8, size=32)
+    >>> dm = SyntheticVideoDataModule(num_classes=6, frames=8, size=32,
+    ...                               train_size=8, val_size=4, batch_size=4)  # tiny demo sizes
     >>> model = VideoClassifier("tiny_c3d", num_classes=6)
-    >>> L.Trainer(max_epochs=2, callbacks=[AVACallback()]).fit(model, dm)  # doctest: +SKIP
-    >>> dance = DANCEWrapper(model, budget=0.5)                              # AAP
-    >>> L.Trainer(max_epochs=2).fit(dance, dm)                               # doctest: +SKIP
+    >>> quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    ...              enable_model_summary=False)
+    >>> L.Trainer(max_epochs=1, callbacks=[AVACallback()], **quiet).fit(model, dm)  # AVA
+    >>> dance = DANCEWrapper(model, budget=0.5)                                    # AAP
+    >>> L.Trainer(max_epochs=1, **quiet).fit(dance, dm)
+    >>> dance.eval()(torch.randn(1, 3, 8, 32, 32)).shape
+    torch.Size([1, 6])
 
 The execution (:mod:`lightning_dance.execution`) and export (:mod:`lightning_dance.export`)
 subpackages load on first use of their names here.

@@ -253,7 +253,7 @@ class AVARecorder:
     Example:
         >>> net = nn.Sequential(nn.Conv3d(3, 4, 3), nn.ReLU(), nn.Conv3d(4, 4, 3))
         >>> with AVARecorder(net) as ava:
-        ...     _ = net(torch.randn(2, 3, 4, 8, 8))
+        ...     _ = net(torch.randn(2, 3, 6, 8, 8))
         >>> -1.0 <= ava.penalty().item() <= 0.0
         True
     """
@@ -344,7 +344,7 @@ def ava_penalty(
     Example:
         >>> net = nn.Sequential(nn.Conv3d(3, 4, 3), nn.ReLU(), nn.Conv3d(4, 4, 3))
         >>> with ava_penalty(net, dims=("channel",)) as ava:
-        ...     out = net(torch.randn(2, 3, 4, 8, 8))
+        ...     out = net(torch.randn(2, 3, 6, 8, 8))
         >>> loss = out.pow(2).mean() + 0.1 * ava.penalty()  # records stay until the next start
     """
     return AVARecorder(

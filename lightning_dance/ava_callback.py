@@ -20,7 +20,7 @@ explicitly; the callback raises at the first step that lacks it::
 Example:
     >>> import lightning as L
     >>> trainer = L.Trainer(max_epochs=1, callbacks=[AVACallback(weight=2.0, warmup_steps=50)])
-    >>> # trainer.fit(my_unmodified_module, datamodule)  # doctest: +SKIP
+    >>> trainer.fit(my_unmodified_module, datamodule)  # doctest: +SKIP
 """
 
 from __future__ import annotations

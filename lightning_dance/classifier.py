@@ -7,7 +7,10 @@ Example:
     >>> import lightning as L
     >>> from lightning_dance import SyntheticVideoDataModule, VideoClassifier
     >>> model = VideoClassifier("tiny_c3d", num_classes=10, lr=3e-3)
-    >>> L.Trainer(max_epochs=3).fit(model, SyntheticVideoDataModule())  # doctest: +SKIP
+    >>> dm = SyntheticVideoDataModule(num_classes=10, frames=4, size=16, train_size=8,
+    ...                               val_size=4, test_size=4, batch_size=4)
+    >>> L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+    ...           enable_progress_bar=False, enable_model_summary=False).fit(model, dm)
 """
 
 from __future__ import annotations

@@ -299,8 +299,15 @@ class SyntheticVideoDataModule(L.LightningDataModule):
     Example:
         >>> import lightning as L
         >>> from lightning_dance import SyntheticVideoDataModule, VideoClassifier
-        >>> dm = SyntheticVideoDataModule(num_classes=6, frames=8, size=32)  # doctest: +SKIP
-        >>> L.Trainer(max_epochs=1).fit(VideoClassifier("tiny_c3d", 6), dm)  # doctest: +SKIP
+        >>> dm = SyntheticVideoDataModule(num_classes=6, frames=8, size=32, train_size=8,
+        ...                               val_size=4, test_size=4, batch_size=4)
+        >>> dm.setup("fit")
+        >>> clip, label = dm.train_dataset[0]
+        >>> tuple(clip.shape), clip.dtype, 0 <= int(label) < 6
+        ((3, 8, 32, 32), torch.float32, True)
+        >>> L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+        ...           enable_progress_bar=False, enable_model_summary=False,
+        ...           ).fit(VideoClassifier("tiny_c3d", 6), dm)
     """
 
     def __init__(

@@ -4,7 +4,7 @@ Example:
     >>> m = Manifest(mode="dense", policy=None, input_shape=[1, 3, 4, 16, 16])
     >>> m.artifacts.append(Artifact(target="jetson", format="onnx", file="jetson/model.onnx"))
     >>> sorted(m.to_dict())[:3]
-    ['artifacts', 'created', 'dense_macs']
+    ['artifacts', 'budget', 'created']
 """
 
 from __future__ import annotations
