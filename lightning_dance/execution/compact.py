@@ -50,7 +50,7 @@ import functools
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -60,13 +60,27 @@ from lightning_dance.execution.kernels import fast_conv3d, take_columns, to_fast
 from lightning_dance.macs import ConvGeometry, _pad_hw, _source_index
 from lightning_dance.masks import DIMS, apply_masks
 
-if TYPE_CHECKING:
-    from lightning_dance.execution.tuning import LayerTuning
-
 __all__ = ["BATCH_MODES", "ExecutedMacs", "compact_conv3d", "count_executed_macs"]
 
 #: How :func:`compact_conv3d` runs a batch whose samples have different masks.
 BATCH_MODES = ("group", "union")
+
+
+class KernelCosts(Protocol):
+    """What the compact plan asks of a layer's measured kernel costs (implemented by
+    :class:`~lightning_dance.execution.tuning.LayerTuning`)."""
+
+    def snap_channels(self, kept: int, size: int) -> int:
+        """The channel count to read for ``kept`` kept channels of ``size``."""
+        ...
+
+    def frames_pay(self, kept: int) -> bool:
+        """Whether the tap decomposition over ``kept`` frames beats the dense conv."""
+        ...
+
+    def features_pay(self, active_fraction: float) -> bool:
+        """Whether rectangles over ``active_fraction`` of the outputs beat the dense conv."""
+        ...
 
 
 def check_batch_mode(mode: str) -> str:
@@ -575,7 +589,7 @@ def _skip_unread(g: ConvGeometry, x: torch.Tensor, m_t, m_f):
 
 
 def _snap_channels(
-    conv: nn.Conv3d, m_c: torch.Tensor, kept: torch.Tensor, tuning: LayerTuning
+    conv: nn.Conv3d, m_c: torch.Tensor, kept: torch.Tensor, tuning: KernelCosts
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kept channels snapped UP to the tuned fastest count: ``(channels to read, zeroed)``.
 
@@ -600,7 +614,7 @@ def _compact_same_masks(
     m_t: torch.Tensor | None,
     m_c: torch.Tensor | None,
     m_f: torch.Tensor | None,
-    tuning: LayerTuning | None = None,
+    tuning: KernelCosts | None = None,
     held: torch.Tensor | None = None,
     out_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -731,7 +745,7 @@ def compact_conv3d(
     x: torch.Tensor,
     values: dict[str, torch.Tensor],
     *,
-    tuning: LayerTuning | None = None,
+    tuning: KernelCosts | None = None,
     batch_mode: str = "group",
     in_channels: torch.Tensor | None = None,
     out_channels: torch.Tensor | None = None,
@@ -778,7 +792,7 @@ def _compact_conv3d(
     conv: nn.Conv3d,
     x: torch.Tensor,
     values: dict[str, torch.Tensor],
-    tuning: LayerTuning | None,
+    tuning: KernelCosts | None,
     batch_mode: str,
     held: torch.Tensor | None,
     out_idx: torch.Tensor | None,
