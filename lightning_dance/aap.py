@@ -37,13 +37,13 @@ import torch
 import torch.nn as nn
 
 from lightning_dance.controller import Controller, ControllerContext
-from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
-from lightning_dance.macs import (
+from lightning_dance.executed import (
     conv3d_executed_macs,
     conv3d_executed_macs_batch,
     conv3d_expected_macs,
-    count_macs,
 )
+from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
+from lightning_dance.macs import count_macs
 from lightning_dance.masks import (
     DIMS,
     LayerMasks,
