@@ -568,6 +568,20 @@ def test_counting_is_quiet_in_a_fresh_process():
     assert run.stderr == "" and run.stdout == ""
 
 
+def test_moved_names_still_import_from_macs_with_a_deprecation_warning():
+    """Names that moved out of ``lightning_dance.macs`` work from there for one release, warn
+    with their new home, and are the same objects; unknown names still raise."""
+    import lightning_dance.macs as macs
+    from lightning_dance import executed, geometry, traffic
+
+    for name, module in [("ConvGeometry", geometry), ("conv3d_input_shapes", geometry),
+                         ("conv3d_executed_macs", executed), ("conv3d_mac_factors", executed),
+                         ("Traffic", traffic), ("conv3d_memory_traffic", traffic)]:  # fmt: skip
+        with pytest.warns(DeprecationWarning, match=rf"moved to {module.__name__}\.{name}"):
+            assert getattr(macs, name) is getattr(module, name)
+    with pytest.raises(AttributeError):
+        macs.no_such_name  # noqa: B018
+
 
 @pytest.mark.parametrize("sign,expected", [(1.0, 4 * 3 * 32), (-1.0, 4 * 3 * 27 * 32)])
 def test_data_dependent_control_flow_counts_the_path_taken_quietly(sign, expected):
