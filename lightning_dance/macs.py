@@ -1,6 +1,5 @@
 """Dense MAC counting of whole models: fvcore, with a dispatch-counter fallback.
 
-
 Dense counting (:func:`count_macs`) is fvcore's ``FlopCountAnalysis`` (one fused multiply-add =
 one MAC) with extra handles for the ops fvcore skips on video models. If fvcore cannot trace the
 model (``torch.jit.trace`` fails, or a custom ``torch.autograd.Function`` hides its ops from the
