@@ -31,7 +31,7 @@ are part of every DANCE latency.
   keep ratio, calibrated to the same budget (so those layers are pruned harder), with tunings.
 
 - ``MAC ratio`` = executed / dense MACs per clip, as counted by the pruner
-  (:mod:`lightning_dance.macs`, controller included);
+  (:mod:`lightning_dance.executed`, controller included);
 - ``ran`` = MACs the run really computed / dense (``tuned`` may compute more than counted);
 - ``speedup`` = median dense-fast latency / median latency;
 - ``real/ideal`` = speedup * ``ran`` (1.0: the latency fell as much as the MACs really

@@ -38,13 +38,13 @@ import torch.nn as nn
 
 from lightning_dance.controller import Controller
 from lightning_dance.decision import DecisionPlan
-from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
-from lightning_dance.macs import (
+from lightning_dance.executed import (
     conv3d_executed_macs,
     conv3d_executed_macs_batch,
     conv3d_expected_macs,
-    count_macs,
 )
+from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
+from lightning_dance.macs import count_macs
 from lightning_dance.masks import DIMS, _check_dims, apply_masks, keep_count, multiple_options
 from lightning_dance.policies import Policy, available_policies, get_policy
 

@@ -1,10 +1,10 @@
 """A first-order energy ESTIMATE from MAC counts and memory traffic (45 nm figures).
 
 Energy = ``macs * mac_pj + bytes * byte_pj + copy_bytes * copy_byte_pj``, where ``copy_bytes``
-are the fast path's gather/scatter copies (:attr:`lightning_dance.macs.Traffic.copy_bytes`),
+are the fast path's gather/scatter copies (:attr:`lightning_dance.traffic.Traffic.copy_bytes`),
 priced like all other bytes unless told otherwise. It is an estimate for comparing a dense and
 a pruned execution of the same network, not a measurement of any device: no caches, no data
-reuse beyond what :class:`lightning_dance.macs.Traffic` counts (each tensor moved once per
+reuse beyond what :class:`lightning_dance.traffic.Traffic` counts (each tensor moved once per
 layer), one memory level (two when copies are priced apart), no static/leakage power, no
 control or address arithmetic, non-MAC ops priced as MACs. Real chips (newer nodes, other
 memories) differ in absolute terms; the dense/executed *ratio*, with the memory levels it
@@ -78,7 +78,7 @@ class EnergyModel:
         bytes_per_element: element size the traffic should be counted with.
         name: a label for reports.
         copy_byte_pj: energy per byte of the fast path's gather/scatter copies
-            (:class:`lightning_dance.macs.Traffic` ``gather_overhead`` + ``scatter_overhead``);
+            (:class:`lightning_dance.traffic.Traffic` ``gather_overhead`` + ``scatter_overhead``);
             ``None``: ``byte_pj``. The copies are small and consumed at once, so on a device
             with on-chip SRAM they may never reach DRAM: price them at an SRAM level to model
             that (``preset(..., copies="sram_1mb")``); the default is the pessimistic choice.

@@ -12,7 +12,7 @@ DANCE-pruned model executed for each clip, and reports per clip:
   both also as savings dense / executed;
 - per layer: input shape, dense MACs, mean executed MACs, kept fraction per dim and, when the
   masks themselves were seen, the executed/dense MAC factor per dim
-  (:func:`lightning_dance.macs.conv3d_mac_factors`).
+  (:func:`lightning_dance.executed.conv3d_mac_factors`).
 
 Three ways to feed it, all per batch (they can be mixed):
 
@@ -60,19 +60,12 @@ import torch
 import torch.nn as nn
 
 from lightning_dance.energy import EnergyModel
+from lightning_dance.executed import conv3d_executed_macs_batch, conv3d_mac_factors
+from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.layers import LayerSelector, select_conv3d
-from lightning_dance.macs import (
-    ConvGeometry,
-    MacCount,
-    _as_clip,
-    conv3d_executed_macs_batch,
-    conv3d_input_shapes,
-    conv3d_mac_factors,
-    conv3d_memory_traffic,
-    count_macs,
-    count_module_macs,
-)
+from lightning_dance.macs import MacCount, as_clip, count_macs, count_module_macs
 from lightning_dance.masks import DIMS
+from lightning_dance.traffic import conv3d_memory_traffic
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_dance.aap import AdaptivePruner, PruningStats
@@ -182,7 +175,7 @@ class MacReport:
         controller_input: torch.Tensor | tuple | None = None,
         energy: EnergyModel | None = None,
     ) -> None:
-        x = _as_clip(clip, model)[:1]
+        x = as_clip(clip, model)[:1]
         self.clip_shape: tuple[int, ...] = tuple(x.shape[1:])
         self.energy = energy or EnergyModel()
         self.dense: MacCount = count_macs(model, x)
@@ -258,7 +251,7 @@ class MacReport:
         its instrumented layers and its controller's MACs (``controller.macs`` at the stem's
         output shape for ``clip``). Feed it with :meth:`update_stats`."""
         model = pruner.unwrap()
-        shapes = conv3d_input_shapes(model, _as_clip(clip, model))
+        shapes = conv3d_input_shapes(model, as_clip(clip, model))
         stem = dict(model.named_modules())[pruner.stem_name]
         stem_out = (stem.out_channels, *ConvGeometry.of(stem, shapes[pruner.stem_name]).output)
         return cls(
@@ -309,7 +302,7 @@ class MacReport:
         agree). Traffic is exact when ``stats.layers[name]`` carries its hard masks (a
         ``masks`` attribute ``{dim: [N, ...]}``); otherwise it is derived from the kept
         fractions and executed MACs (exact but for two documented upper bounds, see
-        :func:`lightning_dance.macs.conv3d_memory_traffic`) and the per-dim MAC factors are
+        :func:`lightning_dance.traffic.conv3d_memory_traffic`) and the per-dim MAC factors are
         not reported.
 
         Raises:

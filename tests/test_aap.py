@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 
 from lightning_dance.aap import AdaptivePruner, budget_loss, distillation_loss
+from lightning_dance.executed import conv3d_executed_macs, conv3d_executed_macs_batch
 from lightning_dance.layers import NoConv3dError
-from lightning_dance.macs import conv3d_executed_macs, conv3d_executed_macs_batch, count_macs
+from lightning_dance.macs import count_macs
 from lightning_dance.masks import DIMS
 
 DIM_SETS = [("frame",), ("channel",), ("feature",), DIMS]

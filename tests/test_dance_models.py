@@ -7,8 +7,8 @@ import torch.nn as nn
 from test_models import SMALL  # tiny widths: structure, not capacity
 
 from lightning_dance.aap import AdaptivePruner
+from lightning_dance.executed import conv3d_executed_macs
 from lightning_dance.layers import all_conv3d, stem_names
-from lightning_dance.macs import conv3d_executed_macs
 from lightning_dance.models import create_model, list_models
 
 

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lightning_dance.aap import AdaptivePruner
+from lightning_dance.executed import conv3d_executed_macs_batch
 from lightning_dance.execution import (
     CompactExecutor,
     CompactPruner,
@@ -43,7 +44,7 @@ from lightning_dance.execution.static import (
     static_topk_conv3d,
 )
 from lightning_dance.execution.tuning import channel_grid
-from lightning_dance.macs import conv3d_executed_macs_batch, conv3d_input_shapes
+from lightning_dance.geometry import conv3d_input_shapes
 from lightning_dance.masks import DIMS, apply_masks, expand_blocks
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")

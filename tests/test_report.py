@@ -15,14 +15,11 @@ import torch
 import torch.nn as nn
 
 from lightning_dance.energy import EnergyModel
-from lightning_dance.macs import (
-    conv3d_executed_macs,
-    conv3d_input_shapes,
-    conv3d_memory_traffic,
-    count_macs,
-    quiet_fvcore,
-)
+from lightning_dance.executed import conv3d_executed_macs
+from lightning_dance.geometry import conv3d_input_shapes
+from lightning_dance.macs import count_macs, quiet_fvcore
 from lightning_dance.report import MacReport
+from lightning_dance.traffic import conv3d_memory_traffic
 
 
 # ---------------------------------------------------------------------------------- energy

@@ -2,7 +2,7 @@
 
 :func:`compact_conv3d` ``(conv, x, values)`` equals ``conv(apply_masks(x, values))`` (up to float
 rounding) and performs exactly the multiply-adds that
-:func:`lightning_dance.macs.conv3d_executed_macs` counts:
+:func:`lightning_dance.executed.conv3d_executed_macs` counts:
 
 - **channels**: kept input channels are gathered and the weight sliced. Grouped convs: each
   group's ``C_out/groups`` outputs read that group's kept channels; groups with the same number
@@ -28,7 +28,7 @@ where it dropped an entry (same result, more MACs than counted); see ``docs/exec
 which wins. All convs go through :func:`~lightning_dance.execution.kernels.fast_conv3d`.
 
 :func:`count_executed_macs` sums the MACs of every conv call the compact path issues, to check
-the count against :mod:`lightning_dance.macs`.
+the count against :mod:`lightning_dance.executed`.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -50,23 +50,37 @@ import functools
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dance.execution.kernels import fast_conv3d, take_columns, to_fast_layout
-from lightning_dance.macs import ConvGeometry, _pad_hw, _source_index
+from lightning_dance.geometry import ConvGeometry, cached_geometry, pad_hw, source_index
 from lightning_dance.masks import DIMS, apply_masks
-
-if TYPE_CHECKING:
-    from lightning_dance.execution.tuning import LayerTuning
 
 __all__ = ["BATCH_MODES", "ExecutedMacs", "compact_conv3d", "count_executed_macs"]
 
 #: How :func:`compact_conv3d` runs a batch whose samples have different masks.
 BATCH_MODES = ("group", "union")
+
+
+class KernelCosts(Protocol):
+    """What the compact plan asks of a layer's measured kernel costs (implemented by
+    :class:`~lightning_dance.execution.tuning.LayerTuning`)."""
+
+    def snap_channels(self, kept: int, size: int) -> int:
+        """The channel count to read for ``kept`` kept channels of ``size``."""
+        ...
+
+    def frames_pay(self, kept: int) -> bool:
+        """Whether the tap decomposition over ``kept`` frames beats the dense conv."""
+        ...
+
+    def features_pay(self, active_fraction: float) -> bool:
+        """Whether rectangles over ``active_fraction`` of the outputs beat the dense conv."""
+        ...
 
 
 def check_batch_mode(mode: str) -> str:
@@ -112,7 +126,7 @@ def count_executed_macs() -> Iterator[ExecutedMacs]:
         _counters.remove(counter)
 
 
-def _counted(y: torch.Tensor, macs_per_output: int) -> torch.Tensor:
+def record_macs(y: torch.Tensor, macs_per_output: int) -> torch.Tensor:
     """``y``, with its multiply-adds added to the active :func:`count_executed_macs`."""
     if _counters:
         macs = y.numel() * macs_per_output
@@ -122,9 +136,10 @@ def _counted(y: torch.Tensor, macs_per_output: int) -> torch.Tensor:
     return y
 
 
-def _conv(x, w, b, stride, padding, dilation, groups) -> torch.Tensor:
+def counted_conv3d(x, w, b, stride, padding, dilation, groups) -> torch.Tensor:
+    """:func:`~lightning_dance.execution.kernels.fast_conv3d`, its MACs recorded."""
     y = fast_conv3d(x, w, b, stride, padding, dilation, groups)
-    return _counted(y, w.shape[1] * w.shape[2] * w.shape[3] * w.shape[4])
+    return record_macs(y, w.shape[1] * w.shape[2] * w.shape[3] * w.shape[4])
 
 
 # ----------------------------------------------------------------------------- plans
@@ -171,7 +186,7 @@ def derived_tensor(
     return hit[1]
 
 
-def _gatherable_weight(conv: nn.Conv3d) -> torch.Tensor:
+def gatherable_weight(conv: nn.Conv3d) -> torch.Tensor:
     """``conv.weight`` in the default (NCDHW) layout, where row and column gathers run ~3x
     faster than on a ``channels_last_3d`` weight (measured: 576x256x1x3x3, 0.16 vs 0.46 ms).
     Without autograd, a cached copy, renewed when the weight changes."""
@@ -199,7 +214,7 @@ def kept_weight(
     """``conv.weight[out_idx][:, in_idx]`` (``None``: all), ``[k_out, k_in, kT, kH, kW]``,
     contiguous in the layout the kernel reads (see :data:`CHANNELS_LAST_GATHER_MIN`; a 1x1x1
     kernel is contiguous in both). ``groups == 1``."""
-    w = _gatherable_weight(conv)
+    w = gatherable_weight(conv)
     if in_idx is None:
         return w if out_idx is None else w.index_select(0, out_idx)
     if w.numel() < CHANNELS_LAST_GATHER_MIN:
@@ -248,12 +263,12 @@ def _channel_parts(
     c_in, c_out = conv.in_channels, conv.out_channels
     cg, og = c_in // groups, c_out // groups
     if out_idx is not None:  # rows gathered first: columns then come from the smaller copy
-        w = _gatherable_weight(conv).index_select(0, out_idx.to(w.device))
+        w = gatherable_weight(conv).index_select(0, out_idx.to(w.device))
         b = b.index_select(0, out_idx.to(b.device)) if b is not None else None
     source = w if out_idx is not None else None  # where kept columns are gathered from
 
     def columns(idx: torch.Tensor) -> torch.Tensor:
-        return _gather_in_channels(source if source is not None else _gatherable_weight(conv), idx)
+        return _gather_in_channels(source if source is not None else gatherable_weight(conv), idx)
 
     if held is not None and groups > 1:  # depthwise: the kept channels' outputs only
         kept = kept if kept is not None else held  # (kept is within held)
@@ -335,7 +350,7 @@ def _frame_plan_cached(g: ConvGeometry, kept: tuple[bool, ...]) -> _FramePlan:
     for k in range(kt):
         pairs = []
         for to in range(t_out):
-            src = _source_index(to * st - pt + k * dt, t_in, g.padding_mode)
+            src = source_index(to * st - pt + k * dt, t_in, g.padding_mode)
             if src is not None and kept[src]:
                 pairs.append((src, to))
         per_tap.append(pairs)
@@ -386,19 +401,19 @@ def _rects_cached(
     if rects is None:
         if len(_rect_cache) >= 4096:
             _rect_cache.clear()
-        rects = _rect_cache[(g, key)] = _active_rects(_active_outputs(g, m_f))
+        rects = _rect_cache[(g, key)] = _active_rects(active_outputs(g, m_f))
     return rects
 
 
-def _active_outputs(g: ConvGeometry, m_f: torch.Tensor) -> torch.Tensor:
+def active_outputs(g: ConvGeometry, m_f: torch.Tensor) -> torch.Tensor:
     """``[H_out, W_out]`` bool: receptive field holds a kept position (the MAC counter's rule)."""
-    padded = _pad_hw(m_f.to(torch.float32)[None, None], g)
+    padded = pad_hw(m_f.to(torch.float32)[None, None], g)
     act = F.max_pool2d(padded, g.kernel[1:], stride=g.stride[1:], dilation=g.dilation[1:])
     return act[0, 0] > 0.5
 
 
 # ----------------------------------------------------------------------------- execution
-def _gather(x: torch.Tensor, frames: torch.Tensor | None, chans: torch.Tensor | None):
+def gather_kept(x: torch.Tensor, frames: torch.Tensor | None, chans: torch.Tensor | None):
     """``x[:, chans][:, :, frames]`` for a ``channels_last_3d`` x, staying ``channels_last_3d``."""
     if frames is None and chans is None:
         return x
@@ -413,7 +428,8 @@ def _gather(x: torch.Tensor, frames: torch.Tensor | None, chans: torch.Tensor | 
     return xp.reshape(n, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
-def _bias_filled(shape: tuple[int, ...], bias: torch.Tensor | None, like: torch.Tensor):
+def bias_filled(shape: tuple[int, ...], bias: torch.Tensor | None, like: torch.Tensor):
+    """A ``channels_last_3d`` tensor of ``shape`` (``like``'s dtype, device) filled with bias."""
     out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_CL)
     if bias is None:
         return out.zero_()
@@ -444,7 +460,7 @@ def _run_part(
     when a tuning chose the masked dense conv over the tap decomposition)."""
     n = x.shape[0]
     t_out, h_out, w_out = g.output
-    xs = _gather(x, frames.gather if frames is not None else None, part.in_idx)
+    xs = gather_kept(x, frames.gather if frames is not None else None, part.in_idx)
     zeros_mode = g.padding_mode == "zeros"
     sym = g.pad_lo == g.pad_hi
     native_hw = rects is None and zeros_mode and sym
@@ -479,16 +495,16 @@ def _run_part(
     if frames is None:
         stride, pad = (g.stride[0], sh, sw), (pad_t, *pad_hw)
         if full:
-            return _conv(crop(*regions[0]), w, b, stride, pad, g.dilation, groups)
-        out = _bias_filled((n, c_part, t_out, h_out, w_out), b, x)
+            return counted_conv3d(crop(*regions[0]), w, b, stride, pad, g.dilation, groups)
+        out = bias_filled((n, c_part, t_out, h_out, w_out), b, x)
         for r0, r1, c0, c1 in regions:
-            y = _conv(crop(r0, r1, c0, c1), w, b, stride, pad, g.dilation, groups)
+            y = counted_conv3d(crop(r0, r1, c0, c1), w, b, stride, pad, g.dilation, groups)
             out[..., r0:r1, c0:c1] = y
         return out
     # temporal-tap decomposition: one (1, kh, kw) conv per tap over the frames it reads
     stride, pad, dil = (1, sh, sw), (0, *pad_hw), (1, dh, dw)
     taps = [(pos, dst, cover, _tap_weight(w, k)) for k, pos, dst, cover in frames.taps]
-    out = None if full else _bias_filled((n, c_part, t_out, h_out, w_out), b, x)
+    out = None if full else bias_filled((n, c_part, t_out, h_out, w_out), b, x)
     for r0, r1, c0, c1 in regions:
         xr = crop(r0, r1, c0, c1)
         acc = None
@@ -497,11 +513,11 @@ def _run_part(
                 xr[:, :, pos] if isinstance(pos, slice) else xr.index_select(2, pos)
             )
             if acc is None:  # first tap: conv + bias on its frames, the bias alone elsewhere
-                acc = _conv(xk, wk, b, stride, pad, dil, groups)
+                acc = counted_conv3d(xk, wk, b, stride, pad, dil, groups)
                 if not cover:
                     acc = _place_frames(acc, dst, t_out, b)
                 continue
-            _add_frames(acc, dst, _conv(xk, wk, None, stride, pad, dil, groups))
+            _add_frames(acc, dst, counted_conv3d(xk, wk, None, stride, pad, dil, groups))
         if full:
             return acc
         out[..., r0:r1, c0:c1] = acc
@@ -520,7 +536,7 @@ def _place_frames(
     dst_list = list(range(t_out))[dst] if isinstance(dst, slice) else dst.tolist()
     rest = [t for t in range(t_out) if t not in set(dst_list)]
     if n != 1 or not y.is_contiguous(memory_format=_CL):
-        out.copy_(_bias_filled(out.shape, bias, y))
+        out.copy_(bias_filled(out.shape, bias, y))
         out.index_copy_(2, torch.tensor(dst_list, device=y.device), y)
         return out
     rows = out.permute(0, 2, 3, 4, 1).view(t_out, h * w, c)
@@ -555,7 +571,7 @@ def _tap_weight(w: torch.Tensor, k: int) -> torch.Tensor:
     return w[:, :, k : k + 1].contiguous(memory_format=_CL if cl else torch.contiguous_format)
 
 
-def _skip_unread(g: ConvGeometry, x: torch.Tensor, m_t, m_f):
+def skip_unread(g: ConvGeometry, x: torch.Tensor, m_t, m_f):
     """A dim with kernel 1, stride ``s > 1`` and no padding reads every ``s``-th position only:
     take those first (a view), so gathers and the conv touch nothing else. Same outputs, same
     MACs; the conv then has stride 1 in that dim."""
@@ -575,7 +591,7 @@ def _skip_unread(g: ConvGeometry, x: torch.Tensor, m_t, m_f):
 
 
 def _snap_channels(
-    conv: nn.Conv3d, m_c: torch.Tensor, kept: torch.Tensor, tuning: LayerTuning
+    conv: nn.Conv3d, m_c: torch.Tensor, kept: torch.Tensor, tuning: KernelCosts
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kept channels snapped UP to the tuned fastest count: ``(channels to read, zeroed)``.
 
@@ -600,7 +616,7 @@ def _compact_same_masks(
     m_t: torch.Tensor | None,
     m_c: torch.Tensor | None,
     m_f: torch.Tensor | None,
-    tuning: LayerTuning | None = None,
+    tuning: KernelCosts | None = None,
     held: torch.Tensor | None = None,
     out_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -608,7 +624,7 @@ def _compact_same_masks(
 
     ``held``: the input channels ``x`` holds (sorted; ``None``: all; ``groups == 1`` and
     depthwise); ``out_idx``: the output channels to compute (``None``: all; ``groups == 1``)."""
-    g, x, m_t, m_f = _skip_unread(g, x, m_t, m_f)
+    g, x, m_t, m_f = skip_unread(g, x, m_t, m_f)
     x = to_fast_layout(x)
     frames = _frame_plan(g, m_t.cpu()) if m_t is not None else None
     rects = None
@@ -623,7 +639,7 @@ def _compact_same_masks(
         bias = conv.bias
         if bias is not None and out_idx is not None:
             bias = bias.index_select(0, out_idx.to(bias.device))
-        return _bias_filled(shape, bias, x)  # no output reads a kept input
+        return bias_filled(shape, bias, x)  # no output reads a kept input
     zero_t = zero_f = None
     zeroed = None  # channels read whose weight is zeroed (snapped up)
     if tuning is not None:
@@ -642,7 +658,7 @@ def _compact_same_masks(
     parts = _channel_parts(conv, m_c, kept, zeroed, held, out_idx)
     if len(parts) == 1 and parts[0].out_idx is None:
         return _run_part(conv, g, x, parts[0], frames, zero, rects)
-    out = _bias_filled(shape, conv.bias, x)
+    out = bias_filled(shape, conv.bias, x)
     for part in parts:
         place_channels(out, part.out_idx, _run_part(conv, g, x, part, frames, zero, rects))
     return out
@@ -654,17 +670,6 @@ def place_channels(out: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> Non
     flat = out.permute(0, 2, 3, 4, 1).view(-1, out.shape[1])  # [pixels, C_out]
     y2 = y.permute(0, 2, 3, 4, 1).view(-1, y.shape[1])
     flat.scatter_(1, idx.to(y.device).expand(y2.shape[0], -1), y2)
-
-
-_geometries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _geometry(conv: nn.Conv3d, shape: tuple[int, ...]) -> ConvGeometry:
-    """``ConvGeometry.of``, cached per layer and input shape (hyper-parameters are fixed)."""
-    per_conv = _geometries.setdefault(conv, {})
-    if shape not in per_conv:
-        per_conv[shape] = ConvGeometry.of(conv, shape)
-    return per_conv[shape]
 
 
 def _channel_subset(
@@ -731,7 +736,7 @@ def compact_conv3d(
     x: torch.Tensor,
     values: dict[str, torch.Tensor],
     *,
-    tuning: LayerTuning | None = None,
+    tuning: KernelCosts | None = None,
     batch_mode: str = "group",
     in_channels: torch.Tensor | None = None,
     out_channels: torch.Tensor | None = None,
@@ -749,11 +754,11 @@ def compact_conv3d(
             (:class:`~lightning_dance.execution.tuning.LayerTuning`, from
             :func:`~lightning_dance.execution.tuning.tune_conv3d`). ``None`` (default): always
             the exact compact plan, whose multiply-adds equal
-            :func:`lightning_dance.macs.conv3d_executed_macs_batch`. With a tuning, a kept channel
-            count may be snapped up to a faster size (extra channels read with a zeroed weight)
-            and frame taps / feature rectangles that would be slower than the dense conv fall
-            back to it on the masked input: the result is the same, the work may be larger than
-            counted (:func:`count_executed_macs` reports what really ran).
+            :func:`lightning_dance.executed.conv3d_executed_macs_batch`. With a tuning, a kept
+            channel count may be snapped up to a faster size (extra channels read with a zeroed
+            weight) and frame taps / feature rectangles that would be slower than the dense conv
+            fall back to it on the masked input: the result is the same, the work may be larger
+            than counted (:func:`count_executed_macs` reports what really ran).
         batch_mode: ``"group"`` (samples with equal masks together, the others one by one;
             exact) or ``"union"`` (one compact conv over the union of kept entries, the masked
             input zeroing what each sample dropped). Only matters for ``N > 1``.
@@ -771,20 +776,20 @@ def compact_conv3d(
     out_idx = _channel_subset("out_channels", out_channels, conv.out_channels, conv)
     _check(conv, x, values, held)
     check_batch_mode(batch_mode)
-    return _compact_conv3d(conv, x, values, tuning, batch_mode, held, out_idx)
+    return compact_conv3d_unchecked(conv, x, values, tuning, batch_mode, held, out_idx)
 
 
-def _compact_conv3d(
+def compact_conv3d_unchecked(
     conv: nn.Conv3d,
     x: torch.Tensor,
     values: dict[str, torch.Tensor],
-    tuning: LayerTuning | None,
+    tuning: KernelCosts | None,
     batch_mode: str,
     held: torch.Tensor | None,
     out_idx: torch.Tensor | None,
 ) -> torch.Tensor:
     """:func:`compact_conv3d` without the argument checks (for callers that built them)."""
-    g = _geometry(conv, (conv.in_channels, *x.shape[2:]))
+    g = cached_geometry(conv, (conv.in_channels, *x.shape[2:]))
     masks = {d: v.detach() > 0.5 for d, v in values.items()}
     if held is not None and len(held) == conv.in_channels:
         held = None  # x holds every channel

@@ -40,10 +40,9 @@ import torch.nn as nn
 
 from lightning_dance.execution.chains import ChannelChain
 from lightning_dance.execution.compact import (
-    _compact_conv3d,
-    _geometry,
     check_batch_mode,
     compact_conv3d,
+    compact_conv3d_unchecked,
 )
 from lightning_dance.execution.indexed import IndexedRun, index_plan_applies, indexed_norm
 from lightning_dance.execution.kernels import (
@@ -53,6 +52,7 @@ from lightning_dance.execution.kernels import (
     to_fast_layout,
 )
 from lightning_dance.execution.tuning import LayerTuning, best_ms, tune_layers
+from lightning_dance.geometry import cached_geometry
 from lightning_dance.layers import LayerSelector, all_conv3d, select_conv3d
 from lightning_dance.masks import DIMS
 
@@ -287,7 +287,7 @@ class CompactPruner:
             out_idx = None
             chain = chains.get(name)
             if chain is not None and plans:  # compute only what the consumer keeps
-                g = _geometry(conv, shape)
+                g = cached_geometry(conv, shape)
                 q = plans[0].masks(chain.consumer, (conv.out_channels, *g.output))
                 out_idx = (q.values["channel"].detach() > 0.5).any(0).nonzero().flatten()
                 if len(out_idx) < conv.out_channels:
@@ -298,9 +298,9 @@ class CompactPruner:
             if name in layers:  # masks and channel subsets are well-formed by construction
                 if not plans:
                     raise RuntimeError(f"instrumented layer {name!r} ran before the stem {stem!r}")
-                return _compact_conv3d(conv, x, plans[0].masks(name, shape).values,
-                                       self.tunings.get(name), self.batch_mode,
-                                       held.pop(name, None), out_idx)  # fmt: skip
+                return compact_conv3d_unchecked(conv, x, plans[0].masks(name, shape).values,
+                                                self.tunings.get(name), self.batch_mode,
+                                                held.pop(name, None), out_idx)  # fmt: skip
             y = conv3d_fast_forward(conv, x)
             if name == stem and not plans:
                 plans.append(p.decide(y))
@@ -330,7 +330,7 @@ def random_masks(
     """Random per-sample masks with exact kept fractions, for tests and benchmarks.
 
     Args:
-        shapes: ``{layer: (C, T, H, W)}`` input shapes (``lightning_dance.macs.conv3d_input_shapes``).
+        shapes: ``{layer: (C, T, H, W)}`` input shapes (``lightning_dance.geometry.conv3d_input_shapes``).
         keep: ``{dim: kept fraction}``; each sample keeps ``max(1, round(f * size))`` random
             channels / frames, or blocks of a ``grid x grid`` block grid for features.
 

@@ -38,24 +38,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dance.execution.compact import (
-    _bias_filled,
-    _compact_conv3d,
-    _conv,
-    _counted,
-    _gather,
-    _gatherable_weight,
-    _geometry,
-    _skip_unread,
+    bias_filled,
+    counted_conv3d,
     depthwise_rows,
     derived_tensor,
+    gather_kept,
+    gatherable_weight,
     kept_weight,
     place_channels,
+    record_macs,
+    skip_unread,
+)
+from lightning_dance.execution.compact import (
+    compact_conv3d_unchecked as _compact_conv3d,  # a module attribute: tests patch it
 )
 from lightning_dance.execution.kernels import (
-    _is_pointwise,
     conv3d_fast_forward,
+    is_pointwise,
     pointwise_from_columns,
 )
+from lightning_dance.geometry import cached_geometry
 
 if TYPE_CHECKING:
     from lightning_dance.aap import AdaptivePruner
@@ -122,21 +124,21 @@ def indexed_conv3d(
     channels ``out_idx`` in that order (``None``: all); ``gathered``: ``x`` holds only the
     channels ``in_idx``, in that order. ``groups == 1`` and explicit zero padding, batch 1;
     the output is ``channels_last_3d``."""
-    g = _geometry(conv, (conv.in_channels, *x.shape[2:]))
-    g, x, _, _ = _skip_unread(g, x, None, None)
+    g = cached_geometry(conv, (conv.in_channels, *x.shape[2:]))
+    g, x, _, _ = skip_unread(g, x, None, None)
     b = conv.bias
     if out_idx is not None and b is not None:
         b = b.index_select(0, out_idx)
     w = kept_weight(conv, in_idx, out_idx)
     if in_idx is not None:
-        if g.stride == (1, 1, 1) and _is_pointwise(x, conv.weight, g.pad_lo, 1):
+        if g.stride == (1, 1, 1) and is_pointwise(x, conv.weight, g.pad_lo, 1):
             # one gather + one GEMM on the pixels x channels view
             columns = w.view(w.shape[0], w.shape[1]).t()
             y = pointwise_from_columns(x, columns, b, None if gathered else in_idx)
-            return _counted(y, w.shape[1])
+            return record_macs(y, w.shape[1])
         if not gathered:
-            x = _gather(x.contiguous(memory_format=torch.channels_last_3d), None, in_idx)
-    return _conv(x, w, b, g.stride, g.pad_lo, g.dilation, 1)
+            x = gather_kept(x.contiguous(memory_format=torch.channels_last_3d), None, in_idx)
+    return counted_conv3d(x, w, b, g.stride, g.pad_lo, g.dilation, 1)
 
 
 def indexed_depthwise(
@@ -146,15 +148,15 @@ def indexed_depthwise(
     input channels ``in_idx`` of ``x``: only their output channels are computed, the others are
     the bias (or 0); ``gathered``: ``x`` holds only the channels ``in_idx``, in that order (a
     channel chain's producer computed just those). The output is ``channels_last_3d``."""
-    g = _geometry(conv, (conv.in_channels, *x.shape[2:]))
-    g, x, _, _ = _skip_unread(g, x, None, None)
+    g = cached_geometry(conv, (conv.in_channels, *x.shape[2:]))
+    g, x, _, _ = skip_unread(g, x, None, None)
     if not gathered:
-        x = _gather(x.contiguous(memory_format=torch.channels_last_3d), None, in_idx)
+        x = gather_kept(x.contiguous(memory_format=torch.channels_last_3d), None, in_idx)
     rows = depthwise_rows(in_idx, conv.out_channels // conv.in_channels)
     b = conv.bias.index_select(0, rows) if conv.bias is not None else None
-    w = _gatherable_weight(conv).index_select(0, rows)
-    y = _conv(x, w, b, g.stride, g.pad_lo, g.dilation, len(in_idx))
-    out = _bias_filled((1, conv.out_channels, *y.shape[2:]), conv.bias, y)
+    w = gatherable_weight(conv).index_select(0, rows)
+    y = counted_conv3d(x, w, b, g.stride, g.pad_lo, g.dilation, len(in_idx))
+    out = bias_filled((1, conv.out_channels, *y.shape[2:]), conv.bias, y)
     place_channels(out, rows, y)
     return out
 

@@ -94,7 +94,7 @@ def _bf16_supported() -> bool:
         return False
 
 
-def _is_pointwise(
+def is_pointwise(
     x: torch.Tensor, weight: torch.Tensor, padding: int | Sequence[int], groups: int
 ) -> bool:
     """A 1x1x1 conv, ``groups == 1``, no padding, that :func:`_pointwise` runs as a matrix
@@ -178,7 +178,7 @@ def fast_conv3d(
             f"fast_conv3d needs a 5-d input and weight, got {tuple(x.shape)} and "
             f"{tuple(weight.shape)}"
         )
-    if _is_pointwise(x, weight, padding, groups):
+    if is_pointwise(x, weight, padding, groups):
         return _pointwise(x, weight, bias, stride)
     if fast_kernel_available(x, weight):
         return _mkldnn_conv(
@@ -241,7 +241,7 @@ def route_conv3d(
 
 def conv3d_fast_forward(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` through :func:`fast_conv3d` (any padding / padding mode; same result)."""
-    from lightning_dance.macs import ConvGeometry
+    from lightning_dance.geometry import ConvGeometry
 
     pad = conv.padding
     if conv.padding_mode != "zeros" or isinstance(pad, str):

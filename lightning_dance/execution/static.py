@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_dance.macs import ConvGeometry
+from lightning_dance.geometry import ConvGeometry
 
 __all__ = ["StaticTopKConv3d", "mask_to_index", "static_executed_macs", "static_topk_conv3d"]
 

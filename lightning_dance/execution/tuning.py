@@ -26,7 +26,7 @@ the compact conv at a grid of kept channel counts, kept frame counts and kept fe
 - uses feature rectangles only when estimated faster than the dense conv.
 
 So a pruned layer is (within measurement noise) never slower than its dense version; the price
-is that it may then compute more than the MAC counter of :mod:`lightning_dance.macs` says
+is that it may then compute more than the MAC counter of :mod:`lightning_dance.executed` says
 (``count_executed_macs`` reports what really ran). Without a tuning the compact plan is exact.
 
 Example:
@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from lightning_dance.execution.compact import _active_outputs, _geometry, compact_conv3d
+from lightning_dance.execution.compact import active_outputs, compact_conv3d
 from lightning_dance.execution.kernels import conv3d_fast_forward, to_fast_layout
+from lightning_dance.geometry import cached_geometry
 from lightning_dance.masks import DIMS, _check_dims, expand_blocks
 
 __all__ = [
@@ -252,12 +253,12 @@ def tune_conv3d(
             frame_ms[k] = time_masks({"frame": _random_keep(t, k, gen)})
     if "feature" in dims and h * w > 1:
         gh, gw = min(grid, h), min(grid, w)
-        g = _geometry(conv, tuple(input_shape))
+        g = cached_geometry(conv, tuple(input_shape))
         for frac in (0.25, 0.5, 0.75, 1.0):
             k = max(1, round(frac * gh * gw))
             blocks = _random_keep(gh * gw, k, gen).view(1, gh, gw)
             m_f = expand_blocks(blocks, (h, w))
-            active = float(_active_outputs(g, m_f[0] > 0.5).float().mean())
+            active = float(active_outputs(g, m_f[0] > 0.5).float().mean())
             ms = time_masks({"feature": m_f})
             feature_ms[active] = min(ms, feature_ms.get(active, ms))
     if channel_ms:
@@ -305,7 +306,7 @@ def tune_layers(
         >>> sorted(tunings)
         ['1']
     """
-    from lightning_dance.macs import conv3d_input_shapes
+    from lightning_dance.geometry import conv3d_input_shapes
 
     names = list(layers)
     shapes = conv3d_input_shapes(model, clip[:1])
