@@ -45,7 +45,7 @@ from lightning_dance.executed import (
 )
 from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
 from lightning_dance.macs import count_macs
-from lightning_dance.masks import DIMS, _check_dims, apply_masks, keep_count, multiple_options
+from lightning_dance.masks import DIMS, apply_masks, check_dims, keep_count, multiple_options
 from lightning_dance.policies import Policy, available_policies, get_policy
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ class AdaptivePruner(nn.Module):
         if not noise >= 0:
             raise ValueError(f"noise must be >= 0, got {noise}")
         self.noise = float(noise)
-        self.dims = _check_dims(dims)
+        self.dims = check_dims(dims)
         if not isinstance(credit_outputs, bool):
             raise TypeError(f"credit_outputs must be a bool, got {credit_outputs!r}")
         if credit_outputs and "channel" not in self.dims:

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from lightning_dance.layers import LayerSelector, select_conv3d
 from lightning_dance.masks import DIMS
-from lightning_dance.masks import _check_dims as check_dims
+from lightning_dance.masks import check_dims as check_dims
 
 __all__ = [
     "MEASURES",

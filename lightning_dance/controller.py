@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_dance.masks import DIMS, _check_dims
+from lightning_dance.masks import DIMS, check_dims
 
 __all__ = ["Controller", "ControllerContext"]
 
@@ -135,7 +135,7 @@ class Controller(nn.Module):
             raise ValueError(f"grid must be >= 1, got {grid}")
         if not 0.0 < init_keep < 1.0:
             raise ValueError(f"init_keep must be in (0, 1), got {init_keep}")
-        self.dims = _check_dims(dims)
+        self.dims = check_dims(dims)
         self.layer_names = list(layer_channels)
         self.layer_index = {name: i for i, name in enumerate(self.layer_names)}
         self.layer_channels = dict(layer_channels)

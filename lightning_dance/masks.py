@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "DIMS",
+    "check_dims",
     "LayerMasks",
     "apply_masks",
     "expand_blocks",
@@ -49,7 +50,8 @@ __all__ = [
 DIMS: tuple[str, ...] = ("frame", "channel", "feature")
 
 
-def _check_dims(dims: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+def check_dims(dims: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``dims`` validated (known, not repeated, at least one) and put in :data:`DIMS` order."""
     dims = tuple(dims)
     if not dims:
         raise ValueError(f"dims must name at least one of {DIMS}")

@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 from lightning_dance.masks import (
     DIMS,
     LayerMasks,
-    _check_dims,
     apply_masks,
+    check_dims,
     expand_blocks,
     keep_count,
     threshold_gate,
@@ -141,9 +141,9 @@ def test_kept_fraction():
 )
 def test_bad_dims(dims, match):
     with pytest.raises(ValueError, match=match):
-        _check_dims(dims)
+        check_dims(dims)
 
 
 def test_dims_are_canonically_ordered():
-    assert _check_dims(("feature", "frame")) == ("frame", "feature")
-    assert _check_dims(DIMS) == DIMS
+    assert check_dims(("feature", "frame")) == ("frame", "feature")
+    assert check_dims(DIMS) == DIMS

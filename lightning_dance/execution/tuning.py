@@ -49,7 +49,7 @@ import torch.nn as nn
 from lightning_dance.execution.compact import active_outputs, compact_conv3d
 from lightning_dance.execution.kernels import conv3d_fast_forward, to_fast_layout
 from lightning_dance.geometry import cached_geometry
-from lightning_dance.masks import DIMS, _check_dims, expand_blocks
+from lightning_dance.masks import DIMS, check_dims, expand_blocks
 
 __all__ = [
     "LayerTuning",
@@ -221,7 +221,7 @@ def tune_conv3d(
     the layer's dense time): about 30 channel points at 576 channels, up to 12 frame points,
     4 feature points.
     """
-    dims = _check_dims(tuple(dims))
+    dims = check_dims(tuple(dims))
     c, t, h, w = input_shape
     gen = torch.Generator().manual_seed(seed)
     x = to_fast_layout(torch.randn(1, *input_shape, generator=gen).to(conv.weight.dtype))
