@@ -698,7 +698,8 @@ NB03 = [
         import numpy as np
         import torch
 
-        from lightning_dance import VideoClassifier, VideoDecodeError, VideoFolderDataModule
+        from lightning_dance import VideoClassifier, VideoFolderDataModule
+        from lightning_dance.data import VideoDecodeError
 
         QUICK = os.environ.get("LIGHTNING_DANCE_QUICK") == "1"  # smoke run (the test suite)
 

@@ -15,69 +15,78 @@ Example:
     >>> dance.eval()(torch.randn(1, 3, 8, 32, 32)).shape
     torch.Size([1, 6])
 
-The execution (:mod:`lightning_dance.execution`) and export (:mod:`lightning_dance.export`)
-subpackages load on first use of their names here.
+The top level has the names for the steps a user takes: AVA (:class:`AVACallback`), AAP
+(:class:`DANCEWrapper` over an :class:`AdaptivePruner`), counting (:func:`count_macs`,
+:class:`MacReport`), fast execution (:class:`CompactPruner`), export (:func:`export_model`,
+:class:`ExportCallback`), models (:func:`create_model`, :func:`list_models`) and data; every error
+the package raises on purpose derives from :class:`DanceError`. The rest lives in the modules:
+policies (:mod:`lightning_dance.policies`), the per-clip decision plan
+(:mod:`lightning_dance.decision`), masks, the controller, the accounting (:mod:`~lightning_dance.macs`,
+:mod:`~lightning_dance.executed`, :mod:`~lightning_dance.traffic`, :mod:`~lightning_dance.energy`),
+:mod:`lightning_dance.execution` and :mod:`lightning_dance.export` (loaded on first use).
 """
 
+import warnings
 from importlib import import_module
 from typing import Any
 
-from lightning_dance.aap import AdaptivePruner, PruningStats, budget_loss, distillation_loss
-from lightning_dance.ava import ava_penalty
-from lightning_dance.ava_callback import AVACallback, ava_loss_term
+from lightning_dance.aap import AdaptivePruner
+from lightning_dance.ava_callback import AVACallback
 from lightning_dance.classifier import VideoClassifier
-from lightning_dance.data import (
-    SyntheticVideoDataModule,
-    VideoDecodeError,
-    VideoFolderDataModule,
-)
-from lightning_dance.energy import EnergyModel
-from lightning_dance.layers import NoConv3dError, all_conv3d, select_conv3d, stem_names
-from lightning_dance.macs import MacCount, MacCountError, count_macs
-from lightning_dance.models import CheckpointError, InflationError, create_model, list_models
+from lightning_dance.data import SyntheticVideoDataModule, VideoFolderDataModule
+from lightning_dance.errors import DanceError
+from lightning_dance.macs import count_macs
+from lightning_dance.models import create_model, list_models
 from lightning_dance.report import MacReport
-from lightning_dance.wrapper import ArchitectureMismatchError, DANCEWrapper
+from lightning_dance.wrapper import DANCEWrapper
 
 __version__ = "0.1.0"
 
+# loaded on first use (the execution and export stacks import more)
 _LAZY = {
-    "CompactExecutor": "lightning_dance.execution",
     "CompactPruner": "lightning_dance.execution",
-    "compact_conv3d": "lightning_dance.execution",
-    "accelerate_dense": "lightning_dance.execution",
     "ExportCallback": "lightning_dance.export",
     "export_model": "lightning_dance.export",
+}
+
+# names that lived at the top level before the API was tiered: they still resolve, with a
+# DeprecationWarning naming their module
+_MOVED = {
+    "ArchitectureMismatchError": "lightning_dance.wrapper",
+    "CheckpointError": "lightning_dance.models",
+    "CompactExecutor": "lightning_dance.execution",
+    "EnergyModel": "lightning_dance.energy",
+    "InflationError": "lightning_dance.models",
+    "MacCount": "lightning_dance.macs",
+    "MacCountError": "lightning_dance.macs",
+    "NoConv3dError": "lightning_dance.layers",
+    "PruningStats": "lightning_dance.aap",
+    "VideoDecodeError": "lightning_dance.data",
+    "accelerate_dense": "lightning_dance.execution",
+    "all_conv3d": "lightning_dance.layers",
+    "ava_loss_term": "lightning_dance.ava_callback",
+    "ava_penalty": "lightning_dance.ava",
+    "budget_loss": "lightning_dance.aap",
+    "compact_conv3d": "lightning_dance.execution",
+    "distillation_loss": "lightning_dance.aap",
     "rewrite_conv3d_to_conv2d": "lightning_dance.export",
+    "select_conv3d": "lightning_dance.layers",
+    "stem_names": "lightning_dance.layers",
 }
 
 __all__ = [
     "AVACallback",
     "AdaptivePruner",
-    "ArchitectureMismatchError",
-    "CheckpointError",
     "DANCEWrapper",
-    "EnergyModel",
-    "InflationError",
-    "MacCount",
-    "MacCountError",
+    "DanceError",
     "MacReport",
-    "NoConv3dError",
-    "PruningStats",
     "SyntheticVideoDataModule",
     "VideoClassifier",
-    "VideoDecodeError",
     "VideoFolderDataModule",
     "__version__",
-    "all_conv3d",
-    "ava_loss_term",
-    "ava_penalty",
-    "budget_loss",
     "count_macs",
     "create_model",
-    "distillation_loss",
     "list_models",
-    "select_conv3d",
-    "stem_names",
     *_LAZY,
 ]
 
@@ -87,4 +96,12 @@ def __getattr__(name: str) -> Any:
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _MOVED:
+        warnings.warn(
+            f"lightning_dance.{name} moved: import it from {_MOVED[name]} "
+            f"(from {_MOVED[name]} import {name})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'lightning_dance' has no attribute {name!r}")

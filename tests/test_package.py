@@ -14,6 +14,20 @@ def test_public_names_resolve(name):
     assert getattr(lightning_dance, name) is not None
 
 
+def test_the_top_level_is_small_and_moved_names_warn():
+    """About a dozen names for the steps users take; the names that moved to their modules
+    still resolve, with a warning that names the module to import from."""
+    assert len(lightning_dance.__all__) <= 16
+    from lightning_dance.ava import ava_penalty
+    from lightning_dance.layers import NoConv3dError
+
+    for name, obj, module in [("ava_penalty", ava_penalty, "lightning_dance.ava"),
+                              ("NoConv3dError", NoConv3dError, "lightning_dance.layers")]:  # fmt: skip
+        with pytest.warns(DeprecationWarning, match=f"import it from {module}"):
+            assert getattr(lightning_dance, name) is obj
+        assert name not in lightning_dance.__all__
+
+
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_name"):
         lightning_dance.no_such_name  # noqa: B018

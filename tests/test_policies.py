@@ -184,11 +184,15 @@ def test_wrapper_saves_a_registered_policy_by_name(strict):
 
 
 def test_every_project_error_is_a_dance_error():
-    import lightning_dance as ld
+    from lightning_dance.data import VideoDecodeError
     from lightning_dance.export.conv2d_rewrite import UnsupportedOpError
+    from lightning_dance.layers import NoConv3dError
+    from lightning_dance.macs import MacCountError
+    from lightning_dance.models import CheckpointError, InflationError
+    from lightning_dance.wrapper import ArchitectureMismatchError
 
-    errors = [ld.NoConv3dError, ld.ArchitectureMismatchError, ld.InflationError,
-              ld.CheckpointError, ld.VideoDecodeError, ld.MacCountError, UnsupportedOpError]  # fmt: skip
+    errors = [NoConv3dError, ArchitectureMismatchError, InflationError, CheckpointError,
+              VideoDecodeError, MacCountError, UnsupportedOpError]  # fmt: skip
     for error in errors:
         assert issubclass(error, DanceError)
     with pytest.raises(DanceError, match="no nn.Conv3d layer"):
