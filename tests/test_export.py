@@ -1,7 +1,9 @@
 """Export: modes, ONNX / TorchScript / QNN / NNAPI / ExecuTorch artifacts, manifest, callback."""
 
+import copy
 import json
 import math
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -732,3 +734,37 @@ def test_topk_export_without_output_skipping_gathers_every_input():
     assert without.executed_macs > with_chains.executed_macs
     with torch.no_grad():
         assert max_abs_error(skipping(clip), plain(clip)) < 1e-5
+
+
+def test_a_new_export_format_is_one_registry_entry(tmp_path):
+    """``export_model`` builds whatever the registry holds: a format registered here (a
+    state-dict file, reloaded and run for parity) is built, checked and listed in the
+    manifest like the built-in ones; a parity failure of the new entry raises."""
+    from lightning_dance.export.formats import FORMATS, ExportFormat, register_format
+
+    def build(job, art, sub, offset=0.0):
+        path = sub / "weights.pt"
+        torch.save(job.module.state_dict(), path)
+        twin = copy.deepcopy(job.module)
+        twin.load_state_dict(torch.load(path, weights_only=True))
+        art.file, art.runtime = f"{art.target}/{path.name}", "eager reload"
+        with torch.no_grad():
+            job.check(art, twin(job.clip) + offset)
+
+    register_format(ExportFormat("state_dict_test", "jetson", build))
+    register_format(ExportFormat("broken_test", "jetson", partial(build, offset=1.0)))
+    try:
+        with pytest.raises(ValueError, match="registered already"):
+            register_format(ExportFormat("onnx", "jetson", build))
+        net = create_model("tiny_c3d", num_classes=4)
+        out = export_model(net, _clip(), targets=("jetson",), formats=("state_dict_test",),
+                           out_dir=tmp_path / "out")  # fmt: skip
+        (art,) = out.manifest["artifacts"]
+        assert art["format"] == "state_dict_test" and art["status"] == "ok"
+        assert art["parity_max_abs_error"] < 1e-6 and (tmp_path / "out/jetson/weights.pt").is_file()
+        with pytest.raises(RuntimeError, match="broken_test: parity error 1"):
+            export_model(net, _clip(), targets=("jetson",), formats=("broken_test",),
+                         out_dir=tmp_path / "bad")  # fmt: skip
+        assert not (tmp_path / "bad").exists()  # nothing half-written is left
+    finally:
+        del FORMATS["state_dict_test"], FORMATS["broken_test"]

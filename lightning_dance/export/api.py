@@ -35,9 +35,13 @@ Example:
     >>> from lightning_dance.models import create_model
     >>> net = create_model("tiny_c3d", num_classes=4)
     >>> out = export_model(net, torch.randn(1, 3, 4, 16, 16), targets=("jetson",),
-    ...                    out_dir=tempfile.mkdtemp() + "/export")  # doctest: +SKIP
-    >>> out.manifest["artifacts"][0]["parity_max_abs_error"] < 1e-4  # doctest: +SKIP
+    ...                    formats=("onnx",), out_dir=tempfile.mkdtemp() + "/export")
+    >>> out.manifest["artifacts"][0]["parity_max_abs_error"] < 1e-4
     True
+
+Each format is an entry of :data:`~lightning_dance.export.formats.FORMATS` (what it needs, how
+it is built, how parity is checked); :func:`~lightning_dance.export.formats.register_format`
+adds one.
 """
 
 from __future__ import annotations
@@ -47,7 +51,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,40 +59,27 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_dance.export.capture import capture, max_abs_error, scriptable
-from lightning_dance.export.conv2d_rewrite import UnsupportedOpError, fold_time
+from lightning_dance.export import snapdragon as sd
+from lightning_dance.export.conv2d_rewrite import UnsupportedOpError
+from lightning_dance.export.formats import FORMATS, ExportJob, formats_for
 from lightning_dance.export.manifest import Artifact, Manifest
 from lightning_dance.export.modes import MODES, build_export_module, unwrap_pruner
-from lightning_dance.export.onnx import (
-    MAX_OPSET,
-    check_ops,
-    export_onnx,
-    onnx_op_types,
-    run_onnxruntime,
-    write_trtexec_script,
-)
+from lightning_dance.export.onnx import MAX_OPSET
 
 __all__ = ["DEFAULT_FORMATS", "TARGETS", "ExportResult", "export_model"]
 
-TARGETS = ("jetson", "snapdragon")
-DEFAULT_FORMATS: dict[str, tuple[str, ...]] = {
-    "jetson": ("onnx", "torchscript"),
-    "snapdragon": ("qnn", "nnapi", "executorch"),
-}
-#: default parity tolerances (max abs error vs eager); fp32 formats: absolute (unit-scale
-#: logits); ``qnn``: *relative* to the largest eager logit (the HTP computes in fp16);
-#: ``gated``: for masked / topk modes, a floor relative to the largest eager logit (float
+#: the targets and their formats as built in (:mod:`lightning_dance.export.formats`; what
+#: ``export_model`` accepts is the registry's content when it is called)
+TARGETS = tuple(dict.fromkeys(f.target for f in FORMATS.values()))
+DEFAULT_FORMATS: dict[str, tuple[str, ...]] = {t: formats_for(t) for t in TARGETS}
+#: default parity tolerances (max abs error vs eager), each format's own
+#: (:attr:`~lightning_dance.export.formats.ExportFormat.tolerance`; fp32 formats: absolute,
+#: for unit-scale logits; ``qnn``: *relative* to the largest eager logit, the HTP computes in
+#: fp16); ``gated``: for masked / topk modes, a floor relative to the largest eager logit (float
 #: differences can flip a gate near its threshold; a different keep set is still an error)
-DEFAULT_TOLERANCES: dict[str, float] = {
-    "onnx": 1e-4,
-    "torchscript": 1e-4,
-    "executorch": 1e-4,
-    "nnapi": 1e-4,
-    "qnn": 2e-2,
-    "gated": 1e-2,
+DEFAULT_TOLERANCES: dict[str, float] = {n: f.tolerance for n, f in FORMATS.items()} | {
+    "gated": 1e-2
 }
-#: formats whose tolerance is a fraction of the largest eager logit
-RELATIVE_TOLERANCES = frozenset({"qnn"})
 
 
 @dataclass
@@ -111,26 +101,28 @@ class ExportResult:
 def validate_export_args(
     targets: Sequence[str], mode: str, opset: int, formats: Sequence[str] | None
 ) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]], set[str]]:
-    """Checked ``(targets, {target: formats}, formats named explicitly)``; ValueError if bad."""
+    """Checked ``(targets, {target: formats}, formats named explicitly)`` against the format
+    registry as it is now; ValueError if bad."""
     if isinstance(targets, str):
         targets = (targets,)
     targets = tuple(targets)
-    unknown = [t for t in targets if t not in TARGETS]
+    known_targets = tuple(dict.fromkeys(f.target for f in FORMATS.values()))
+    unknown = [t for t in targets if t not in known_targets]
     if not targets or unknown:
-        raise ValueError(f"targets must be a non-empty subset of {TARGETS}, got {targets!r}")
+        raise ValueError(f"targets must be a non-empty subset of {known_targets}, got {targets!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(opset, int) or not 7 <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be an int in [7, {MAX_OPSET}] (TensorRT 10.3), got {opset!r}")
-    plan = {t: DEFAULT_FORMATS[t] for t in targets}
+    plan = {t: formats_for(t) for t in targets}
     explicit: set[str] = set()
     if formats is not None:
         formats = (formats,) if isinstance(formats, str) else tuple(formats)
-        known = {f for t in targets for f in DEFAULT_FORMATS[t]}
+        known = {f for t in targets for f in plan[t]}
         bad = [f for f in formats if f not in known]
         if bad:
             raise ValueError(f"formats {bad} are not formats of targets {targets}: {sorted(known)}")
-        plan = {t: tuple(f for f in DEFAULT_FORMATS[t] if f in formats) for t in targets}
+        plan = {t: tuple(f for f in plan[t] if f in formats) for t in targets}
         explicit = set(formats)
     return targets, plan, explicit
 
@@ -212,8 +204,6 @@ def export_model(
 def _export_into(
     model, clip, targets, plan, explicit, mode, opset, soc_model, htp_arch, tol, folder: Path
 ) -> Manifest:
-    from lightning_dance.export import snapdragon as sd
-
     source = copy.deepcopy(model).cpu().eval()
     pruner = unwrap_pruner(source)
     module, eplan = build_export_module(source, mode, clip)
@@ -235,108 +225,17 @@ def _export_into(
         else eplan.gate_margin,
         folded_norms=eplan.folded_norms,
     )
-    shape = list(clip.shape)
-    soc_model = soc_model or sd.DEFAULT_SOC_MODEL
-    htp_arch = htp_arch or sd.DEFAULT_HTP_ARCH
-    onnx_cache: dict[str, Any] = {}
-    gated_tolerance = tol.get("gated", 1e-2)
-
-    def check(art: Artifact, got: Any) -> None:
-        err = max_abs_error(reference, torch.as_tensor(got))
-        art.parity_max_abs_error = err
-        art.parity_tolerance = tol.get(art.format)
-        scale = float(reference.detach().abs().max())
-        if art.format in RELATIVE_TOLERANCES and art.parity_tolerance is not None:
-            art.parity_tolerance *= max(scale, 1e-6)
-        if mode != "dense" and art.parity_tolerance is not None:
-            # gates amplify float differences (a logit near 0 can flip); relative to the
-            # logits' scale, so that tiny logits cannot hide a different keep set
-            art.parity_tolerance = max(art.parity_tolerance, gated_tolerance * scale)
-        if art.parity_tolerance is not None and not err <= art.parity_tolerance:
-            hint = ""
-            if mode != "dense" and manifest.gate_margin is not None:
-                hint = (
-                    f" (the closest keep/drop decision on the example clip is "
-                    f"{manifest.gate_margin:.3g} apart: lower-precision runtimes flip near-ties; "
-                    "a controller trained with a wider margin, or another example clip, helps)"
-                )
-            raise RuntimeError(
-                f"{art.target}/{art.format}: parity error {err:.3g} vs eager exceeds "
-                f"{art.parity_tolerance:g}{hint}"
-            )
-
-    def onnx_file(sub: Path) -> Path:
-        sub.mkdir(exist_ok=True)
-        path = sub / "model.onnx"
-        if "path" not in onnx_cache:
-            export_onnx(module, clip, path, opset=opset)
-            onnx_cache["path"] = path
-        elif onnx_cache["path"] != path:
-            shutil.copyfile(onnx_cache["path"], path)
-        return path
-
+    job = ExportJob(
+        module, clip, reference, mode, manifest, tol, gated=pruner is not None, opset=opset,
+        soc_model=soc_model or sd.DEFAULT_SOC_MODEL, htp_arch=htp_arch or sd.DEFAULT_HTP_ARCH,
+    )  # fmt: skip
     for target in targets:
         sub = folder / target
         sub.mkdir(exist_ok=True)
         for fmt in plan[target]:
-            art = Artifact(target=target, format=fmt, input_shape=shape)
+            art = Artifact(target=target, format=fmt, input_shape=list(clip.shape))
             try:
-                if fmt == "onnx":
-                    path = onnx_file(sub)
-                    art.file, art.opset = f"{target}/{path.name}", opset
-                    art.ops = dict(onnx_op_types(path))
-                    check_ops(art.ops, "tensorrt", where=" (TensorRT)")
-                    import onnxruntime as ort
-
-                    art.runtime = f"onnxruntime {ort.__version__} CPUExecutionProvider"
-                    check(art, run_onnxruntime(path, clip))
-                    write_trtexec_script(sub, path.name, "clip", tuple(shape))
-                    art.extra["build_script"] = f"{target}/build_engine.sh"
-                elif fmt == "torchscript":
-                    path = sub / "model.pt"
-                    script, how = _script(module, clip, gated=pruner is not None)
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        script.save(str(path))
-                        loaded = torch.jit.load(str(path))
-                    art.file, art.runtime = f"{target}/model.pt", f"libtorch {torch.__version__}"
-                    art.extra["scripted_from"] = how
-                    with torch.no_grad():
-                        check(art, loaded(clip))
-                elif fmt == "qnn":
-                    if not sd.qnn_available():
-                        raise ImportError("optional package onnxruntime-qnn is not installed")
-                    path = onnx_file(sub)
-                    art.ops = dict(onnx_op_types(path))
-                    check_ops(art.ops, "qnn", where=" (QNN HTP)")
-                    ctx = sub / "model_qnn_ctx.onnx"
-                    sd.compile_qnn_context(path, ctx, soc_model=soc_model, htp_arch=htp_arch)
-                    art.file, art.opset = f"{target}/{ctx.name}", opset
-                    art.extra.update(
-                        source_onnx=f"{target}/{path.name}", soc_model=soc_model, htp_arch=htp_arch
-                    )
-                    art.runtime = "onnxruntime-qnn HTP simulator (x86), CPU fallback disabled"
-                    check(art, sd.run_qnn_htp(ctx, clip, soc_model=soc_model, htp_arch=htp_arch))
-                elif fmt == "nnapi":
-                    if mode != "dense":
-                        raise UnsupportedOpError(
-                            "topk" if mode == "topk" else "controller",
-                            f"NNAPI cannot represent mode={mode!r}: the DANCE controller's "
-                            "statistics, top-k and gathers have no NNAPI op (export "
-                            "mode='dense' for NNAPI)",
-                        )
-                    path, err = sd.export_nnapi(module, clip, sub / "model_nnapi.ptl")
-                    art.file, art.input_layout = f"{target}/{path.name}", "folded"
-                    art.input_shape = list(fold_time(clip).shape)
-                    art.runtime = "host: Conv2d rewrite only (NNAPI runs on the device)"
-                    art.parity_max_abs_error, art.parity_tolerance = err, tol.get("nnapi")
-                    art.extra["note"] = "NNAPI is deprecated since Android 15; device-only"
-                elif fmt == "executorch":
-                    if not sd.executorch_available():
-                        raise ImportError("optional package executorch is not installed")
-                    path, _ = sd.export_executorch(module, clip, sub / "model.pte")
-                    art.file, art.runtime = f"{target}/{path.name}", "ExecuTorch runtime (XNNPACK)"
-                    check(art, sd.run_executorch(path, clip))
+                FORMATS[fmt].build(job, art, sub)
             except (UnsupportedOpError, ImportError) as exc:
                 if fmt in explicit:
                     raise
@@ -344,15 +243,3 @@ def _export_into(
             manifest.artifacts.append(art)
     manifest.write(folder)
     return manifest
-
-
-def _script(module: nn.Module, clip: torch.Tensor, *, gated: bool) -> tuple[Any, str]:
-    """``torch.jit.script`` of the module, else of its ``torch.export`` graph (never a trace)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if not gated:
-            try:
-                return torch.jit.script(module), "module"
-            except Exception:  # not scriptable Python: script the captured graph instead
-                pass
-        return torch.jit.script(scriptable(capture(module, clip))), "torch.export graph"
