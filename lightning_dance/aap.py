@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from lightning_dance.controller import Controller
+from lightning_dance.controller import Controller, check_controller
 from lightning_dance.decision import DecisionPlan
 from lightning_dance.executed import (
     conv3d_executed_macs,
@@ -140,6 +140,12 @@ class AdaptivePruner(nn.Module):
             decisions equal to eval ones (:class:`~lightning_dance.wrapper.DANCEWrapper` anneals
             it to 0 so that the budget met in training is the one met at eval).
         init_keep: initial keep probability of the controller.
+        controller: a controller of your own instead of DANCE's
+            (:class:`~lightning_dance.controller.Controller`, built from ``hidden``, ``grid``,
+            ``budget_conditioned`` and ``init_keep``, which are then not used): any
+            ``nn.Module`` with the members of
+            :class:`~lightning_dance.controller.ControllerLike` (it maps the stem output to a
+            context, and the context to per-layer scores for this pruner's ``dims``).
         credit_outputs: count MACs as the fast path executes them with output skipping
             (:class:`~lightning_dance.execution.CompactPruner`, ``skip_outputs=True``): along a
             channel chain (see :meth:`output_chains`) the producer computes only the channels
@@ -177,6 +183,7 @@ class AdaptivePruner(nn.Module):
         init_keep: float = 0.9,
         credit_outputs: bool = False,
         channel_multiple: int = 1,
+        controller: nn.Module | None = None,
     ) -> None:
         super().__init__()
         policy = get_policy(policy)
@@ -214,15 +221,19 @@ class AdaptivePruner(nn.Module):
         modules = dict(model.named_modules())
         self._stem = modules[self.stem_name]
         self._layers = {name: modules[name] for name in self.layer_names}
-        self.controller = Controller(
-            self._stem.out_channels,
-            {name: m.in_channels for name, m in self._layers.items()},
-            dims=self.dims,
-            hidden=hidden,
-            grid=grid,
-            budget_conditioned=budget_conditioned,
-            init_keep=init_keep,
-        )
+        if controller is None:
+            controller = Controller(
+                self._stem.out_channels,
+                {name: m.in_channels for name, m in self._layers.items()},
+                dims=self.dims,
+                hidden=hidden,
+                grid=grid,
+                budget_conditioned=budget_conditioned,
+                init_keep=init_keep,
+            )
+        else:
+            check_controller(controller)
+        self.controller = controller
         self.register_buffer("budget", torch.tensor(0.5, dtype=torch.float64))
         # post-hoc shift of every keep decision, set by calibrate(); the policy says what it
         # shifts (threshold: the logits; topk: the log of the keep ratio)

@@ -34,6 +34,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from lightning_dance.masks import DIMS, check_dims
 
-__all__ = ["Controller", "ControllerContext"]
+__all__ = ["Controller", "ControllerContext", "ControllerLike", "check_controller"]
 
 _FRAME_BINS = 8
 _EPS = 1e-6
@@ -102,6 +103,48 @@ class ControllerContext:
     motion_map: torch.Tensor  # [N, 1, H0, W0]
     magnitude_map: torch.Tensor  # [N, 1, H0, W0]
     budget_logit: torch.Tensor | None  # [N, 1] or None
+
+
+@runtime_checkable
+class ControllerLike(Protocol):
+    """What :class:`~lightning_dance.aap.AdaptivePruner` needs of a controller (DANCE's
+    :class:`Controller` is one; pass your own with ``AdaptivePruner(controller=...)``):
+
+    - ``controller(stem_out, budget)``: a context for the batch (anything; ``budget`` is a
+      0-dim tensor for budget-conditioned controllers, else ``None``);
+    - ``layer_logits(ctx, layer, (C, T, H, W))``: ``{dim: scores}`` for the pruner's dims
+      (channels ``[N, C]``, frames ``[N, T]``, spatial blocks ``[N, gh, gw]``);
+    - ``stacked_channel_logits(ctx, layers)``: ``[N, len(layers), C]`` channel scores of
+      equal-width layers (the batch-1 index plan of fixed-count policies);
+    - ``macs(stem_shape)``: its multiply-adds per clip (counted in every executed figure);
+    - ``grid``: the spatial block grid; ``budget_conditioned``: whether it reads the budget.
+    """
+
+    grid: int
+    budget_conditioned: bool
+
+    def __call__(self, stem_out: torch.Tensor, budget: torch.Tensor | None = None) -> Any: ...
+
+    def layer_logits(
+        self, ctx: Any, layer: str, shape: tuple[int, int, int, int]
+    ) -> dict[str, torch.Tensor]: ...
+
+    def stacked_channel_logits(self, ctx: Any, layers: Sequence[str]) -> torch.Tensor: ...
+
+    def macs(self, stem_shape: tuple[int, int, int, int]) -> int: ...
+
+
+def check_controller(controller: Any) -> None:
+    """TypeError naming what ``controller`` lacks of :class:`ControllerLike`."""
+    if not isinstance(controller, nn.Module):
+        raise TypeError(f"a controller must be an nn.Module, got {type(controller).__name__}")
+    members = ("layer_logits", "stacked_channel_logits", "macs", "grid", "budget_conditioned")
+    missing = [m for m in members if not hasattr(controller, m)]
+    if missing:
+        raise TypeError(
+            f"{type(controller).__name__} lacks {missing} of a controller "
+            "(lightning_dance.controller.ControllerLike lists what the pruner calls)"
+        )
 
 
 class Controller(nn.Module):

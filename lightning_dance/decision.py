@@ -40,41 +40,26 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
+from lightning_dance.controller import ControllerLike
 from lightning_dance.masks import LayerMasks, expand_blocks
 from lightning_dance.policies import Policy
 
-__all__ = ["DecisionPlan", "ScoreSource"]
+__all__ = ["DecisionPlan"]
 
 #: ``(layer, dim, size) -> k``: how many entries a fixed-count policy keeps
 KeepCounts = Callable[[str, str, int], int]
-
-
-class ScoreSource(Protocol):
-    """What a plan needs of a controller: per-layer scores from its context (the
-    :class:`~lightning_dance.controller.Controller` is one; any module with these methods
-    can stand in)."""
-
-    def layer_logits(
-        self, ctx: Any, layer: str, shape: tuple[int, int, int, int]
-    ) -> dict[str, torch.Tensor]:
-        """``{dim: scores}`` of ``layer`` whose input is ``(C, T, H, W)``."""
-        ...
-
-    def stacked_channel_logits(self, ctx: Any, layers: Sequence[str]) -> torch.Tensor:
-        """``[N, len(layers), C]`` channel scores of equal-width layers."""
-        ...
 
 
 class DecisionPlan:
     """The keep decisions of one batch in every instrumented layer (see the module docstring).
 
     Args:
-        controller: the score source (:class:`ScoreSource`).
+        controller: the score source (:class:`~lightning_dance.controller.ControllerLike`).
         ctx: its context for this batch (the controller's output on the stem output).
         policy: how scores become decisions.
         counts: ``(layer, dim, size) -> k`` for a :attr:`~Policy.fixed_counts` policy: a
@@ -87,7 +72,7 @@ class DecisionPlan:
 
     def __init__(
         self,
-        controller: ScoreSource,
+        controller: ControllerLike,
         ctx: Any,
         policy: Policy,
         *,

@@ -199,3 +199,54 @@ def test_every_project_error_is_a_dance_error():
         AdaptivePruner(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError):  # the built-in base still catches it
         AdaptivePruner(torch.nn.Linear(2, 2))
+
+
+class StaticScores(torch.nn.Module):
+    """A controller of one's own: one learned score per input channel of each layer, the same
+    for every clip (static channel pruning expressed as a controller)."""
+
+    grid, budget_conditioned = 4, False
+
+    def __init__(self, widths):
+        super().__init__()
+        torch.manual_seed(3)
+        self.keys = {name: name.replace(".", "_") for name in widths}
+        self.scores = torch.nn.ParameterDict(
+            {self.keys[n]: torch.nn.Parameter(torch.randn(c)) for n, c in widths.items()}
+        )
+
+    def forward(self, stem_out, budget=None):
+        return stem_out.shape[0]  # the context: the batch size
+
+    def layer_logits(self, ctx, layer, shape):
+        return {"channel": self.scores[self.keys[layer]].expand(ctx, -1)}
+
+    def stacked_channel_logits(self, ctx, layers):
+        return torch.stack([self.scores[self.keys[n]] for n in layers]).expand(ctx, -1, -1)
+
+    def macs(self, stem_shape):
+        return 0
+
+
+def test_a_controller_of_ones_own(clip):
+    net = SmallNet().eval()
+    widths = {"conv_a.0": 8, "res.0": 16, "res.3": 16, "down": 16}
+    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.5,
+                            controller=StaticScores(widths)).eval()  # fmt: skip
+    assert pruner.layer_names == list(widths)
+    with torch.no_grad():
+        masked = pruner(clip)
+    for name, stats in pruner.last_stats.layers.items():
+        k = pruner.topk_count("channel", widths[name], name)
+        best = pruner.controller.scores[name.replace(".", "_")].topk(k).indices.sort().values
+        for row in stats.masks["channel"]:  # every clip keeps the same best-scored channels
+            assert torch.equal(row.nonzero().flatten(), best)
+    assert pruner.last_stats.controller_macs == 0
+    with torch.no_grad():
+        torch.testing.assert_close(CompactPruner(pruner)(clip), masked, atol=1e-4, rtol=1e-4)
+        one = clip[:1]  # batch 1: the index plan, through stacked_channel_logits
+        torch.testing.assert_close(CompactPruner(pruner)(one), pruner(one), atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match=r"lacks \['layer_logits', 'stacked_channel_logits'"):
+        AdaptivePruner(net, controller=torch.nn.Linear(2, 2).requires_grad_(False))
+    with pytest.raises(TypeError, match="must be an nn.Module"):
+        AdaptivePruner(net, controller=object())
