@@ -217,3 +217,44 @@ def test_rewrite_gathers_run_folded(batch):
     # run folded (only the score reductions unfold)
     assert set(flat.rewrite_info.unfolded_ops) == {"mean.dim"}
     assert {n.args[1] for n in ops} >= {0, 1}
+
+
+def test_rule_table_entry_handles_an_op(monkeypatch):
+    """Supporting an op is one rule in RULES: softplus has none, so strict mode names it; a
+    rule for it makes the rewrite run it folded, with the model's outputs."""
+    from lightning_dance.export.conv2d_rules import RULES
+
+    softplus = torch.ops.aten.softplus.default
+    assert softplus not in RULES
+
+    class Soft(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv3d(3, 4, 3, padding=1)
+            self.b = nn.Conv3d(4, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(F.softplus(self.a(x)))
+
+    torch.manual_seed(0)
+    net, clip = Soft().eval(), torch.randn(2, 3, 4, 8, 8)
+    with pytest.raises(UnsupportedOpError, match="softplus") as err:
+        rewrite_conv3d_to_conv2d(net, clip, strict=True)
+    assert err.value.op == "softplus.default"
+
+    def rule_softplus(ctx, node):  # elementwise: the op runs on the folded tensor as it is
+        if node.args[0] not in ctx.folded:
+            return False
+        ctx.folded[node] = ctx.folded[node.args[0]]
+        return True
+
+    monkeypatch.setitem(RULES, softplus, rule_softplus)
+    flat = rewrite_conv3d_to_conv2d(net, clip, input_layout="folded", strict=True)
+    assert flat.rewrite_info.unfolded_ops == [] and flat.rewrite_info.conv3d_replaced == 2
+    assert softplus in {n.target for n in flat.graph.nodes}
+    assert (unfold_time(flat(fold_time(clip)), 2) - net(clip)).abs().max() < 1e-5
+
+    monkeypatch.delitem(RULES, softplus)
+    with pytest.raises(UnsupportedOpError, match="softplus") as err:
+        rewrite_conv3d_to_conv2d(net, clip, strict=True)
+    assert err.value.op == "softplus.default"
