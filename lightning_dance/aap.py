@@ -30,7 +30,6 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,9 +43,11 @@ from lightning_dance.executed import (
     conv3d_expected_macs,
 )
 from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
+from lightning_dance.losses import budget_loss, distillation_loss  # noqa: F401 (re-exported)
 from lightning_dance.macs import count_macs
 from lightning_dance.masks import DIMS, apply_masks, check_dims, keep_count, multiple_options
 from lightning_dance.policies import Policy, available_policies, get_policy
+from lightning_dance.stats import LayerStats, PruningStats
 
 if TYPE_CHECKING:
     from lightning_dance.execution.chains import ChannelChain
@@ -63,58 +64,6 @@ __all__ = [
 #: the registered policy names when this module was imported (see
 #: :func:`lightning_dance.policies.available_policies` for the current list)
 POLICIES = available_policies()
-
-
-@dataclass
-class LayerStats:
-    """One instrumented layer in one forward pass (tensors are per sample, ``[N]``)."""
-
-    input_shape: tuple[int, int, int, int]  # (C, T, H, W)
-    dense_macs: int
-    executed_macs: torch.Tensor  # hard count, int64 [N]
-    expected_macs: torch.Tensor  # differentiable, float [N] (equal to executed in value)
-    kept: dict[str, torch.Tensor]  # dim -> kept fraction [N]
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # dim -> hard 0/1 mask, detached
-
-
-@dataclass
-class PruningStats:
-    """Per-sample statistics of one forward pass of an :class:`AdaptivePruner`.
-
-    ``dense_total`` is the whole model's dense MAC count per clip (fvcore, see
-    :func:`lightning_dance.macs.count_macs`); layers that are not instrumented (stem, head, pooling,
-    elementwise ops) are counted dense; ``controller_macs`` is added to every sample.
-    """
-
-    layers: dict[str, LayerStats] = field(default_factory=dict)
-    dense_total: int = 0
-    controller_macs: int = 0
-
-    @property
-    def fixed_macs(self) -> int:
-        """MACs that DANCE never prunes (everything but the instrumented layers)."""
-        return self.dense_total - sum(s.dense_macs for s in self.layers.values())
-
-    def executed_macs(self) -> torch.Tensor:
-        """Executed MACs per clip ``[N]`` (int64): fixed + instrumented executed + controller."""
-        pruned = sum(s.executed_macs for s in self.layers.values())
-        return pruned + self.fixed_macs + self.controller_macs
-
-    def expected_macs(self) -> torch.Tensor:
-        """Differentiable version of :meth:`executed_macs` (float ``[N]``)."""
-        pruned = sum(s.expected_macs for s in self.layers.values())
-        return pruned + float(self.fixed_macs + self.controller_macs)
-
-    def mac_ratio(self) -> torch.Tensor:
-        """Executed / dense MACs per clip ``[N]``."""
-        return self.executed_macs().double() / max(1, self.dense_total)
-
-    def kept_fractions(self) -> dict[str, dict[str, float]]:
-        """``{layer: {dim: mean kept fraction over the batch}}``."""
-        return {
-            name: {d: float(v.float().mean()) for d, v in s.kept.items()}
-            for name, s in self.layers.items()
-        }
 
 
 class AdaptivePruner(nn.Module):
@@ -641,32 +590,3 @@ class _MaskHook:
             shape, dense, executed, expected, masks.kept_fraction(), hard
         )
         return (apply_masks(x, masks.values),) + tuple(args[1:])
-
-
-def budget_loss(
-    stats: PruningStats, budget: float | torch.Tensor, *, min_layer_keep: float = 0.05
-) -> dict[str, torch.Tensor]:
-    """The AAP budget terms from one forward pass's statistics.
-
-    - ``ratio``: expected executed/dense MACs per clip, averaged over the batch (differentiable);
-    - ``budget``: ``(ratio - budget) ** 2``: the MAC-weighted budget loss;
-    - ``bounds``: ``sum_l relu(min_layer_keep - kept_l) ** 2`` where ``kept_l`` is layer ``l``'s
-      expected executed/dense MAC fraction: keeps any single layer from collapsing.
-    """
-    ratio = (stats.expected_macs() / max(1, stats.dense_total)).mean()
-    terms = [
-        torch.relu(min_layer_keep - (s.expected_macs.mean() / max(1, s.dense_macs))) ** 2
-        for s in stats.layers.values()
-    ]
-    bounds = torch.stack(terms).sum() if terms else ratio.new_zeros(())
-    return {"ratio": ratio, "budget": (ratio - budget) ** 2, "bounds": bounds}
-
-
-def distillation_loss(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0
-) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened logits, scaled by ``T^2`` (Hinton et al.)."""
-    t = temperature
-    log_p = torch.log_softmax(student / t, dim=-1)
-    q = torch.softmax(teacher.detach() / t, dim=-1)
-    return torch.nn.functional.kl_div(log_p, q, reduction="batchmean") * (t * t)

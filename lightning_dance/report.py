@@ -68,7 +68,8 @@ from lightning_dance.masks import DIMS
 from lightning_dance.traffic import conv3d_memory_traffic
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lightning_dance.aap import AdaptivePruner, PruningStats
+    from lightning_dance.aap import AdaptivePruner
+    from lightning_dance.stats import PruningStats
 
 __all__ = ["MacReport"]
 

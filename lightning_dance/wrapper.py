@@ -30,11 +30,13 @@ import torch
 import torch.nn as nn
 from torchmetrics import MeanMetric
 
-from lightning_dance.aap import AdaptivePruner, PruningStats, budget_loss, distillation_loss
+from lightning_dance.aap import AdaptivePruner
 from lightning_dance.errors import DanceError
 from lightning_dance.layers import LayerSelector
+from lightning_dance.losses import budget_loss, distillation_loss
 from lightning_dance.masks import DIMS
 from lightning_dance.policies import Policy, available_policies, get_policy
+from lightning_dance.stats import PruningStats
 
 __all__ = ["DANCEWrapper", "ArchitectureMismatchError"]
 

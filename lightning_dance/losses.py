@@ -1,0 +1,44 @@
+"""AAP's training losses: the MAC budget terms and distillation from the dense model.
+
+Example:
+    >>> import torch
+    >>> round(float(distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3))), 6)
+    0.0
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_dance.stats import PruningStats
+
+__all__ = ["budget_loss", "distillation_loss"]
+
+
+def budget_loss(
+    stats: PruningStats, budget: float | torch.Tensor, *, min_layer_keep: float = 0.05
+) -> dict[str, torch.Tensor]:
+    """The AAP budget terms from one forward pass's statistics.
+
+    - ``ratio``: expected executed/dense MACs per clip, averaged over the batch (differentiable);
+    - ``budget``: ``(ratio - budget) ** 2``: the MAC-weighted budget loss;
+    - ``bounds``: ``sum_l relu(min_layer_keep - kept_l) ** 2`` where ``kept_l`` is layer ``l``'s
+      expected executed/dense MAC fraction: keeps any single layer from collapsing.
+    """
+    ratio = (stats.expected_macs() / max(1, stats.dense_total)).mean()
+    terms = [
+        torch.relu(min_layer_keep - (s.expected_macs.mean() / max(1, s.dense_macs))) ** 2
+        for s in stats.layers.values()
+    ]
+    bounds = torch.stack(terms).sum() if terms else ratio.new_zeros(())
+    return {"ratio": ratio, "budget": (ratio - budget) ** 2, "bounds": bounds}
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0
+) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened logits, scaled by ``T^2`` (Hinton et al.)."""
+    t = temperature
+    log_p = torch.log_softmax(student / t, dim=-1)
+    q = torch.softmax(teacher.detach() / t, dim=-1)
+    return torch.nn.functional.kl_div(log_p, q, reduction="batchmean") * (t * t)
