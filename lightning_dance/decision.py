@@ -67,6 +67,7 @@ class DecisionPlan:
         offset: added to every score (the policy's share of the calibration).
         training, tau, noise, min_keep: the gates' settings (training: straight-through
             masks with gradients to the controller).
+        generator: where the training gates draw their noise (default: the global RNG).
         dense: every mask all ones (the controller still ran): outputs equal the dense model.
     """
 
@@ -83,12 +84,14 @@ class DecisionPlan:
         noise: float = 1.0,
         min_keep: int = 1,
         dense: bool = False,
+        generator: torch.Generator | None = None,
     ) -> None:
         if policy.fixed_counts and counts is None:
             raise ValueError(f"the {policy.name!r} policy keeps fixed counts: pass counts=")
         self.controller, self.ctx, self.policy = controller, ctx, policy
         self.offset, self.training, self.dense = float(offset), training, dense
         self.tau, self.noise, self.min_keep = tau, noise, min_keep
+        self.generator = generator
         self._counts = counts
         self._masks: dict[tuple[str, tuple[int, ...]], LayerMasks] = {}
         self._indices: dict[tuple[str, tuple[int, ...]], dict[str, torch.Tensor]] = {}
@@ -133,7 +136,7 @@ class DecisionPlan:
             else:
                 value = self.policy.gate(
                     flat, training=self.training, k=k, tau=self.tau, noise=self.noise,
-                    min_keep=self.min_keep,
+                    min_keep=self.min_keep, generator=self.generator,
                 )  # fmt: skip
             # straight-through: hard in value, soft in gradient; features stay per block in
             # probs, so that the MAC count is exact for blocks

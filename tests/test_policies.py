@@ -31,7 +31,7 @@ class StrictPolicy(Policy):
 
     name = "strict_test"
 
-    def gate(self, logits, *, training, k=None, tau=1.0, noise=1.0, min_keep=1):
+    def gate(self, logits, *, training, k=None, tau=1.0, noise=1.0, min_keep=1, generator=None):
         return threshold_gate(
             logits - MARGIN, training=training, tau=tau, noise=noise, min_keep=min_keep
         )

@@ -68,12 +68,14 @@ class Policy(ABC):
         tau: float = 1.0,
         noise: float = 1.0,
         min_keep: int = 1,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """``[N, K]`` scores -> ``[N, K]`` keep mask, exactly 0/1 in value.
 
-        ``training``: the gate may explore (noise scaled by ``noise``) and must pass gradients
-        to ``logits`` (straight-through, temperature ``tau``). ``k``: the fixed count of a
-        :attr:`fixed_counts` policy. At least ``min_keep`` entries per row are kept.
+        ``training``: the gate may explore (noise scaled by ``noise``, drawn from ``generator``)
+        and must pass gradients to ``logits`` (straight-through, temperature ``tau``). ``k``:
+        the fixed count of a :attr:`fixed_counts` policy. At least ``min_keep`` entries per row
+        are kept.
         """
 
     def logit_offset(self, calibration: float) -> float:

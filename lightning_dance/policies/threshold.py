@@ -30,7 +30,7 @@ class ThresholdPolicy(Policy):
     fixed_counts = False
     calibration_span = 8.0
 
-    def gate(self, logits, *, training, k=None, tau=1.0, noise=1.0, min_keep=1):
+    def gate(self, logits, *, training, k=None, tau=1.0, noise=1.0, min_keep=1, generator=None):
         return threshold_gate(logits, training=training, tau=tau, min_keep=min_keep, noise=noise)
 
     def logit_offset(self, calibration: float) -> float:
