@@ -30,6 +30,7 @@ from lightning_dance.energy import EnergyModel
 from lightning_dance.layers import NoConv3dError, all_conv3d, select_conv3d, stem_names
 from lightning_dance.macs import MacCount, MacCountError, count_macs
 from lightning_dance.models import CheckpointError, InflationError, create_model, list_models
+from lightning_dance.nonfinite import NonFiniteError
 from lightning_dance.report import MacReport
 from lightning_dance.wrapper import ArchitectureMismatchError, DANCEWrapper
 
@@ -57,6 +58,7 @@ __all__ = [
     "MacCountError",
     "MacReport",
     "NoConv3dError",
+    "NonFiniteError",
     "PruningStats",
     "SyntheticVideoDataModule",
     "VideoClassifier",
