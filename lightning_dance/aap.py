@@ -302,7 +302,15 @@ class AdaptivePruner(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def check_clip(self, clip: torch.Tensor) -> None:
-        """Clear errors for clips the model cannot take (wrong rank, too few frames, NaN)."""
+        """Clear errors for clips the model cannot take (wrong rank, dtype or device, too few
+        frames, NaN).
+
+        The clip must be a floating-point tensor of the model's parameters' dtype (the stem
+        weight's, e.g. ``float32``) on their device; under ``torch.autocast`` a lower-precision
+        floating clip (``float16`` / ``bfloat16``) is accepted too (autocast casts it). Integer clips (e.g. ``uint8`` decoded frames) are
+        refused: convert and normalize them first. Comparing dtypes and devices costs nothing;
+        the NaN check is one reduction over the clip.
+        """
         if not isinstance(clip, torch.Tensor):
             raise TypeError(f"expected a clip tensor [N, C, T, H, W], got {type(clip).__name__}")
         if clip.dim() != 5:
@@ -310,6 +318,9 @@ class AdaptivePruner(nn.Module):
         if clip.shape[0] == 0:
             raise ValueError("empty batch: the clip has N=0 samples")
         stem = self._stem
+        weight = stem.weight
+        if clip.dtype != weight.dtype or clip.device != weight.device:
+            self._check_dtype_device(clip, weight)
         if clip.shape[1] != stem.in_channels:
             raise ValueError(
                 f"the stem {self.stem_name!r} reads {stem.in_channels} channels, "
@@ -325,6 +336,26 @@ class AdaptivePruner(nn.Module):
         # huge finite values) look at every element
         if not torch.isfinite(clip.sum()) and not torch.isfinite(clip).all():
             raise ValueError("the clip contains NaN or infinite values")
+
+    def _check_dtype_device(self, clip: torch.Tensor, weight: torch.Tensor) -> None:
+        model = f"the model's parameters are {weight.dtype} on {weight.device}"
+        if not clip.is_floating_point():
+            raise TypeError(
+                f"the clip is a {clip.dtype} tensor and {model}: convert and normalize it first, "
+                f"e.g. `clip = clip.to({weight.dtype}) / 255` followed by the mean / std "
+                "normalization the model was trained with"
+            )
+        if clip.device != weight.device:
+            raise ValueError(
+                f"the clip is on {clip.device} and {model}: move it with "
+                f"`clip.to({str(weight.device)!r})` (or the model with `.to({str(clip.device)!r})`)"
+            )
+        autocast = torch.is_autocast_enabled(clip.device.type)
+        if not autocast or clip.dtype.itemsize > weight.dtype.itemsize:
+            raise TypeError(
+                f"the clip is {clip.dtype} and {model}: convert it with `clip.to({weight.dtype})`"
+                " (or convert the model with `.to({clip.dtype})`)"
+            )
 
     def prepare(self, clip: torch.Tensor) -> tuple[int, dict[str, int]]:
         """Validate ``clip`` and set what this clip shape's masks depend on; returns the dense
