@@ -142,7 +142,12 @@ class AdaptivePruner(nn.Module):
         tau: temperature of the training gates.
         noise: scale of the logistic (Gumbel) noise of the training gates; 0 makes training
             decisions equal to eval ones (:class:`~lightning_dance.wrapper.DANCEWrapper` anneals
-            it to 0 so that the budget met in training is the one met at eval).
+            it to 0 so that the budget met in training is the one met at eval). The noise comes
+            from the pruner's own generator (one per device type, seeded from the global RNG at
+            first use, so ``seed_everything`` fixes it), whose state checkpoints carry
+            (:meth:`noise_rng_state`): a resumed fit draws the noise an uninterrupted one would,
+            whatever else used the global RNG (data loaders do) in between. Copies and pickles
+            of the pruner do not carry it (they reseed at first use).
         init_keep: initial keep probability of the controller.
         credit_outputs: count MACs as the fast path executes them with output skipping
             (:class:`~lightning_dance.execution.CompactPruner`, ``skip_outputs=True``): along a
@@ -240,12 +245,43 @@ class AdaptivePruner(nn.Module):
         self._rounded: dict[tuple[float, ...], dict[str, int]] = {}  # (ratio, shares) -> counts
         self._chains: dict | None = None
         self._force_dense = False
+        self._noise_rngs: dict[str, torch.Generator] = {}  # device type -> generator
+        self._pending_rng: dict[str, torch.Tensor] = {}  # states to apply at first use
 
     def __getstate__(self) -> dict:
         # the last forward's statistics hold autograd graphs: not part of a copy or a pickle
         state = self.__dict__.copy()
         state["last_stats"] = None
+        state["_noise_rngs"], state["_pending_rng"] = {}, {}
         return state
+
+    # ------------------------------------------------------------------ training noise RNG
+    def noise_generator(self, device: torch.device | str) -> torch.Generator:
+        """The generator of the training gates' noise on ``device`` (see ``noise``)."""
+        device = torch.device(device)
+        gen = self._noise_rngs.get(device.type)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            state = self._pending_rng.pop(device.type, None)
+            if state is not None:
+                gen.set_state(state)
+            else:  # from the global RNG, so that seed_everything / manual_seed fix the stream
+                gen.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
+            self._noise_rngs[device.type] = gen
+        return gen
+
+    def noise_rng_state(self) -> dict[str, torch.Tensor]:
+        """``{device type: generator state}`` of the noise generators used so far (and of
+        states loaded but not used yet), for checkpoints."""
+        states = dict(self._pending_rng)
+        states.update({k: g.get_state() for k, g in self._noise_rngs.items()})
+        return states
+
+    def set_noise_rng_state(self, states: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`noise_rng_state` (applied to each device type's generator now, or
+        when it is first used)."""
+        self._noise_rngs.clear()
+        self._pending_rng = {k: v.detach().cpu().to(torch.uint8) for k, v in states.items()}
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -586,6 +622,8 @@ class AdaptivePruner(nn.Module):
         probs: dict[str, torch.Tensor] = {}
         logits = self.controller.layer_logits(ctx, name, shape)
         offset = float(self.calibration) if self.policy == "threshold" else 0.0
+        noisy = training and self.noise and not self._force_dense
+        gen = self.noise_generator(next(iter(logits.values())).device) if noisy else None
         for dim, lg in logits.items():
             flat = lg.flatten(1) + offset
             if self._force_dense:
@@ -593,11 +631,18 @@ class AdaptivePruner(nn.Module):
                 prob = torch.ones_like(flat)
             elif self.policy == "topk":
                 k = self.topk_count(dim, flat.shape[1], name)
-                value = topk_gate(flat, k, training=training, tau=self.tau, noise=self.noise)
+                value = topk_gate(
+                    flat, k, training=training, tau=self.tau, noise=self.noise, generator=gen
+                )
                 prob = value
             else:
                 value = threshold_gate(
-                    flat, training=training, tau=self.tau, min_keep=self.min_keep, noise=self.noise
+                    flat,
+                    training=training,
+                    tau=self.tau,
+                    min_keep=self.min_keep,
+                    noise=self.noise,
+                    generator=gen,
                 )
                 prob = value  # straight-through: hard in value, soft in gradient
             value, prob = value.view_as(lg), prob.view_as(lg)

@@ -354,7 +354,8 @@ class DANCEWrapper(L.LightningModule):
                 return None
         if self.budget_range is not None and stage == "train":
             low, high = self.budget_range
-            self.pruner.set_budget(low + (high - low) * float(torch.rand(())))
+            gen = self.pruner.noise_generator("cpu")  # checkpointed, unlike the global RNG
+            self.pruner.set_budget(low + (high - low) * float(torch.rand((), generator=gen)))
         target = float(self.pruner.budget)
         budget = self.training_budget(target) if stage == "train" else target
         self.pruner.set_budget(budget)
@@ -477,6 +478,7 @@ class DANCEWrapper(L.LightningModule):
             "budget": float(self.pruner.budget),
             "budget_range": self.budget_range,
             "skipped_batches": self.skipped_batches,
+            "noise_rng": self.pruner.noise_rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -488,6 +490,8 @@ class DANCEWrapper(L.LightningModule):
             )
         check_architecture(saved["architecture"], self.pruner.architecture())
         self._guard.skipped = int(saved.get("skipped_batches", 0))
+        if "noise_rng" in saved:  # a resumed fit continues the gates' noise stream
+            self.pruner.set_noise_rng_state(saved["noise_rng"])
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         own = self.state_dict()
