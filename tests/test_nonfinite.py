@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SmallNet
-from test_ava import LitTiny, make_data, make_trainer, no_hooks
+from test_ava import LitManual, LitTiny, make_data, make_trainer, no_hooks
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dance.ava_callback import AVACallback
@@ -125,6 +125,38 @@ def test_ava_skip_mode_trains_as_if_the_batch_were_absent(source) -> None:
     restored = AVACallback()
     restored.load_state_dict(ava.state_dict())
     assert restored.skipped_batches == 1
+
+
+class LitManualPenaltyNaN(LitManual):
+    """Manual optimization whose penalty is non-finite at batch 1 (extra forward on inf)."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            self.net(torch.full_like(batch[0], float("inf")))
+        return super().training_step(batch, batch_idx)
+
+
+def test_ava_manual_optimization_skips_inputs_and_raises_on_the_penalty() -> None:
+    """Under manual optimization the user's step runs the optimizer: a non-finite input is
+    caught before it runs (skippable), a non-finite penalty raises even in skip mode."""
+    torch.manual_seed(0)
+    model = LitManual()
+    ava = AVACallback(weight=0.7, on_nonfinite="skip")
+    with pytest.warns(UserWarning, match="skipped training batch 2 .*input clip"):
+        make_trainer(max_epochs=1, callbacks=[ava]).fit(
+            model, DataLoader(_with_nan(make_data(8), 2, 2), batch_size=2)
+        )
+    assert ava.skipped_batches == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    model, snaps = LitManualPenaltyNaN(), _Snapshots()
+    ava = AVACallback(weight=0.7, on_nonfinite="skip")
+    with pytest.raises(NonFiniteError, match="AVA penalty .*batch 1 .*cannot be skipped"):
+        make_trainer(max_epochs=1, callbacks=[ava, snaps]).fit(
+            model, DataLoader(make_data(8), batch_size=2)
+        )
+    _assert_params_equal(model, snaps.before[1])
+    assert no_hooks(model) and "training_step" not in model.__dict__
 
 
 # ----------------------------------------------------------------------------- DANCEWrapper
