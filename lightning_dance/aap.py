@@ -255,6 +255,11 @@ class AdaptivePruner(nn.Module):
         state["_noise_rngs"], state["_pending_rng"] = {}, {}
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_noise_rngs", {})  # pickles made before the noise generators
+        state.setdefault("_pending_rng", {})
+        super().__setstate__(state)
+
     # ------------------------------------------------------------------ training noise RNG
     def noise_generator(self, device: torch.device | str) -> torch.Generator:
         """The generator of the training gates' noise on ``device`` (see ``noise``)."""
