@@ -87,7 +87,12 @@ class AdaptivePruner(nn.Module):
         tau: temperature of the training gates.
         noise: scale of the logistic (Gumbel) noise of the training gates; 0 makes training
             decisions equal to eval ones (:class:`~lightning_dance.wrapper.DANCEWrapper` anneals
-            it to 0 so that the budget met in training is the one met at eval).
+            it to 0 so that the budget met in training is the one met at eval). The noise comes
+            from the pruner's own generator (one per device type, seeded from the global RNG at
+            first use, so ``seed_everything`` fixes it), whose state checkpoints carry
+            (:meth:`noise_rng_state`): a resumed fit draws the noise an uninterrupted one would,
+            whatever else used the global RNG (data loaders do) in between. Copies and pickles
+            of the pruner do not carry it (they reseed at first use).
         init_keep: initial keep probability of the controller.
         controller: a controller of your own instead of DANCE's
             (:class:`~lightning_dance.controller.Controller`, built from ``hidden``, ``grid``,
@@ -196,12 +201,48 @@ class AdaptivePruner(nn.Module):
         self._rounded: dict[tuple[float, ...], dict[str, int]] = {}  # (ratio, shares) -> counts
         self._chains: dict | None = None
         self._force_dense = False
+        self._noise_rngs: dict[str, torch.Generator] = {}  # device type -> generator
+        self._pending_rng: dict[str, torch.Tensor] = {}  # states to apply at first use
 
     def __getstate__(self) -> dict:
         # the last forward's statistics hold autograd graphs: not part of a copy or a pickle
         state = self.__dict__.copy()
         state["last_stats"] = None
+        state["_noise_rngs"], state["_pending_rng"] = {}, {}
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_noise_rngs", {})  # pickles made before the noise generators
+        state.setdefault("_pending_rng", {})
+        super().__setstate__(state)
+
+    # ------------------------------------------------------------------ training noise RNG
+    def noise_generator(self, device: torch.device | str) -> torch.Generator:
+        """The generator of the training gates' noise on ``device`` (see ``noise``)."""
+        device = torch.device(device)
+        gen = self._noise_rngs.get(device.type)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            state = self._pending_rng.pop(device.type, None)
+            if state is not None:
+                gen.set_state(state)
+            else:  # from the global RNG, so that seed_everything / manual_seed fix the stream
+                gen.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
+            self._noise_rngs[device.type] = gen
+        return gen
+
+    def noise_rng_state(self) -> dict[str, torch.Tensor]:
+        """``{device type: generator state}`` of the noise generators used so far (and of
+        states loaded but not used yet), for checkpoints."""
+        states = dict(self._pending_rng)
+        states.update({k: g.get_state() for k, g in self._noise_rngs.items()})
+        return states
+
+    def set_noise_rng_state(self, states: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`noise_rng_state` (applied to each device type's generator now, or
+        when it is first used)."""
+        self._noise_rngs.clear()
+        self._pending_rng = {k: v.detach().cpu().to(torch.uint8) for k, v in states.items()}
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -258,7 +299,15 @@ class AdaptivePruner(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def check_clip(self, clip: torch.Tensor) -> None:
-        """Clear errors for clips the model cannot take (wrong rank, too few frames, NaN)."""
+        """Clear errors for clips the model cannot take (wrong rank, dtype or device, too few
+        frames, NaN).
+
+        The clip must be a floating-point tensor of the model's parameters' dtype (the stem
+        weight's, e.g. ``float32``) on their device; under ``torch.autocast`` a lower-precision
+        floating clip (``float16`` / ``bfloat16``) is accepted too (autocast casts it). Integer clips (e.g. ``uint8`` decoded frames) are
+        refused: convert and normalize them first. Comparing dtypes and devices costs nothing;
+        the NaN check is one reduction over the clip.
+        """
         if not isinstance(clip, torch.Tensor):
             raise TypeError(f"expected a clip tensor [N, C, T, H, W], got {type(clip).__name__}")
         if clip.dim() != 5:
@@ -266,6 +315,9 @@ class AdaptivePruner(nn.Module):
         if clip.shape[0] == 0:
             raise ValueError("empty batch: the clip has N=0 samples")
         stem = self._stem
+        weight = stem.weight
+        if clip.dtype != weight.dtype or clip.device != weight.device:
+            self._check_dtype_device(clip, weight)
         if clip.shape[1] != stem.in_channels:
             raise ValueError(
                 f"the stem {self.stem_name!r} reads {stem.in_channels} channels, "
@@ -281,6 +333,26 @@ class AdaptivePruner(nn.Module):
         # huge finite values) look at every element
         if not torch.isfinite(clip.sum()) and not torch.isfinite(clip).all():
             raise ValueError("the clip contains NaN or infinite values")
+
+    def _check_dtype_device(self, clip: torch.Tensor, weight: torch.Tensor) -> None:
+        model = f"the model's parameters are {weight.dtype} on {weight.device}"
+        if not clip.is_floating_point():
+            raise TypeError(
+                f"the clip is a {clip.dtype} tensor and {model}: convert and normalize it first, "
+                f"e.g. `clip = clip.to({weight.dtype}) / 255` followed by the mean / std "
+                "normalization the model was trained with"
+            )
+        if clip.device != weight.device:
+            raise ValueError(
+                f"the clip is on {clip.device} and {model}: move it with "
+                f"`clip.to({str(weight.device)!r})` (or the model with `.to({str(clip.device)!r})`)"
+            )
+        autocast = torch.is_autocast_enabled(clip.device.type)
+        if not autocast or clip.dtype.itemsize > weight.dtype.itemsize:
+            raise TypeError(
+                f"the clip is {clip.dtype} and {model}: convert it with `clip.to({weight.dtype})`"
+                " (or convert the model with `.to({clip.dtype})`)"
+            )
 
     def prepare(self, clip: torch.Tensor) -> tuple[int, dict[str, int]]:
         """Validate ``clip`` and set what this clip shape's masks depend on; returns the dense
@@ -507,6 +579,7 @@ class AdaptivePruner(nn.Module):
         follow from the plan (by this pruner's policy, budget, calibration and mode)."""
         budget = self.budget.to(stem_out.dtype) if self.budget_conditioned else None
         ctx = self.controller(stem_out, budget)
+        noisy = self.training and self.noise and not self._force_dense
         counts = None
         if self.policy.fixed_counts:
             ratio = self.keep_ratio()  # fixed for this forward: computed once
@@ -525,6 +598,7 @@ class AdaptivePruner(nn.Module):
             noise=self.noise,
             min_keep=self.min_keep,
             dense=self._force_dense,
+            generator=self.noise_generator(stem_out.device) if noisy else None,
         )
 
 

@@ -38,6 +38,7 @@ from torch import Tensor
 from lightning_dance.ava import AVARecorder, check_measure, validate_dims
 from lightning_dance.layers import LayerSelector, NoConv3dError
 from lightning_dance.masks import DIMS
+from lightning_dance.nonfinite import NonFiniteGuard, is_finite, nonfinite_parts
 
 __all__ = ["DEFAULT_WARMUP_STEPS", "DEFAULT_WEIGHT", "AVACallback", "ava_loss_term"]
 
@@ -92,10 +93,23 @@ class AVACallback(Callback):
         layers, dims, dim_weights, measure: see :class:`lightning_dance.ava.AVARecorder`.
         log: log ``ava/penalty``, ``ava/weight`` and ``ava/spread_<dim>`` every step.
         prog_bar: show ``ava/penalty`` in the progress bar.
+        on_nonfinite: what to do with a training batch whose input, task loss (what
+            ``training_step`` returns), AVA penalty or total loss holds NaN / inf: ``"raise"``
+            (default) a :class:`~lightning_dance.nonfinite.NonFiniteError` naming the batch
+            index and the culprit, before any optimizer step applies it; or ``"skip"`` it with a
+            warning (``training_step`` returns ``None``: no update from that batch), counted in
+            ``skipped_batches`` (saved in ``state_dict``) and logged as ``ava/skipped_batches``.
+            Limits: under manual optimization only the input batch is checked before the user's
+            step (and a non-finite penalty always raises), since the user's code runs backward
+            and the optimizer; ``"skip"`` is for single-process training (under DDP all ranks
+            must skip together: use ``"raise"``); the optimizer step of a skipped batch still
+            counts in ``global_step`` and in this callback's ``step``.
 
     Raises:
         ValueError: bad arguments (at construction); ``NoConv3dError`` / ``ValueError`` at fit
-        start for a model without Conv3d or an empty layer selection.
+        start for a model without Conv3d or an empty layer selection;
+        :class:`~lightning_dance.nonfinite.NonFiniteError` (a ``ValueError``) during fit, see
+        ``on_nonfinite``.
 
     Example:
         >>> cb = AVACallback(weight=0.2, warmup_steps=50, dims=("frame", "channel"))
@@ -114,7 +128,9 @@ class AVACallback(Callback):
         measure: str = "gini",
         log: bool = True,
         prog_bar: bool = False,
+        on_nonfinite: str = "raise",
     ) -> None:
+        self._guard = NonFiniteGuard(on_nonfinite, "AVACallback")
         if warmup_steps is None:
             warmup_steps = 0 if callable(weight) else DEFAULT_WARMUP_STEPS
         if callable(weight):
@@ -138,6 +154,7 @@ class AVACallback(Callback):
         self._origin: int | None = None  # trainer.global_step at which this callback's step is 0
         self._step_offset = 0  # steps done before this fit (checkpoint or an earlier fit)
         self._manual = False
+        self._batch_idx: int | None = None
 
     # ----------------------------------------------------------------- schedule and state
     def weight_at(self, step: int) -> float:
@@ -158,11 +175,21 @@ class AVACallback(Callback):
             return self._trainer.global_step - self._origin
         return self._step_offset
 
+    @property
+    def on_nonfinite(self) -> str:
+        return self._guard.mode
+
+    @property
+    def skipped_batches(self) -> int:
+        """Training batches skipped for NaN / inf (``on_nonfinite="skip"``), across fits."""
+        return self._guard.skipped
+
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        return {"step": self.step, "skipped_batches": self.skipped_batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._step_offset = int(state_dict["step"])
+        self._guard.skipped = int(state_dict.get("skipped_batches", 0))
 
     # ----------------------------------------------------------------- lifecycle
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -222,8 +249,21 @@ class AVACallback(Callback):
 
     # ----------------------------------------------------------------- the step
     def _training_step(self, wrapper: _AVATrainingStep, args: tuple, kwargs: dict) -> Any:
+        self._batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx")
+        out = self._checked_step(wrapper, args, kwargs)
+        if self._guard.mode == "skip" and self.log_metrics:
+            wrapper.module.log(
+                "ava/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False
+            )
+        return out
+
+    def _checked_step(self, wrapper: _AVATrainingStep, args: tuple, kwargs: dict) -> Any:
         rec = self.recorder
         assert rec is not None
+        module = wrapper.module
+        bad = nonfinite_parts(args[0] if args else kwargs.get("batch"))
+        if bad and self._skip(f"input clip ({', '.join(bad)})"):
+            return None  # the user's step does not run: no forward, no optimizer update
         rec.start()
         try:
             out = wrapper.original(*args, **kwargs)
@@ -250,21 +290,42 @@ class AVACallback(Callback):
         if out is None:  # the user skipped this batch
             rec.clear()
             return out
-        term = self._term(wrapper.module)
-        rec.clear()
         if isinstance(out, Tensor):
-            return out + term
-        if isinstance(out, Mapping) and "loss" in out:
-            return {**out, "loss": out["loss"] + term}
-        raise TypeError(
-            "AVACallback: training_step must return a loss tensor or a dict with a 'loss' key, "
-            f"got {type(out).__name__}"
-        )
+            loss = out
+        elif isinstance(out, Mapping) and "loss" in out:
+            loss = out["loss"]
+        else:
+            rec.clear()
+            raise TypeError(
+                "AVACallback: training_step must return a loss tensor or a dict with a 'loss' "
+                f"key, got {type(out).__name__}"
+            )
+        try:
+            if not is_finite(loss.detach()) and self._skip("task loss"):
+                return None
+            term = self._term(module)
+        finally:
+            rec.clear()
+        if term is None:
+            return None
+        total = loss + term
+        if not is_finite(total.detach()) and self._skip("total loss"):
+            return None
+        return total if isinstance(out, Tensor) else {**out, "loss": total}
 
-    def _term(self, pl_module: L.LightningModule) -> Tensor:
+    def _skip(self, what: str) -> bool:
+        # under manual optimization the user's code steps the optimizer: only the input batch
+        # (checked before the user's step runs) can be skipped
+        can_skip = not self._manual or what.startswith("input")
+        return self._guard.skip(what, self._batch_idx, self._trainer, can_skip=can_skip)
+
+    def _term(self, pl_module: L.LightningModule) -> Tensor | None:
+        """``weight(step) * penalty``, or None when a non-finite penalty skips the batch."""
         rec = self.recorder
         assert rec is not None
         pen = rec.penalty()
+        if not is_finite(pen.detach()) and self._skip("AVA penalty"):
+            return None
         w = self.weight_at(self.step)
         if self.log_metrics:
             pl_module.log(
@@ -287,7 +348,9 @@ class AVACallback(Callback):
         if not self._manual:
             self.recorder._records.penalty_calls += 1  # makes the wrapper raise a clear error
             return torch.zeros((), device=pl_module.device)
-        return self._term(pl_module)
+        term = self._term(pl_module)
+        assert term is not None  # under manual optimization a non-finite penalty raises
+        return term
 
 
 def ava_loss_term(pl_module: L.LightningModule) -> Tensor:

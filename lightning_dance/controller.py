@@ -64,6 +64,24 @@ def _pool_matrix(length: int, bins: int) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(r) for r in rows)
 
 
+def _no_autocast(fn):
+    """Run a controller method with autocast disabled on the controller's device: under
+    mixed precision (``bf16-mixed`` / ``16-mixed``) the trunk and heads would otherwise run in
+    half precision, and the keep decisions (``logit > 0``, top-k) would depend on the precision
+    of the rest of the model. The statistics are float32 already; the trunk runs in the
+    controller's own dtype. Costs one flag lookup per call when autocast is off."""
+
+    @functools.wraps(fn)
+    def run(self: Controller, *args, **kwargs):
+        device = self.trunk[1].weight.device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(self, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(self, *args, **kwargs)
+
+    return run
+
+
 def _zscore(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
     mean = x.mean(dim=dim, keepdim=True)
     std = x.std(dim=dim, keepdim=True, unbiased=False)
@@ -158,6 +176,12 @@ class Controller(nn.Module):
         grid: spatial block grid (``grid x grid`` blocks at most per layer).
         budget_conditioned: take the budget as an input (one controller for a range of budgets).
         init_keep: initial keep probability of every logit (sets the heads' biases).
+
+    Precision: the statistics are computed in float32 and the trunk and heads in the
+    controller's own dtype (float32 unless it was cast), also under ``torch.autocast``
+    (mixed-precision training), which is disabled inside :meth:`forward` and the per-layer
+    logit methods: for the same stem output the logits, hence the masks and MAC counts, are
+    those of a float32 run. (The stem output itself is computed in the model's precision.)
     """
 
     def __init__(
@@ -222,6 +246,7 @@ class Controller(nn.Module):
                 nn.init.constant_(head.bias, bias)
 
     # ------------------------------------------------------------------ statistics and trunk
+    @_no_autocast
     def forward(
         self, stem_out: torch.Tensor, budget: torch.Tensor | None = None
     ) -> ControllerContext:
@@ -277,6 +302,7 @@ class Controller(nn.Module):
         return self.budget_scale[layer, self.dims.index(dim)] * ctx.budget_logit
 
     # ------------------------------------------------------------------ per-layer logits
+    @_no_autocast
     def channel_logits(self, ctx: ControllerContext, layer: str) -> torch.Tensor:
         """``[N, C_in]`` channel logits of ``layer``."""
         start, stop = self._channel_slices[layer]
@@ -285,6 +311,7 @@ class Controller(nn.Module):
             return logits
         return logits + self._budget_shift(ctx, self.layer_index[layer], "channel")
 
+    @_no_autocast
     def stacked_channel_logits(self, ctx: ControllerContext, layers: Sequence[str]) -> torch.Tensor:
         """``[N, len(layers), C]``: :meth:`channel_logits` of layers with the same ``C_in``,
         stacked by one gather (and one budget shift), for a batched ``topk`` over them."""
@@ -305,6 +332,7 @@ class Controller(nn.Module):
             return rows
         return rows + self._budget_shift(ctx, idx, "channel").unsqueeze(-1)
 
+    @_no_autocast
     def frame_logits(self, ctx: ControllerContext, layer: str, frames: int) -> torch.Tensor:
         """``[N, frames]`` frame logits of ``layer`` whose input has ``frames`` frames."""
         i = self.layer_index[layer]
@@ -316,6 +344,7 @@ class Controller(nn.Module):
         glob = self.frame_global(ctx.embedding)[:, i : i + 1]
         return local + glob + self._budget_shift(ctx, i, "frame")
 
+    @_no_autocast
     def feature_logits(
         self, ctx: ControllerContext, layer: str, size: tuple[int, int]
     ) -> torch.Tensor:
@@ -331,6 +360,7 @@ class Controller(nn.Module):
             shift = shift.unsqueeze(-1)  # [N, 1, 1]
         return local + glob + shift
 
+    @_no_autocast
     def layer_logits(
         self, ctx: ControllerContext, layer: str, shape: tuple[int, int, int, int]
     ) -> dict[str, torch.Tensor]:

@@ -121,8 +121,12 @@ def _ensure_min_keep(hard: torch.Tensor, scores: torch.Tensor, min_keep: int) ->
     return hard.scatter(-1, top, 1.0)
 
 
-def _logistic_noise(like: torch.Tensor) -> torch.Tensor:
-    u = torch.rand_like(like).clamp_(1e-6, 1 - 1e-6)
+def _logistic_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    if generator is None:
+        u = torch.rand_like(like)
+    else:
+        u = torch.rand(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+    u = u.clamp_(1e-6, 1 - 1e-6)
     return torch.log(u) - torch.log1p(-u)
 
 
@@ -133,15 +137,17 @@ def threshold_gate(
     tau: float = 1.0,
     min_keep: int = 1,
     noise: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Input-dependent keep mask over the last dim of ``logits`` (``[N, K]``).
 
     Eval: ``logit > 0``. Training: straight-through Gumbel-sigmoid (hard forward, soft gradient),
-    the logistic noise scaled by ``noise`` (0: the eval decision, with soft gradients).
+    the logistic noise scaled by ``noise`` (0: the eval decision, with soft gradients), drawn
+    from ``generator`` (default: the global RNG).
     At least ``min_keep`` entries per row are kept (the highest logits).
     """
     if training:
-        noisy = logits + float(noise) * _logistic_noise(logits) if noise else logits
+        noisy = logits + float(noise) * _logistic_noise(logits, generator) if noise else logits
         soft = torch.sigmoid(noisy / tau)
         hard = _ensure_min_keep((soft > 0.5).to(logits.dtype), noisy, min_keep)
         return hard + (soft - soft.detach())  # exactly 0/1 in value
@@ -150,17 +156,25 @@ def threshold_gate(
 
 
 def topk_gate(
-    logits: torch.Tensor, k: int, *, training: bool, tau: float = 1.0, noise: float = 1.0
+    logits: torch.Tensor,
+    k: int,
+    *,
+    training: bool,
+    tau: float = 1.0,
+    noise: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Keep exactly ``k`` entries per row of ``logits`` (``[N, K]``): the highest scores.
 
-    Training adds logistic noise (scaled by ``noise``) to the ranking (exploration) and passes
-    gradients straight through ``sigmoid(logits / tau)``.
+    Training adds logistic noise (scaled by ``noise``, drawn from ``generator``, default the
+    global RNG) to the ranking (exploration) and passes gradients straight through
+    ``sigmoid(logits / tau)``.
     """
     size = logits.shape[-1]
     if not 1 <= k <= size:
         raise ValueError(f"topk gate needs 1 <= k <= {size}, got k={k}")
-    scores = logits + float(noise) * _logistic_noise(logits) if (training and noise) else logits
+    noisy = training and noise
+    scores = logits + float(noise) * _logistic_noise(logits, generator) if noisy else logits
     hard = torch.zeros_like(logits).scatter(-1, scores.topk(k, dim=-1).indices, 1.0)
     if not training:
         return hard

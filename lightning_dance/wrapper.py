@@ -35,6 +35,7 @@ from lightning_dance.errors import DanceError
 from lightning_dance.layers import LayerSelector
 from lightning_dance.losses import budget_loss, distillation_loss
 from lightning_dance.masks import DIMS
+from lightning_dance.nonfinite import NonFiniteGuard, is_finite
 from lightning_dance.policies import Policy, available_policies, get_policy
 from lightning_dance.stats import PruningStats
 
@@ -94,6 +95,15 @@ class DANCEWrapper(L.LightningModule):
         execution: ``"masked"`` (multiply by the masks: the training path) or ``"compact"``
             (inference skips the pruned work, see :meth:`compile_sparse`).
         model_kwargs: for a factory name: ``create_model`` arguments (``num_classes`` required).
+        on_nonfinite: what to do with a training batch whose clip, task loss (cross-entropy /
+            distillation), budget loss or total loss holds NaN / inf: ``"raise"`` (default) a
+            :class:`~lightning_dance.nonfinite.NonFiniteError` naming the batch index and the
+            culprit, before any optimizer step applies it; or ``"skip"`` it with a warning
+            (``training_step`` returns ``None``: no update from that batch), counted in
+            ``skipped_batches`` (saved in checkpoints) and logged as ``dance/skipped_batches``.
+            ``"skip"`` is for single-process training (under DDP all ranks must skip together:
+            use ``"raise"``); the skipped batch's step still counts in ``global_step`` and so in
+            the noise / budget / LR schedules. Validation and test batches are not affected.
 
     Logs ``dance/mac_ratio`` (executed/dense, hard masks), ``dance/expected_ratio``,
     ``dance/kept_<dim>``, ``dance/loss_*`` and ``train|val|test/acc`` when labels are present.
@@ -129,8 +139,10 @@ class DANCEWrapper(L.LightningModule):
         lr_schedule: str = "constant",
         execution: str = "masked",
         model_kwargs: dict[str, Any] | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
         super().__init__()
+        guard = NonFiniteGuard(on_nonfinite, "DANCEWrapper")
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if lr <= 0:
@@ -195,6 +207,7 @@ class DANCEWrapper(L.LightningModule):
         self.pruner = pruner
         self.budget_range = budget_range
         self.freeze_backbone = freeze_backbone
+        self._guard = guard
         self.execution = execution
         object.__setattr__(self, "_compact", None)  # not a submodule: stays out of checkpoints
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -235,6 +248,11 @@ class DANCEWrapper(L.LightningModule):
         for name, p in model.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
         return model
+
+    @property
+    def skipped_batches(self) -> int:
+        """Training batches skipped for NaN / inf (``on_nonfinite="skip"``)."""
+        return self._guard.skipped
 
     @property
     def last_stats(self) -> PruningStats | None:
@@ -347,11 +365,19 @@ class DANCEWrapper(L.LightningModule):
         with torch.no_grad():
             return teacher(clip)
 
-    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+    def _skip(self, what: str, batch_idx: int | None) -> bool:
+        return self._guard.skip(what, batch_idx, self._trainer)
+
+    def _step(self, batch: Any, stage: str, batch_idx: int | None = None) -> torch.Tensor | None:
         clip, label = _split_batch(batch)
+        train = stage == "train"
+        if train and isinstance(clip, torch.Tensor) and not is_finite(clip):
+            if self._skip("input clip", batch_idx):
+                return None
         if self.budget_range is not None and stage == "train":
             low, high = self.budget_range
-            self.pruner.set_budget(low + (high - low) * float(torch.rand(())))
+            gen = self.pruner.noise_generator("cpu")  # checkpointed, unlike the global RNG
+            self.pruner.set_budget(low + (high - low) * float(torch.rand((), generator=gen)))
         target = float(self.pruner.budget)
         budget = self.training_budget(target) if stage == "train" else target
         self.pruner.set_budget(budget)
@@ -376,6 +402,12 @@ class DANCEWrapper(L.LightningModule):
         losses["budget"] = self.hparams.budget_weight * parts["budget"]
         losses["bounds"] = self.hparams.bound_weight * parts["bounds"]
         loss = sum(losses.values())
+        if train and not is_finite(loss.detach()):
+            names = {"ce": "task loss", "distill": "task loss", "budget": "budget loss"}
+            bad = [k for k, v in losses.items() if not is_finite(v.detach())]
+            parts_ = ", ".join(f"{names.get(k, 'budget loss')} ({k})" for k in bad)
+            if self._skip(parts_ or "total loss", batch_idx):
+                return None
         n = clip.shape[0]
         on_step = stage == "train"
         for key, value in losses.items():
@@ -420,8 +452,11 @@ class DANCEWrapper(L.LightningModule):
         )
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        loss = self._step(batch, "train", batch_idx)
+        if self._guard.mode == "skip":
+            self.log("dance/skipped_batches", float(self.skipped_batches), on_step=True)
+        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
@@ -464,6 +499,8 @@ class DANCEWrapper(L.LightningModule):
             "architecture": self.pruner.architecture(),
             "budget": float(self.pruner.budget),
             "budget_range": self.budget_range,
+            "skipped_batches": self.skipped_batches,
+            "noise_rng": self.pruner.noise_rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -474,6 +511,9 @@ class DANCEWrapper(L.LightningModule):
                 "(to load the user's own model checkpoint, load it into the model before wrapping)"
             )
         check_architecture(saved["architecture"], self.pruner.architecture())
+        self._guard.skipped = int(saved.get("skipped_batches", 0))
+        if "noise_rng" in saved:  # a resumed fit continues the gates' noise stream
+            self.pruner.set_noise_rng_state(saved["noise_rng"])
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         own = self.state_dict()

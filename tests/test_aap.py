@@ -240,6 +240,57 @@ def test_bad_clips(small_net, bad, match):
         AdaptivePruner(small_net)(bad)
 
 
+@pytest.mark.parametrize(
+    "dtype,match",
+    [
+        (torch.uint8, r"torch\.uint8 tensor .* torch\.float32 on cpu: convert and normalize"),
+        (torch.int64, r"torch\.int64 tensor .*clip\.to\(torch\.float32\) / 255"),
+        (
+            torch.float16,
+            r"clip is torch\.float16 .* torch\.float32 on cpu.*clip\.to\(torch\.float32\)",
+        ),
+        (
+            torch.float64,
+            r"clip is torch\.float64 .* torch\.float32 on cpu.*clip\.to\(torch\.float32\)",
+        ),
+    ],
+)
+def test_clip_dtype_must_match_the_model(small_net, dtype, match):
+    """One clear error up front (it used to fail inside the MAC counter), also from the
+    Lightning wrapper and the compact path, which validate through the same check."""
+    from lightning_dance.wrapper import DANCEWrapper
+
+    clip = (torch.rand(1, 3, 8, 16, 16) * 255).to(dtype)
+    pruner = AdaptivePruner(small_net)
+    with pytest.raises(TypeError, match=match):
+        pruner(clip)
+    with pytest.raises(TypeError, match=match):
+        DANCEWrapper(small_net)(clip)
+    assert pruner.last_stats is None and not pruner._dense_cache  # refused before any work
+
+
+def test_clip_on_another_device_is_refused(small_net):
+    clip = torch.empty(1, 3, 8, 16, 16, device="meta")
+    with pytest.raises(
+        ValueError, match=r"clip is on meta .* on cpu: move it with `clip\.to\('cpu'\)`"
+    ):
+        AdaptivePruner(small_net)(clip)
+
+
+def test_half_precision_clip_accepted_under_autocast(small_net):
+    pruner = AdaptivePruner(small_net).eval()
+    clip = torch.randn(1, 3, 8, 16, 16)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = pruner(clip.to(torch.float16))
+        ratio_half = pruner.last_stats.mac_ratio()
+        pruner(clip)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert ratio_half.shape == pruner.last_stats.mac_ratio().shape
+    with pytest.raises(TypeError, match="float64"), torch.autocast("cpu", dtype=torch.bfloat16):
+        pruner(clip.double())  # autocast does not take a wider dtype
+
+
 def test_huge_finite_clip_is_not_rejected(small_net):
     """The NaN check sums the clip first; a sum that overflows must not reject finite values."""
     clip = torch.full((1, 3, 8, 16, 16), 3e38)

@@ -605,7 +605,10 @@ def test_resume_from_checkpoint_continues_warmup(tmp_path) -> None:
     ckpt = tmp_path / "a.ckpt"
     trainer.save_checkpoint(ckpt)
     assert probe.weights == [0.0, 0.1, 0.2]
-    assert torch.load(ckpt, weights_only=False)["callbacks"]["AVACallback"] == {"step": 3}
+    assert torch.load(ckpt, weights_only=False)["callbacks"]["AVACallback"] == {
+        "step": 3,
+        "skipped_batches": 0,
+    }
 
     probe = _WeightProbe()
     make_trainer(max_steps=6, callbacks=[AVACallback(weight=1.0, warmup_steps=10), probe]).fit(

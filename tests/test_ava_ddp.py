@@ -1,7 +1,6 @@
 """AVACallback under DDP: 2 CPU processes on gloo train the same parameters as a by-hand run.
 
-Lightning's ``strategy="ddp"`` re-launches the running *script* for the other ranks, so the
-training runs in a subprocess executing this file (``__main__`` below), never inside pytest.
+The training runs in a subprocess executing this file (``__main__`` below; see ``ddp_utils``).
 With 8 clips, 2 ranks and 4 clips per rank, each optimizer step sees the whole data set; the
 mean of the ranks' gradients of ``CE + weight * penalty`` (both means over samples) equals the
 gradient on the full batch, which the test computes by hand in one process.
@@ -10,9 +9,7 @@ gradient on the full batch, which the test computes by hand in one process.
 from __future__ import annotations
 
 import copy
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,49 +18,29 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ddp_utils import ddp_trainer, run_ddp_script, save_rank  # noqa: E402
 from test_ava import DIMS, LitTiny, make_data, penalty_torch_ref  # noqa: E402
 
 WEIGHT, STEPS = 0.7, 3
 
 
 def _train_ddp(out: Path) -> None:
-    import lightning as L
-
     from lightning_dance.ava_callback import AVACallback
 
     torch.manual_seed(0)
     model = LitTiny(lr=0.5)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[AVACallback(weight=WEIGHT, warmup_steps=0)],
-    )
+    trainer = ddp_trainer(max_steps=STEPS, callbacks=[AVACallback(weight=WEIGHT, warmup_steps=0)])
     trainer.fit(model, DataLoader(make_data(8), batch_size=4))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state["penalty"] = trainer.callback_metrics["ava/penalty"]
     state["hooks_left"] = sum(len(m._forward_pre_hooks) for m in model.modules())
     state["wrapped"] = "training_step" in model.__dict__
-    torch.save(state, out / f"rank{trainer.global_rank}.pt")
+    save_rank(trainer, state, out)
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_agree_with_full_batch_by_hand(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    files = [tmp_path / "rank0.pt", tmp_path / "rank1.pt"]
-    deadline = time.time() + 60  # rank 1 is a child of rank 0 and may finish a bit later
-    while not all(f.exists() for f in files) and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(0.5)
-    r0, r1 = (torch.load(f) for f in files)
+    r0, r1 = run_ddp_script(__file__, tmp_path)
     for r in (r0, r1):
         assert r["hooks_left"] == 0 and not r["wrapped"]
         assert -1.0 <= r["penalty"].item() < 0.0

@@ -33,8 +33,9 @@ class StrictPolicy(Policy):
 
     def gate(self, logits, *, training, k=None, tau=1.0, noise=1.0, min_keep=1, generator=None):
         return threshold_gate(
-            logits - MARGIN, training=training, tau=tau, noise=noise, min_keep=min_keep
-        )
+            logits - MARGIN, training=training, tau=tau, noise=noise, min_keep=min_keep,
+            generator=generator,
+        )  # fmt: skip
 
     def logit_offset(self, calibration):
         return calibration
@@ -189,10 +190,11 @@ def test_every_project_error_is_a_dance_error():
     from lightning_dance.layers import NoConv3dError
     from lightning_dance.macs import MacCountError
     from lightning_dance.models import CheckpointError, InflationError
+    from lightning_dance.nonfinite import NonFiniteError
     from lightning_dance.wrapper import ArchitectureMismatchError
 
     errors = [NoConv3dError, ArchitectureMismatchError, InflationError, CheckpointError,
-              VideoDecodeError, MacCountError, UnsupportedOpError]  # fmt: skip
+              VideoDecodeError, MacCountError, UnsupportedOpError, NonFiniteError]  # fmt: skip
     for error in errors:
         assert issubclass(error, DanceError)
     with pytest.raises(DanceError, match="no nn.Conv3d layer"):

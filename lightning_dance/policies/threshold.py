@@ -31,7 +31,9 @@ class ThresholdPolicy(Policy):
     calibration_span = 8.0
 
     def gate(self, logits, *, training, k=None, tau=1.0, noise=1.0, min_keep=1, generator=None):
-        return threshold_gate(logits, training=training, tau=tau, min_keep=min_keep, noise=noise)
+        return threshold_gate(
+            logits, training=training, tau=tau, min_keep=min_keep, noise=noise, generator=generator
+        )
 
     def logit_offset(self, calibration: float) -> float:
         return calibration

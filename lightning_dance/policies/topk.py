@@ -31,7 +31,7 @@ class TopKPolicy(Policy):
     def gate(self, logits, *, training, k=None, tau=1.0, noise=1.0, min_keep=1, generator=None):
         if k is None:
             raise ValueError("the topk policy needs the number of entries to keep (k)")
-        return topk_gate(logits, k, training=training, tau=tau, noise=noise)
+        return topk_gate(logits, k, training=training, tau=tau, noise=noise, generator=generator)
 
     def ratio_scale(self, calibration: float) -> float:
         return math.exp(calibration)

@@ -1,0 +1,102 @@
+"""Guards against NaN / inf in training: find them in a batch or a loss before an optimizer step.
+
+Used by :class:`~lightning_dance.ava_callback.AVACallback` and
+:class:`~lightning_dance.wrapper.DANCEWrapper` (``on_nonfinite=``). One non-finite loss that
+reaches ``backward`` and the optimizer turns every weight it touches into NaN for good; checking
+inside ``training_step`` stops it before the step:
+
+- ``"raise"`` (default): raise :class:`NonFiniteError` naming the batch index and what was
+  non-finite; the exception leaves ``trainer.fit`` before the optimizer applies the batch.
+- ``"skip"``: warn, count the batch and return ``None`` from ``training_step``, which Lightning's
+  automatic optimization treats as "no backward": the optimizer step of that batch updates
+  nothing (parameters without a gradient are left alone by torch optimizers; ``global_step``
+  and step-interval LR schedulers still advance). Under DDP every rank must skip the same batches
+  (Lightning does not support ``None`` from ``training_step`` there): use ``"raise"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_dance.errors import DanceError
+
+__all__ = ["NONFINITE_MODES", "NonFiniteError", "NonFiniteGuard", "check_nonfinite_mode"]
+
+NONFINITE_MODES = ("raise", "skip")
+
+
+class NonFiniteError(DanceError, ValueError):
+    """A training batch or loss holds NaN or inf; raised before the optimizer applied it."""
+
+
+def check_nonfinite_mode(mode: str) -> str:
+    """Validate an ``on_nonfinite`` argument."""
+    if mode not in NONFINITE_MODES:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {mode!r}")
+    return mode
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN / inf (integer tensors always do).
+
+    One reduction first: a NaN / inf makes the sum non-finite; only then (or when a sum of huge
+    finite values overflows) every element is looked at. Synchronizes with the device once.
+    """
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def nonfinite_parts(batch: Any, name: str = "batch") -> list[str]:
+    """Where ``batch`` (a tensor or nested tuples / lists / mappings of them) holds NaN / inf:
+    e.g. ``["batch[0]"]``; empty when all is finite."""
+    if isinstance(batch, torch.Tensor):
+        return [] if is_finite(batch) else [name]
+    found: list[str] = []
+    if isinstance(batch, Mapping):
+        for key, value in batch.items():
+            found += nonfinite_parts(value, f"{name}[{key!r}]")
+    elif isinstance(batch, (tuple, list)):
+        for i, value in enumerate(batch):
+            found += nonfinite_parts(value, f"{name}[{i}]")
+    return found
+
+
+class NonFiniteGuard:
+    """Raises or counts-and-warns for one non-finite batch (see the module docstring)."""
+
+    def __init__(self, mode: str, owner: str) -> None:
+        self.mode = check_nonfinite_mode(mode)
+        self.owner = owner
+        self.skipped = 0
+
+    def skip(
+        self, what: str, batch_idx: int | None, trainer: Any = None, *, can_skip: bool = True
+    ) -> bool:
+        """Handle a non-finite ``what`` (e.g. ``"task loss"``) in batch ``batch_idx``: raise
+        :class:`NonFiniteError` in ``"raise"`` mode (or when ``can_skip`` is False), else warn,
+        count it and return True (the caller returns ``None`` from ``training_step``)."""
+        where = f"training batch {batch_idx}"
+        if trainer is not None:
+            where += f" (epoch {trainer.current_epoch}, global step {trainer.global_step})"
+        if self.mode == "raise" or not can_skip:
+            fix = (
+                f"or pass on_nonfinite='skip' to {self.owner} to skip such batches with a warning"
+                if can_skip
+                else "(this one cannot be skipped: the training_step runs the optimizer itself)"
+            )
+            raise NonFiniteError(
+                f"{self.owner}: non-finite {what} (NaN or inf) at {where}. Stopped before the "
+                "optimizer step applied it. Check the data of this batch (and the learning rate "
+                f"/ loss scale if the loss diverged), {fix}."
+            )
+        self.skipped += 1
+        rank_zero_warn(
+            f"{self.owner}: skipped {where}: non-finite {what} (NaN or inf); no optimizer update "
+            f"from it ({self.skipped} skipped so far)"
+        )
+        return True
