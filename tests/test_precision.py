@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.ava_callback import AVACallback
-from lightning_dance.macs import conv3d_executed_macs_batch
+from lightning_dance.executed import conv3d_executed_macs_batch
 from lightning_dance.models import create_model
 from lightning_dance.wrapper import DANCEWrapper
 
@@ -29,16 +29,15 @@ def test_controller_and_masks_are_float32_under_autocast(policy, budget_conditio
     for p in pruner.controller.parameters():  # a "trained" controller: logits spread around 0
         p.data.normal_(0, 0.5)
     stem_out = torch.randn(3, 8, 8, 8, 8)
-    budget = pruner.budget.float() if budget_conditioned else None
     pruner(torch.randn(1, 3, 8, 16, 16))  # MAC shares for the topk keep counts
     shapes = {n: s.input_shape for n, s in pruner.last_stats.layers.items()}
 
     def decide():
-        ctx = pruner.controller(stem_out, budget)
-        out = {}
+        plan = pruner.decide(stem_out)  # the controller runs here
+        ctx, out = plan.ctx, {}
         for name, shape in shapes.items():
             logits = pruner.controller.layer_logits(ctx, name, shape)
-            masks = pruner.layer_masks(ctx, name, shape)
+            masks = plan.masks(name, shape)
             hard = {d: v.detach() for d, v in masks.values.items()}
             macs = conv3d_executed_macs_batch(pruner._layers[name], shape, **hard)
             out[name] = (logits, hard, macs)
