@@ -49,7 +49,6 @@ With an :class:`~lightning_dance.aap.AdaptivePruner`::
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.layers import LayerSelector, select_conv3d
 from lightning_dance.macs import MacCount, as_clip, count_macs, count_module_macs
 from lightning_dance.masks import DIMS
+from lightning_dance.report_table import render_table
 from lightning_dance.traffic import conv3d_memory_traffic
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,13 +120,6 @@ class _Batch:
     kept: dict[str, torch.Tensor]  # every dim, [N] float64
     factors: dict[str, torch.Tensor] | None
     masked: set[str]
-
-
-def _human(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
 
 
 def _mask_values(spec: Any) -> Mapping[str, torch.Tensor]:
@@ -575,75 +568,15 @@ class MacReport:
         return metrics
 
     # ------------------------------------------------------------------------------ display
-    @staticmethod
-    def _rows(d: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
-        header = ["layer", "conv", "input CxTxHxW", "dense MACs", "exec MACs", "ratio",
-                  "kept t", "kept c", "kept f"]  # fmt: skip
-        rows = [
-            [
-                layer["name"],
-                layer["conv"],
-                "x".join(map(str, layer["input_shape"])),
-                _human(layer["dense_macs"]),
-                _human(layer["executed_macs_mean"]),
-                f"{layer['macs_ratio']:.3f}",
-                *(
-                    f"{layer['kept'][dim]:.2f}" if dim in layer["masked_dims"] else "-"
-                    for dim in DIMS
-                ),
-            ]
-            for layer in d["layers"]
-        ]
-        totals = [
-            f"clips: {d['samples']}  clip: {'x'.join(map(str, d['clip_shape']))}  "
-            f"(dense count: {d['count_method']})",
-            f"MACs per clip: dense {_human(d['dense_macs'])}, executed mean "
-            f"{_human(d['executed_macs_mean'])} (p5 {_human(d['executed_macs_p5'])}, p95 "
-            f"{_human(d['executed_macs_p95'])}, controller {_human(d['controller_macs'])}): "
-            f"ratio {d['macs_ratio']:.3f}, saving x{d['macs_saving']:.2f}",
-            f"Conv3d memory traffic: dense {_human(d['dense_bytes'])}B, executed "
-            f"{_human(d['executed_bytes_mean'])}B (gather/scatter copies "
-            f"{_human(d['copy_bytes_mean'])}B): saving x{d['traffic_saving']:.2f}",
-            f"energy ESTIMATE ({d['energy_model']}): dense {d['dense_energy_pj'] / 1e6:.3g} uJ,"
-            f" executed {d['executed_energy_pj_mean'] / 1e6:.3g} uJ: saving "
-            f"x{d['energy_saving']:.2f}",
-        ]
-        return header, rows, totals
-
     def render(self, *, rich: bool = True, width: int = 140) -> str:
         """The per-layer table and the totals as text: a rich table (``rich=True`` and rich
-        installed) or plain aligned columns."""
+        installed) or plain aligned columns (see :mod:`lightning_dance.report_table`)."""
         if self.samples == 0:
             return f"MacReport({len(self.layers)} layers, no samples yet)"
-        header, rows, totals = self._rows(self.to_dict())
-        try:
-            if not rich:
-                raise ImportError
-            from rich.console import Console
-            from rich.table import Table
-        except ImportError:
-            return _plain_table(header, rows) + "\n" + "\n".join(totals)
-        table = Table(title="DANCE MAC report")
-        for i, col in enumerate(header):
-            table.add_column(col, justify="left" if i < 3 else "right")
-        for row in rows:
-            table.add_row(*row)
-        buffer = io.StringIO()
-        console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
-        console.print(table)
-        for line in totals:
-            console.print(line, highlight=False, markup=False)
-        return buffer.getvalue().rstrip()
+        return render_table(self.to_dict(), rich=rich, width=width)
 
     def __str__(self) -> str:
         return self.render()
 
     def __repr__(self) -> str:
         return f"MacReport(layers={len(self.layers)}, samples={self.samples})"
-
-
-def _plain_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-    body = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join([line, "-" * len(line), *body])

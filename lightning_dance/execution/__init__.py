@@ -1,6 +1,11 @@
 """Fast execution: make DANCE's savings real in wall-clock time (see ``docs/execution.md``).
 
-- :func:`compact_conv3d`: one masked Conv3d computing only the kept work (exact);
+- :func:`compact_conv3d`: one masked Conv3d computing only the kept work (exact); its parts:
+  :mod:`~lightning_dance.execution.weights` (channel parts, weight blocks),
+  :mod:`~lightning_dance.execution.frames` (frame plan), :mod:`~lightning_dance.execution.spatial`
+  (feature rectangles), :mod:`~lightning_dance.execution.activations` (gathers, placements);
+- :func:`count_executed_macs` (:mod:`~lightning_dance.execution.recording`): the MACs the compact
+  path really issued;
 - :class:`CompactExecutor` / :class:`CompactPruner`: whole models, with given masks or with an
   ``AdaptivePruner``'s controller;
 - :mod:`~lightning_dance.execution.kernels`: the fast CPU kernels and layout
@@ -16,7 +21,7 @@
 """
 
 from lightning_dance.execution.chains import ChannelChain, channel_chains
-from lightning_dance.execution.compact import ExecutedMacs, compact_conv3d, count_executed_macs
+from lightning_dance.execution.compact import compact_conv3d
 from lightning_dance.execution.executor import (
     CompactExecutor,
     CompactPruner,
@@ -31,6 +36,7 @@ from lightning_dance.execution.kernels import (
     route_conv3d,
     to_fast_layout,
 )
+from lightning_dance.execution.recording import ExecutedMacs, count_executed_macs
 from lightning_dance.execution.tuning import (
     LayerTuning,
     best_ms,

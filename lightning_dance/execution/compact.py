@@ -30,6 +30,12 @@ which wins. All convs go through :func:`~lightning_dance.execution.kernels.fast_
 :func:`count_executed_macs` sums the MACs of every conv call the compact path issues, to check
 the count against :mod:`lightning_dance.executed`.
 
+The driver lives here; its parts: :mod:`~lightning_dance.execution.weights` (channel parts and
+weight blocks), :mod:`~lightning_dance.execution.frames` (the frame plan),
+:mod:`~lightning_dance.execution.spatial` (the feature rectangles),
+:mod:`~lightning_dance.execution.activations` (gathers and placements) and
+:mod:`~lightning_dance.execution.recording` (the executed-MAC recorder).
+
 Example:
     >>> import torch, torch.nn as nn
     >>> from lightning_dance.masks import apply_masks
@@ -44,20 +50,35 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_dance.execution.kernels import fast_conv3d, take_columns, to_fast_layout
-from lightning_dance.geometry import ConvGeometry, cached_geometry, pad_hw, source_index
+from lightning_dance.execution.activations import bias_filled, gather_kept, place_channels
+from lightning_dance.execution.frames import (
+    FramePlan,
+    add_frames,
+    frame_plan,
+    place_frames,
+    tap_weight,
+)
+from lightning_dance.execution.kernels import take_columns, to_fast_layout
+from lightning_dance.execution.recording import ExecutedMacs, count_executed_macs, counted_conv3d
+from lightning_dance.execution.recording import record_macs as record_macs  # old import path
+from lightning_dance.execution.spatial import active_outputs as active_outputs  # old import path
+from lightning_dance.execution.spatial import rects_cached
+from lightning_dance.execution.weights import (
+    ChannelPart,
+    channel_parts,
+    channels_last_weight,
+    gatherable_weight,
+)
+from lightning_dance.execution.weights import depthwise_rows as depthwise_rows  # old import path
+from lightning_dance.execution.weights import derived_tensor as derived_tensor  # old import path
+from lightning_dance.geometry import ConvGeometry, cached_geometry
 from lightning_dance.masks import DIMS, apply_masks
 
 __all__ = ["BATCH_MODES", "ExecutedMacs", "compact_conv3d", "count_executed_macs"]
@@ -93,111 +114,6 @@ def check_batch_mode(mode: str) -> str:
 _CL = torch.channels_last_3d
 
 
-# ----------------------------------------------------------------------------- MAC counting
-class ExecutedMacs:
-    """Running sum of the MACs the compact path computes (``total``) and its conv calls."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.calls = 0
-
-
-_counters: list[ExecutedMacs] = []
-
-
-@contextlib.contextmanager
-def count_executed_macs() -> Iterator[ExecutedMacs]:
-    """Sum, over every conv call of the compact path inside the context, ``out.numel() *
-    C_in_per_group * prod(kernel)`` (the fvcore convention: bias excluded).
-
-    Example:
-        >>> import torch, torch.nn as nn
-        >>> conv = nn.Conv3d(4, 8, 3, padding=1)
-        >>> with count_executed_macs() as m:
-        ...     _ = compact_conv3d(conv, torch.randn(1, 4, 2, 4, 4), {})
-        >>> m.total  # dense: 8 * 4 * 27 * 2 * 4 * 4
-        27648
-    """
-    counter = ExecutedMacs()
-    _counters.append(counter)
-    try:
-        yield counter
-    finally:
-        _counters.remove(counter)
-
-
-def record_macs(y: torch.Tensor, macs_per_output: int) -> torch.Tensor:
-    """``y``, with its multiply-adds added to the active :func:`count_executed_macs`."""
-    if _counters:
-        macs = y.numel() * macs_per_output
-        for c in _counters:
-            c.total += macs
-            c.calls += 1
-    return y
-
-
-def counted_conv3d(x, w, b, stride, padding, dilation, groups) -> torch.Tensor:
-    """:func:`~lightning_dance.execution.kernels.fast_conv3d`, its MACs recorded."""
-    y = fast_conv3d(x, w, b, stride, padding, dilation, groups)
-    return record_macs(y, w.shape[1] * w.shape[2] * w.shape[3] * w.shape[4])
-
-
-# ----------------------------------------------------------------------------- plans
-@dataclass
-class _ChannelPart:
-    """One conv call over a subset of channels: gathered inputs -> a subset of outputs."""
-
-    in_idx: torch.Tensor | None  # input channels to gather (None: all)
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    out_idx: torch.Tensor | None  # output channels produced (None: all, in order)
-    groups: int
-
-
-def _gather_in_channels(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``w[:, idx]``, in the weight's own layout (a ``channels_last_3d`` weight stays one)."""
-    if w.is_contiguous() or not w.is_contiguous(memory_format=_CL):
-        return w.index_select(1, idx)
-    o, c, kt, kh, kw = w.shape
-    flat = w.permute(0, 2, 3, 4, 1).reshape(-1, c).index_select(1, idx)
-    return flat.view(o, kt, kh, kw, len(idx)).permute(0, 4, 1, 2, 3)
-
-
-_derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def derived_tensor(
-    module: nn.Module,
-    kind: str,
-    sources: tuple[torch.Tensor | None, ...],
-    make: Callable[[], torch.Tensor],
-) -> torch.Tensor:
-    """``make()`` (a tensor derived from ``module``'s ``sources``, e.g. a weight in another
-    layout), cached per module and ``kind`` without autograd, and made again when a source
-    changes (another tensor, an in-place update, dtype or device). For inference paths."""
-    key = tuple(
-        None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
-    )
-    per_module = _derived.setdefault(module, {})
-    hit = per_module.get(kind)
-    if hit is None or hit[0] != key:
-        with torch.no_grad():
-            hit = per_module[kind] = (key, make())
-    return hit[1]
-
-
-def gatherable_weight(conv: nn.Conv3d) -> torch.Tensor:
-    """``conv.weight`` in the default (NCDHW) layout, where row and column gathers run ~3x
-    faster than on a ``channels_last_3d`` weight (measured: 576x256x1x3x3, 0.16 vs 0.46 ms).
-    Without autograd, a cached copy, renewed when the weight changes."""
-    w = conv.weight
-    if w.is_contiguous():
-        return w
-    if torch.is_grad_enabled():
-        return w.contiguous()
-    return derived_tensor(conv, "contiguous", (w,), lambda: w.detach().contiguous())
-
-
 #: Weights of at least this many elements gather their kept block in ``channels_last_3d``
 #: (rows of an ``[C_out, kT, kH, kW, C_in]`` copy, then its innermost columns): what oneDNN reads
 #: from a ``channels_last_3d`` input, so it makes no copy of its own. Smaller ones gather rows
@@ -220,220 +136,11 @@ def kept_weight(
     if w.numel() < CHANNELS_LAST_GATHER_MIN:
         return (w if out_idx is None else w.index_select(0, out_idx)).index_select(1, in_idx)
     c_out, c_in, *kernel = w.shape
-    w = _channels_last_weight(conv)  # [C_out, kT, kH, kW, C_in], contiguous
+    w = channels_last_weight(conv)  # [C_out, kT, kH, kW, C_in], contiguous
     if out_idx is not None:
         w = w.index_select(0, out_idx)
     block = take_columns(w.view(-1, c_in), in_idx).view(w.shape[0], *kernel, in_idx.shape[0])
     return block.permute(0, 4, 1, 2, 3)
-
-
-def _channels_last_weight(conv: nn.Conv3d) -> torch.Tensor:
-    """``conv.weight`` as a contiguous ``[C_out, kT, kH, kW, C_in]`` (a view of a
-    ``channels_last_3d`` weight; else a cached copy, renewed when the weight changes)."""
-    w = conv.weight.detach()
-    if w.is_contiguous(memory_format=_CL):
-        return w.permute(0, 2, 3, 4, 1)
-    return derived_tensor(conv, "channels_last", (conv.weight,),
-                          lambda: w.permute(0, 2, 3, 4, 1).contiguous())  # fmt: skip
-
-
-def depthwise_rows(channels: torch.Tensor, multiplier: int) -> torch.Tensor:
-    """The output channels (weight rows) of a depthwise conv that read the input ``channels``
-    (``multiplier = C_out / C_in`` consecutive rows each)."""
-    if multiplier == 1:
-        return channels
-    steps = torch.arange(multiplier, device=channels.device)
-    return (channels[:, None] * multiplier + steps).flatten()
-
-
-def _channel_parts(
-    conv: nn.Conv3d,
-    m_c: torch.Tensor | None,
-    kept: torch.Tensor | None,
-    zeroed: torch.Tensor | None = None,
-    held: torch.Tensor | None = None,
-    out_idx: torch.Tensor | None = None,
-) -> list[_ChannelPart]:
-    """Conv calls over channel subsets. ``kept``: the channels read; ``zeroed`` (bool over
-    ``kept``, only for ``groups == 1`` and depthwise): channels read with a zeroed weight (a
-    count snapped up to a faster kernel size; the masked input reads as zero). ``held``
-    (``groups == 1`` and depthwise): the channels the input holds (``None``: all);
-    ``out_idx`` (``groups == 1``): the output channels to compute (``None``: all)."""
-    w, b, groups = conv.weight, conv.bias, conv.groups
-    c_in, c_out = conv.in_channels, conv.out_channels
-    cg, og = c_in // groups, c_out // groups
-    if out_idx is not None:  # rows gathered first: columns then come from the smaller copy
-        w = gatherable_weight(conv).index_select(0, out_idx.to(w.device))
-        b = b.index_select(0, out_idx.to(b.device)) if b is not None else None
-    source = w if out_idx is not None else None  # where kept columns are gathered from
-
-    def columns(idx: torch.Tensor) -> torch.Tensor:
-        return _gather_in_channels(source if source is not None else gatherable_weight(conv), idx)
-
-    if held is not None and groups > 1:  # depthwise: the kept channels' outputs only
-        kept = kept if kept is not None else held  # (kept is within held)
-        pos = None if len(kept) == len(held) else torch.searchsorted(held, kept)
-        out_idx = depthwise_rows(kept, og)
-        bias = b.index_select(0, out_idx) if b is not None else None
-        return [_ChannelPart(pos, w.index_select(0, out_idx), bias, out_idx, len(kept))]
-    if held is not None:  # groups == 1: read the kept channels at their positions in x
-        kept = kept if kept is not None else torch.arange(c_in)
-        weight = columns(kept) if len(kept) < c_in else w
-        pos = None if len(kept) == len(held) else torch.searchsorted(held, kept)
-        return [_ChannelPart(pos, weight, b, None, 1)]
-    if m_c is None or (zeroed is None and len(kept) == c_in):
-        return [_ChannelPart(None, w, b, None, groups)]
-    full = len(kept) == c_in
-    if groups == 1:
-        weight = w if full else columns(kept)
-        if zeroed is not None:
-            weight = weight * (~zeroed).to(w.dtype).view(1, -1, 1, 1, 1)
-        return [_ChannelPart(None if full else kept, weight, b, None, 1)]
-    if cg == 1:  # depthwise: the kept channels' outputs only
-        out_idx = depthwise_rows(kept, og)
-        bias = b.index_select(0, out_idx) if b is not None else None
-        weight = w.index_select(0, out_idx)
-        if zeroed is not None:
-            keep_rows = (~zeroed).repeat_interleave(og).to(w.dtype)
-            weight = weight * keep_rows.view(-1, 1, 1, 1, 1)
-        if full:
-            return [_ChannelPart(None, weight, bias, None, groups)]
-        return [_ChannelPart(kept, weight, bias, out_idx, len(kept))]
-    per_group = m_c.view(groups, cg)
-    counts = per_group.sum(1)
-    parts = []
-    wg = w.view(groups, og, cg, *w.shape[2:])
-    for count in sorted(set(counts.tolist()) - {0}):
-        sel = (counts == count).nonzero().flatten()  # groups with `count` kept channels
-        local = per_group[sel].nonzero()[:, 1].view(len(sel), count)  # kept, per group
-        in_idx = (sel[:, None] * cg + local).flatten()
-        if count == cg:
-            weight = wg[sel]
-        else:
-            gather = local[:, None, :, None, None, None].expand(-1, og, -1, *w.shape[2:])
-            weight = wg[sel].gather(2, gather)
-        out_idx = (sel[:, None] * og + torch.arange(og, device=sel.device)).flatten()
-        bias = b[out_idx] if b is not None else None
-        weight = weight.reshape(len(sel) * og, count, *w.shape[2:])
-        if len(sel) == groups and count == cg:
-            return [_ChannelPart(None, w, b, None, groups)]
-        parts.append(_ChannelPart(in_idx, weight, bias, out_idx, len(sel)))
-    return parts
-
-
-@dataclass
-class _FramePlan:
-    """Temporal-tap plan: which input frames to gather and, per tap, which pairs to compute."""
-
-    gather: torch.Tensor | None  # input frames to gather, sorted (None: all, in order)
-    # per tap: (tap k, positions in the gathered frames, output frames, covers all outputs);
-    # a tap covering every output frame comes first (its conv writes the output directly)
-    taps: list[tuple[int, torch.Tensor | slice, torch.Tensor | slice, bool]]
-
-
-def _as_index(values: list[int]) -> torch.Tensor | slice:
-    """A slice when ``values`` is a run of consecutive integers (cheaper to use), else a tensor."""
-    if values == list(range(values[0], values[0] + len(values))):
-        return slice(values[0], values[0] + len(values))
-    return torch.tensor(values)
-
-
-def _frame_plan(g: ConvGeometry, m_t: torch.Tensor) -> _FramePlan:
-    return _frame_plan_cached(g, tuple(m_t.tolist()))
-
-
-@functools.lru_cache(maxsize=8192)
-def _frame_plan_cached(g: ConvGeometry, kept: tuple[bool, ...]) -> _FramePlan:
-    t_in, t_out = g.input[1], g.output[0]
-    kt, st, dt, pt = g.kernel[0], g.stride[0], g.dilation[0], g.pad_lo[0]
-    per_tap: list[list[tuple[int, int]]] = []  # per tap: (source frame, output frame)
-    for k in range(kt):
-        pairs = []
-        for to in range(t_out):
-            src = source_index(to * st - pt + k * dt, t_in, g.padding_mode)
-            if src is not None and kept[src]:
-                pairs.append((src, to))
-        per_tap.append(pairs)
-    frames = sorted({src for pairs in per_tap for src, _ in pairs})
-    where = {f: i for i, f in enumerate(frames)}
-    taps = []
-    for k, pairs in enumerate(per_tap):
-        if pairs:
-            dst = [to for _, to in pairs]
-            full = dst == list(range(t_out))
-            taps.append((k, _as_index([where[s] for s, _ in pairs]), _as_index(dst), full))
-    taps.sort(key=lambda tap: not tap[3])
-    gather = None if frames == list(range(t_in)) else torch.tensor(frames, dtype=torch.long)
-    return _FramePlan(gather, taps)
-
-
-def _active_rects(active: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """Disjoint rectangles ``(r0, r1, c0, c1)`` covering the True entries of ``[H, W]``."""
-    rows = active.tolist()
-    rects: list[tuple[int, int, int, int]] = []
-    prev_runs: tuple = ()
-    start = 0
-    for r, row in enumerate([*rows, [False] * len(rows[0])]):
-        runs, c = [], 0
-        while c < len(row):
-            if row[c]:
-                c0 = c
-                while c < len(row) and row[c]:
-                    c += 1
-                runs.append((c0, c))
-            else:
-                c += 1
-        runs = tuple(runs)
-        if runs != prev_runs:
-            rects += [(start, r, c0, c1) for c0, c1 in prev_runs]
-            prev_runs, start = runs, r
-    return rects
-
-
-_rect_cache: dict[tuple[ConvGeometry, bytes], list[tuple[int, int, int, int]]] = {}
-
-
-def _rects_cached(
-    g: ConvGeometry, key: bytes, m_f: torch.Tensor
-) -> list[tuple[int, int, int, int]]:
-    """Rectangles of the active outputs for a feature mask (cached: block masks repeat)."""
-    rects = _rect_cache.get((g, key))
-    if rects is None:
-        if len(_rect_cache) >= 4096:
-            _rect_cache.clear()
-        rects = _rect_cache[(g, key)] = _active_rects(active_outputs(g, m_f))
-    return rects
-
-
-def active_outputs(g: ConvGeometry, m_f: torch.Tensor) -> torch.Tensor:
-    """``[H_out, W_out]`` bool: receptive field holds a kept position (the MAC counter's rule)."""
-    padded = pad_hw(m_f.to(torch.float32)[None, None], g)
-    act = F.max_pool2d(padded, g.kernel[1:], stride=g.stride[1:], dilation=g.dilation[1:])
-    return act[0, 0] > 0.5
-
-
-# ----------------------------------------------------------------------------- execution
-def gather_kept(x: torch.Tensor, frames: torch.Tensor | None, chans: torch.Tensor | None):
-    """``x[:, chans][:, :, frames]`` for a ``channels_last_3d`` x, staying ``channels_last_3d``."""
-    if frames is None and chans is None:
-        return x
-    n, c, t, h, w = x.shape
-    xp = x.permute(0, 2, 3, 4, 1)  # contiguous [N, T, H, W, C]
-    if frames is not None:
-        xp = xp.reshape(n, t, h * w * c).index_select(1, frames.to(x.device))
-        t = len(frames)
-    if chans is not None:
-        xp = take_columns(xp.reshape(-1, c), chans.to(x.device))
-        c = len(chans)
-    return xp.reshape(n, t, h, w, c).permute(0, 4, 1, 2, 3)
-
-
-def bias_filled(shape: tuple[int, ...], bias: torch.Tensor | None, like: torch.Tensor):
-    """A ``channels_last_3d`` tensor of ``shape`` (``like``'s dtype, device) filled with bias."""
-    out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_CL)
-    if bias is None:
-        return out.zero_()
-    return out.copy_(bias.to(like.dtype).view(1, -1, 1, 1, 1).expand(shape))
 
 
 def _pads(lo: tuple[int, ...], hi: tuple[int, ...]) -> list[int]:
@@ -448,8 +155,8 @@ def _run_part(
     conv: nn.Conv3d,
     g: ConvGeometry,
     x: torch.Tensor,
-    part: _ChannelPart,
-    frames: _FramePlan | None,
+    part: ChannelPart,
+    frames: FramePlan | None,
     zero: torch.Tensor | None,
     rects: list[tuple[int, int, int, int]] | None,
 ) -> torch.Tensor:
@@ -503,7 +210,7 @@ def _run_part(
         return out
     # temporal-tap decomposition: one (1, kh, kw) conv per tap over the frames it reads
     stride, pad, dil = (1, sh, sw), (0, *pad_hw), (1, dh, dw)
-    taps = [(pos, dst, cover, _tap_weight(w, k)) for k, pos, dst, cover in frames.taps]
+    taps = [(pos, dst, cover, tap_weight(w, k)) for k, pos, dst, cover in frames.taps]
     out = None if full else bias_filled((n, c_part, t_out, h_out, w_out), b, x)
     for r0, r1, c0, c1 in regions:
         xr = crop(r0, r1, c0, c1)
@@ -515,60 +222,13 @@ def _run_part(
             if acc is None:  # first tap: conv + bias on its frames, the bias alone elsewhere
                 acc = counted_conv3d(xk, wk, b, stride, pad, dil, groups)
                 if not cover:
-                    acc = _place_frames(acc, dst, t_out, b)
+                    acc = place_frames(acc, dst, t_out, b)
                 continue
-            _add_frames(acc, dst, counted_conv3d(xk, wk, None, stride, pad, dil, groups))
+            add_frames(acc, dst, counted_conv3d(xk, wk, None, stride, pad, dil, groups))
         if full:
             return acc
         out[..., r0:r1, c0:c1] = acc
     return out
-
-
-def _place_frames(
-    y: torch.Tensor, dst: torch.Tensor | slice, t_out: int, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``[N, C, t_out, H, W]`` with ``y``'s frames at ``dst`` and the bias (or 0) elsewhere.
-
-    Frames are contiguous blocks in ``channels_last_3d`` at batch 1: plain block copies and
-    fills (``index_copy_`` and fill + ``index_add_`` measured 2-3x slower)."""
-    n, c, _, h, w = y.shape
-    out = torch.empty((n, c, t_out, h, w), dtype=y.dtype, device=y.device, memory_format=_CL)
-    dst_list = list(range(t_out))[dst] if isinstance(dst, slice) else dst.tolist()
-    rest = [t for t in range(t_out) if t not in set(dst_list)]
-    if n != 1 or not y.is_contiguous(memory_format=_CL):
-        out.copy_(bias_filled(out.shape, bias, y))
-        out.index_copy_(2, torch.tensor(dst_list, device=y.device), y)
-        return out
-    rows = out.permute(0, 2, 3, 4, 1).view(t_out, h * w, c)
-    src = y.permute(0, 2, 3, 4, 1).view(len(dst_list), h * w, c)
-    for i, t in enumerate(dst_list):
-        rows[t].copy_(src[i])
-    if rest:
-        fill = bias.to(y.dtype).view(1, c) if bias is not None else y.new_zeros(1, c)
-        for t in rest:
-            rows[t].copy_(fill.expand(h * w, c))
-    return out
-
-
-def _add_frames(acc: torch.Tensor, dst: torch.Tensor | slice, y: torch.Tensor) -> None:
-    """``acc[:, :, dst] += y`` (frame-major row adds; ``index_copy_`` measured 3x slower)."""
-    if isinstance(dst, slice):
-        acc[:, :, dst].add_(y)
-    elif acc.shape[0] == 1 and acc.is_contiguous(memory_format=_CL):
-        rows = acc.permute(0, 2, 3, 4, 1).view(acc.shape[2], -1)  # [T, H*W*C]
-        rows.index_add_(
-            0, dst.to(acc.device), to_fast_layout(y).permute(0, 2, 3, 4, 1).reshape(len(dst), -1)
-        )
-    else:
-        acc.index_add_(2, dst.to(acc.device), y)
-
-
-def _tap_weight(w: torch.Tensor, k: int) -> torch.Tensor:
-    """Temporal tap ``k`` of a weight, ``[C_out, C_in, 1, kh, kw]``, in the weight's layout."""
-    if w.shape[2] == 1:
-        return w
-    cl = w.is_contiguous(memory_format=_CL) and not w.is_contiguous()
-    return w[:, :, k : k + 1].contiguous(memory_format=_CL if cl else torch.contiguous_format)
 
 
 def skip_unread(g: ConvGeometry, x: torch.Tensor, m_t, m_f):
@@ -626,11 +286,11 @@ def _compact_same_masks(
     depthwise); ``out_idx``: the output channels to compute (``None``: all; ``groups == 1``)."""
     g, x, m_t, m_f = skip_unread(g, x, m_t, m_f)
     x = to_fast_layout(x)
-    frames = _frame_plan(g, m_t.cpu()) if m_t is not None else None
+    frames = frame_plan(g, m_t.cpu()) if m_t is not None else None
     rects = None
     if m_f is not None:
         m_cpu = m_f.cpu()
-        rects = _rects_cached(g, m_cpu.numpy().tobytes(), m_cpu)
+        rects = rects_cached(g, m_cpu.numpy().tobytes(), m_cpu)
     c_out = conv.out_channels if out_idx is None else len(out_idx)
     shape = (x.shape[0], c_out, *g.output)
     kept = m_c.nonzero().flatten() if m_c is not None else None
@@ -655,21 +315,13 @@ def _compact_same_masks(
         zero_f = m_f.unsqueeze(0)
     zero = zero_t * zero_f if zero_t is not None and zero_f is not None else zero_t
     zero = zero if zero is not None else zero_f
-    parts = _channel_parts(conv, m_c, kept, zeroed, held, out_idx)
+    parts = channel_parts(conv, m_c, kept, zeroed, held, out_idx)
     if len(parts) == 1 and parts[0].out_idx is None:
         return _run_part(conv, g, x, parts[0], frames, zero, rects)
     out = bias_filled(shape, conv.bias, x)
     for part in parts:
         place_channels(out, part.out_idx, _run_part(conv, g, x, part, frames, zero, rects))
     return out
-
-
-def place_channels(out: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> None:
-    """``out[:, idx] = y`` for a ``channels_last_3d`` ``out`` (one scatter over its pixel rows)."""
-    y = to_fast_layout(y)
-    flat = out.permute(0, 2, 3, 4, 1).view(-1, out.shape[1])  # [pixels, C_out]
-    y2 = y.permute(0, 2, 3, 4, 1).view(-1, y.shape[1])
-    flat.scatter_(1, idx.to(y.device).expand(y2.shape[0], -1), y2)
 
 
 def _channel_subset(

@@ -37,26 +37,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_dance.execution.compact import (
-    bias_filled,
-    counted_conv3d,
-    depthwise_rows,
-    derived_tensor,
-    gather_kept,
-    gatherable_weight,
-    kept_weight,
-    place_channels,
-    record_macs,
-    skip_unread,
-)
+from lightning_dance.execution.activations import bias_filled, gather_kept, place_channels
 from lightning_dance.execution.compact import (
     compact_conv3d_unchecked as _compact_conv3d,  # a module attribute: tests patch it
 )
+from lightning_dance.execution.compact import kept_weight, skip_unread
 from lightning_dance.execution.kernels import (
     conv3d_fast_forward,
     is_pointwise,
     pointwise_from_columns,
 )
+from lightning_dance.execution.recording import counted_conv3d, record_macs
+from lightning_dance.execution.weights import depthwise_rows, derived_tensor, gatherable_weight
 from lightning_dance.geometry import cached_geometry
 
 if TYPE_CHECKING:

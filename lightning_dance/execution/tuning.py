@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from lightning_dance.execution.compact import active_outputs, compact_conv3d
+from lightning_dance.execution.compact import compact_conv3d
 from lightning_dance.execution.kernels import conv3d_fast_forward, to_fast_layout
+from lightning_dance.execution.spatial import active_outputs
 from lightning_dance.geometry import cached_geometry
 from lightning_dance.masks import DIMS, check_dims, expand_blocks
 

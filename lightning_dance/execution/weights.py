@@ -1,0 +1,183 @@
+"""Kept blocks of a Conv3d weight: cached layouts, gathered rows and columns, channel parts.
+
+:func:`channel_parts` splits one masked conv into conv calls over channel subsets (grouped convs:
+one call per distinct kept count), each with its gathered weight block.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> conv = nn.Conv3d(4, 4, 1, groups=2)
+    >>> m_c = torch.tensor([True, False, True, True])
+    >>> parts = channel_parts(conv, m_c, m_c.nonzero().flatten())
+    >>> [(p.in_idx.tolist(), p.out_idx.tolist(), tuple(p.weight.shape)) for p in parts]
+    [([0], [0, 1], (2, 1, 1, 1, 1)), ([2, 3], [2, 3], (2, 2, 1, 1, 1))]
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "ChannelPart",
+    "channel_parts",
+    "channels_last_weight",
+    "depthwise_rows",
+    "derived_tensor",
+    "gather_in_channels",
+    "gatherable_weight",
+]
+
+_CL = torch.channels_last_3d
+
+
+@dataclass
+class ChannelPart:
+    """One conv call over a subset of channels: gathered inputs -> a subset of outputs."""
+
+    in_idx: torch.Tensor | None  # input channels to gather (None: all)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    out_idx: torch.Tensor | None  # output channels produced (None: all, in order)
+    groups: int
+
+
+def gather_in_channels(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``w[:, idx]``, in the weight's own layout (a ``channels_last_3d`` weight stays one)."""
+    if w.is_contiguous() or not w.is_contiguous(memory_format=_CL):
+        return w.index_select(1, idx)
+    o, c, kt, kh, kw = w.shape
+    flat = w.permute(0, 2, 3, 4, 1).reshape(-1, c).index_select(1, idx)
+    return flat.view(o, kt, kh, kw, len(idx)).permute(0, 4, 1, 2, 3)
+
+
+_derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def derived_tensor(
+    module: nn.Module,
+    kind: str,
+    sources: tuple[torch.Tensor | None, ...],
+    make: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """``make()`` (a tensor derived from ``module``'s ``sources``, e.g. a weight in another
+    layout), cached per module and ``kind`` without autograd, and made again when a source
+    changes (another tensor, an in-place update, dtype or device). For inference paths."""
+    key = tuple(
+        None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
+    )
+    per_module = _derived.setdefault(module, {})
+    hit = per_module.get(kind)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = per_module[kind] = (key, make())
+    return hit[1]
+
+
+def gatherable_weight(conv: nn.Conv3d) -> torch.Tensor:
+    """``conv.weight`` in the default (NCDHW) layout, where row and column gathers run ~3x
+    faster than on a ``channels_last_3d`` weight (measured: 576x256x1x3x3, 0.16 vs 0.46 ms).
+    Without autograd, a cached copy, renewed when the weight changes."""
+    w = conv.weight
+    if w.is_contiguous():
+        return w
+    if torch.is_grad_enabled():
+        return w.contiguous()
+    return derived_tensor(conv, "contiguous", (w,), lambda: w.detach().contiguous())
+
+
+def channels_last_weight(conv: nn.Conv3d) -> torch.Tensor:
+    """``conv.weight`` as a contiguous ``[C_out, kT, kH, kW, C_in]`` (a view of a
+    ``channels_last_3d`` weight; else a cached copy, renewed when the weight changes)."""
+    w = conv.weight.detach()
+    if w.is_contiguous(memory_format=_CL):
+        return w.permute(0, 2, 3, 4, 1)
+    return derived_tensor(conv, "channels_last", (conv.weight,),
+                          lambda: w.permute(0, 2, 3, 4, 1).contiguous())  # fmt: skip
+
+
+def depthwise_rows(channels: torch.Tensor, multiplier: int) -> torch.Tensor:
+    """The output channels (weight rows) of a depthwise conv that read the input ``channels``
+    (``multiplier = C_out / C_in`` consecutive rows each)."""
+    if multiplier == 1:
+        return channels
+    steps = torch.arange(multiplier, device=channels.device)
+    return (channels[:, None] * multiplier + steps).flatten()
+
+
+def channel_parts(
+    conv: nn.Conv3d,
+    m_c: torch.Tensor | None,
+    kept: torch.Tensor | None,
+    zeroed: torch.Tensor | None = None,
+    held: torch.Tensor | None = None,
+    out_idx: torch.Tensor | None = None,
+) -> list[ChannelPart]:
+    """Conv calls over channel subsets. ``kept``: the channels read; ``zeroed`` (bool over
+    ``kept``, only for ``groups == 1`` and depthwise): channels read with a zeroed weight (a
+    count snapped up to a faster kernel size; the masked input reads as zero). ``held``
+    (``groups == 1`` and depthwise): the channels the input holds (``None``: all);
+    ``out_idx`` (``groups == 1``): the output channels to compute (``None``: all)."""
+    w, b, groups = conv.weight, conv.bias, conv.groups
+    c_in, c_out = conv.in_channels, conv.out_channels
+    cg, og = c_in // groups, c_out // groups
+    if out_idx is not None:  # rows gathered first: columns then come from the smaller copy
+        w = gatherable_weight(conv).index_select(0, out_idx.to(w.device))
+        b = b.index_select(0, out_idx.to(b.device)) if b is not None else None
+    source = w if out_idx is not None else None  # where kept columns are gathered from
+
+    def columns(idx: torch.Tensor) -> torch.Tensor:
+        return gather_in_channels(source if source is not None else gatherable_weight(conv), idx)
+
+    if held is not None and groups > 1:  # depthwise: the kept channels' outputs only
+        kept = kept if kept is not None else held  # (kept is within held)
+        pos = None if len(kept) == len(held) else torch.searchsorted(held, kept)
+        out_idx = depthwise_rows(kept, og)
+        bias = b.index_select(0, out_idx) if b is not None else None
+        return [ChannelPart(pos, w.index_select(0, out_idx), bias, out_idx, len(kept))]
+    if held is not None:  # groups == 1: read the kept channels at their positions in x
+        kept = kept if kept is not None else torch.arange(c_in)
+        weight = columns(kept) if len(kept) < c_in else w
+        pos = None if len(kept) == len(held) else torch.searchsorted(held, kept)
+        return [ChannelPart(pos, weight, b, None, 1)]
+    if m_c is None or (zeroed is None and len(kept) == c_in):
+        return [ChannelPart(None, w, b, None, groups)]
+    full = len(kept) == c_in
+    if groups == 1:
+        weight = w if full else columns(kept)
+        if zeroed is not None:
+            weight = weight * (~zeroed).to(w.dtype).view(1, -1, 1, 1, 1)
+        return [ChannelPart(None if full else kept, weight, b, None, 1)]
+    if cg == 1:  # depthwise: the kept channels' outputs only
+        out_idx = depthwise_rows(kept, og)
+        bias = b.index_select(0, out_idx) if b is not None else None
+        weight = w.index_select(0, out_idx)
+        if zeroed is not None:
+            keep_rows = (~zeroed).repeat_interleave(og).to(w.dtype)
+            weight = weight * keep_rows.view(-1, 1, 1, 1, 1)
+        if full:
+            return [ChannelPart(None, weight, bias, None, groups)]
+        return [ChannelPart(kept, weight, bias, out_idx, len(kept))]
+    per_group = m_c.view(groups, cg)
+    counts = per_group.sum(1)
+    parts = []
+    wg = w.view(groups, og, cg, *w.shape[2:])
+    for count in sorted(set(counts.tolist()) - {0}):
+        sel = (counts == count).nonzero().flatten()  # groups with `count` kept channels
+        local = per_group[sel].nonzero()[:, 1].view(len(sel), count)  # kept, per group
+        in_idx = (sel[:, None] * cg + local).flatten()
+        if count == cg:
+            weight = wg[sel]
+        else:
+            gather = local[:, None, :, None, None, None].expand(-1, og, -1, *w.shape[2:])
+            weight = wg[sel].gather(2, gather)
+        out_idx = (sel[:, None] * og + torch.arange(og, device=sel.device)).flatten()
+        bias = b[out_idx] if b is not None else None
+        weight = weight.reshape(len(sel) * og, count, *w.shape[2:])
+        if len(sel) == groups and count == cg:
+            return [ChannelPart(None, w, b, None, groups)]
+        parts.append(ChannelPart(in_idx, weight, bias, out_idx, len(sel)))
+    return parts
