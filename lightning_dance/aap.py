@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from lightning_dance.clips import check_clip
 from lightning_dance.controller import Controller, check_controller
 from lightning_dance.decision import DecisionPlan
 from lightning_dance.executed import (
@@ -46,6 +47,7 @@ from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
 from lightning_dance.losses import budget_loss, distillation_loss  # noqa: F401 (re-exported)
 from lightning_dance.macs import count_macs
 from lightning_dance.masks import DIMS, apply_masks, check_dims, keep_count, multiple_options
+from lightning_dance.noise import GateNoise
 from lightning_dance.policies import Policy, available_policies, get_policy
 from lightning_dance.stats import LayerStats, PruningStats
 
@@ -201,48 +203,30 @@ class AdaptivePruner(nn.Module):
         self._rounded: dict[tuple[float, ...], dict[str, int]] = {}  # (ratio, shares) -> counts
         self._chains: dict | None = None
         self._force_dense = False
-        self._noise_rngs: dict[str, torch.Generator] = {}  # device type -> generator
-        self._pending_rng: dict[str, torch.Tensor] = {}  # states to apply at first use
+        self.gate_noise = GateNoise()  # the training gates' noise stream (checkpointed)
 
     def __getstate__(self) -> dict:
         # the last forward's statistics hold autograd graphs: not part of a copy or a pickle
         state = self.__dict__.copy()
         state["last_stats"] = None
-        state["_noise_rngs"], state["_pending_rng"] = {}, {}
         return state
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("_noise_rngs", {})  # pickles made before the noise generators
-        state.setdefault("_pending_rng", {})
+        state.setdefault("gate_noise", GateNoise())  # pickles made before the noise stream
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ training noise RNG
     def noise_generator(self, device: torch.device | str) -> torch.Generator:
         """The generator of the training gates' noise on ``device`` (see ``noise``)."""
-        device = torch.device(device)
-        gen = self._noise_rngs.get(device.type)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            state = self._pending_rng.pop(device.type, None)
-            if state is not None:
-                gen.set_state(state)
-            else:  # from the global RNG, so that seed_everything / manual_seed fix the stream
-                gen.manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
-            self._noise_rngs[device.type] = gen
-        return gen
+        return self.gate_noise.generator(device)
 
     def noise_rng_state(self) -> dict[str, torch.Tensor]:
-        """``{device type: generator state}`` of the noise generators used so far (and of
-        states loaded but not used yet), for checkpoints."""
-        states = dict(self._pending_rng)
-        states.update({k: g.get_state() for k, g in self._noise_rngs.items()})
-        return states
+        """The noise generators' states, for checkpoints (:meth:`GateNoise.state`)."""
+        return self.gate_noise.state()
 
     def set_noise_rng_state(self, states: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`noise_rng_state` (applied to each device type's generator now, or
-        when it is first used)."""
-        self._noise_rngs.clear()
-        self._pending_rng = {k: v.detach().cpu().to(torch.uint8) for k, v in states.items()}
+        """Restore :meth:`noise_rng_state`."""
+        self.gate_noise.set_state(states)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -299,60 +283,9 @@ class AdaptivePruner(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def check_clip(self, clip: torch.Tensor) -> None:
-        """Clear errors for clips the model cannot take (wrong rank, dtype or device, too few
-        frames, NaN).
-
-        The clip must be a floating-point tensor of the model's parameters' dtype (the stem
-        weight's, e.g. ``float32``) on their device; under ``torch.autocast`` a lower-precision
-        floating clip (``float16`` / ``bfloat16``) is accepted too (autocast casts it). Integer clips (e.g. ``uint8`` decoded frames) are
-        refused: convert and normalize them first. Comparing dtypes and devices costs nothing;
-        the NaN check is one reduction over the clip.
-        """
-        if not isinstance(clip, torch.Tensor):
-            raise TypeError(f"expected a clip tensor [N, C, T, H, W], got {type(clip).__name__}")
-        if clip.dim() != 5:
-            raise ValueError(f"expected a clip [N, C, T, H, W], got shape {tuple(clip.shape)}")
-        if clip.shape[0] == 0:
-            raise ValueError("empty batch: the clip has N=0 samples")
-        stem = self._stem
-        weight = stem.weight
-        if clip.dtype != weight.dtype or clip.device != weight.device:
-            self._check_dtype_device(clip, weight)
-        if clip.shape[1] != stem.in_channels:
-            raise ValueError(
-                f"the stem {self.stem_name!r} reads {stem.in_channels} channels, "
-                f"got a clip with {clip.shape[1]}: shape {tuple(clip.shape)}"
-            )
-        need_t = stem.dilation[0] * (stem.kernel_size[0] - 1) + 1 - 2 * _pad(stem, 0)
-        if clip.shape[2] < max(1, need_t):
-            raise ValueError(
-                f"the clip has {clip.shape[2]} frames, fewer than the stem's temporal kernel "
-                f"needs ({need_t})"
-            )
-        # a NaN / inf makes the sum non-finite (one cheap pass); only then (or on an overflow of
-        # huge finite values) look at every element
-        if not torch.isfinite(clip.sum()) and not torch.isfinite(clip).all():
-            raise ValueError("the clip contains NaN or infinite values")
-
-    def _check_dtype_device(self, clip: torch.Tensor, weight: torch.Tensor) -> None:
-        model = f"the model's parameters are {weight.dtype} on {weight.device}"
-        if not clip.is_floating_point():
-            raise TypeError(
-                f"the clip is a {clip.dtype} tensor and {model}: convert and normalize it first, "
-                f"e.g. `clip = clip.to({weight.dtype}) / 255` followed by the mean / std "
-                "normalization the model was trained with"
-            )
-        if clip.device != weight.device:
-            raise ValueError(
-                f"the clip is on {clip.device} and {model}: move it with "
-                f"`clip.to({str(weight.device)!r})` (or the model with `.to({str(clip.device)!r})`)"
-            )
-        autocast = torch.is_autocast_enabled(clip.device.type)
-        if not autocast or clip.dtype.itemsize > weight.dtype.itemsize:
-            raise TypeError(
-                f"the clip is {clip.dtype} and {model}: convert it with `clip.to({weight.dtype})`"
-                " (or convert the model with `.to({clip.dtype})`)"
-            )
+        """Clear errors for clips the model cannot take (wrong rank, dtype or device, channel
+        count, too few frames, NaN): :func:`lightning_dance.clips.check_clip` against the stem."""
+        check_clip(clip, self._stem, self.stem_name)
 
     def prepare(self, clip: torch.Tensor) -> tuple[int, dict[str, int]]:
         """Validate ``clip`` and set what this clip shape's masks depend on; returns the dense
@@ -600,10 +533,6 @@ class AdaptivePruner(nn.Module):
             dense=self._force_dense,
             generator=self.noise_generator(stem_out.device) if noisy else None,
         )
-
-
-def _pad(conv: nn.Conv3d, axis: int) -> int:
-    return conv.padding[axis] if isinstance(conv.padding, tuple) else 0
 
 
 class _ForwardState:
