@@ -1,12 +1,19 @@
 """``ExportCallback``: export parity-checked deployment artifacts when training ends.
 
 Example:
-    >>> import lightning as L
-    >>> cb = ExportCallback(targets=("jetson",), mode="dense", out_dir="export",
-    ...                     clip_shape=(3, 8, 112, 112))
-    >>> trainer = L.Trainer(callbacks=[cb], max_epochs=1)  # doctest: +SKIP
-    >>> trainer.fit(model, datamodule)                     # exports at on_fit_end  # doctest: +SKIP
-    >>> cb.export(model)                                   # or on demand  # doctest: +SKIP
+    >>> import lightning as L, tempfile
+    >>> from lightning_dance import SyntheticVideoDataModule, VideoClassifier
+    >>> model = VideoClassifier("tiny_c3d", num_classes=4)
+    >>> dm = SyntheticVideoDataModule(num_classes=4, frames=4, size=16, train_size=4,
+    ...                               val_size=4, batch_size=4)          # tiny, to run as a test
+    >>> cb = ExportCallback(targets=("jetson",), formats=("onnx",), mode="dense",
+    ...                     out_dir=tempfile.mkdtemp() + "/export", clip_shape=(3, 4, 16, 16))
+    >>> trainer = L.Trainer(callbacks=[cb], max_epochs=1, logger=False, enable_checkpointing=False,
+    ...                     enable_progress_bar=False, enable_model_summary=False)
+    >>> trainer.fit(model, dm)                                  # exports at on_fit_end
+    >>> sorted(cb.result.files())
+    ['jetson/onnx']
+    >>> result = cb.export(model)                               # or on demand
 """
 
 from __future__ import annotations
