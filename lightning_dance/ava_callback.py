@@ -247,6 +247,11 @@ class AVACallback(Callback):
                 "AVACallback: training_step was re-wrapped after AVA wrapped it; left it in place"
             )
 
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        self._guard.check_gradients(pl_module, trainer)
+
     # ----------------------------------------------------------------- the step
     def _training_step(self, wrapper: _AVATrainingStep, args: tuple, kwargs: dict) -> Any:
         self._batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx")

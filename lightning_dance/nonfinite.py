@@ -5,6 +5,9 @@ Used by :class:`~lightning_dance.ava_callback.AVACallback` and
 reaches ``backward`` and the optimizer turns every weight it touches into NaN for good; checking
 inside ``training_step`` stops it before the step:
 
+Gradients are checked too, right before each optimizer step (:meth:`NonFiniteGuard.check_gradients`):
+a finite loss can still back-propagate NaN (seen with PyTorch's bf16 conv3d backward on CPU).
+
 - ``"raise"`` (default): raise :class:`NonFiniteError` naming the batch index and what was
   non-finite; the exception leaves ``trainer.fit`` before the optimizer applies the batch.
 - ``"skip"``: warn, count the batch and return ``None`` from ``training_step``, which Lightning's
@@ -75,12 +78,17 @@ class NonFiniteGuard:
         self.skipped = 0
 
     def skip(
-        self, what: str, batch_idx: int | None, trainer: Any = None, *, can_skip: bool = True
+        self,
+        what: str,
+        batch_idx: int | str | None,
+        trainer: Any = None,
+        *,
+        can_skip: bool = True,
     ) -> bool:
         """Handle a non-finite ``what`` (e.g. ``"task loss"``) in batch ``batch_idx``: raise
         :class:`NonFiniteError` in ``"raise"`` mode (or when ``can_skip`` is False), else warn,
         count it and return True (the caller returns ``None`` from ``training_step``)."""
-        where = f"training batch {batch_idx}"
+        where = f"training batch {batch_idx}" if not isinstance(batch_idx, str) else batch_idx
         if trainer is not None:
             where += f" (epoch {trainer.current_epoch}, global step {trainer.global_step})"
         if self.mode == "raise" or not can_skip:
@@ -100,3 +108,22 @@ class NonFiniteGuard:
             f"from it ({self.skipped} skipped so far)"
         )
         return True
+
+    def check_gradients(self, module: torch.nn.Module, trainer: Any = None) -> None:
+        """Before an optimizer step: a finite loss can still give NaN / inf gradients (seen:
+        PyTorch's bf16 conv3d backward on CPU, sporadically). ``"raise"``: raise
+        :class:`NonFiniteError` naming the parameters; ``"skip"``: warn, count the batch and
+        drop every gradient (torch optimizers leave parameters without a gradient alone), so the
+        step updates nothing. Not under ``16-mixed``: its GradScaler skips such steps itself."""
+        if trainer is not None and str(getattr(trainer, "precision", "")) == "16-mixed":
+            return
+        bad = [
+            n for n, p in module.named_parameters() if p.grad is not None and not is_finite(p.grad)
+        ]
+        if not bad:
+            return
+        step = None if trainer is None else trainer.global_step
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        self.skip(f"gradients ({names})", None if step is None else f"step {step}", trainer)
+        for p in module.parameters():
+            p.grad = None

@@ -458,6 +458,9 @@ class DANCEWrapper(L.LightningModule):
             self.log("dance/skipped_batches", float(self.skipped_batches), on_step=True)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self._guard.check_gradients(self, self._trainer)
+
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
 

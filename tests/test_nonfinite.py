@@ -220,3 +220,49 @@ def test_dance_skip_mode_finishes_finite_and_counts(tmp_path, source) -> None:
 def test_dance_copy_keeps_the_guard() -> None:
     wrapper = DANCEWrapper(SmallNet(), on_nonfinite="skip")
     assert copy.deepcopy(wrapper)._guard.mode == "skip"
+
+
+class _NanGradAt(L.Callback):
+    """From batch ``at`` on, the gradient of one trainable parameter is NaN while the loss stays
+    finite (as PyTorch's bf16 conv3d backward on CPU sporadically does)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.handle = at, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.at and self.handle is None:
+            param = next(p for p in pl_module.parameters() if p.requires_grad)
+            self.handle = param.register_hook(lambda g: g * float("nan"))
+
+    def on_train_batch_end(self, *args) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+@pytest.mark.parametrize("owner", ["ava", "dance"])
+def test_nonfinite_gradients_stop_or_skip_the_step(tmp_path, owner) -> None:
+    """A finite loss with NaN gradients: ``raise`` stops before the optimizer step (weights as
+    before that batch); ``skip`` drops the step (weights finite, the batch counted)."""
+    for mode in ("raise", "skip"):
+        torch.manual_seed(0)
+        snaps = _Snapshots()
+        if owner == "ava":
+            module, ava = LitTiny(), AVACallback(warmup_steps=0, on_nonfinite=mode)
+            callbacks, data = [snaps, _NanGradAt(1), ava], DataLoader(make_data(12), batch_size=4)
+            guard = ava
+        else:
+            module = DANCEWrapper(SmallNet(), budget=0.5, lr=1e-2, on_nonfinite=mode)
+            callbacks, data = [snaps, _NanGradAt(1)], DataLoader(_clips(), batch_size=4)
+            guard = module
+        trainer = make_trainer(max_epochs=1, callbacks=callbacks, default_root_dir=tmp_path)
+        if mode == "raise":
+            with pytest.raises(NonFiniteError, match=r"non-finite gradients \(.*step 1"):
+                trainer.fit(module, data)
+            _assert_params_equal(module, snaps.before[1])
+        else:
+            trainer.fit(module, data)
+            assert guard.skipped_batches == 1
+            for name, value in snaps.before[1].items():  # batch 1 changed nothing
+                torch.testing.assert_close(snaps.before[2][name], value, rtol=0, atol=0)
+            assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -72,7 +72,9 @@ class _Losses(L.Callback):
 
 def test_dance_wrapper_trains_in_bf16_mixed():
     torch.manual_seed(0)
-    wrapper = DANCEWrapper(SmallNet(), budget=0.5, lr=1e-2)
+    # skip: PyTorch's bf16 conv3d backward on CPU sporadically gives NaN gradients for a finite
+    # loss (about 1 fit in 12 here, with or without DANCE); the guard drops that step
+    wrapper = DANCEWrapper(SmallNet(), budget=0.5, lr=1e-2, on_nonfinite="skip")
     before = [p.detach().clone() for p in wrapper.pruner.controller.parameters()]
     losses = _Losses()
     trainer = make_trainer(max_steps=3, precision="bf16-mixed", callbacks=[losses])
@@ -82,6 +84,7 @@ def test_dance_wrapper_trains_in_bf16_mixed():
     after = list(wrapper.pruner.controller.parameters())
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert wrapper.skipped_batches < 3
 
 
 class _LitVideo(L.LightningModule):
@@ -101,7 +104,9 @@ def test_ava_trains_in_bf16_mixed():
     torch.manual_seed(0)
     losses = _Losses()
     trainer = make_trainer(
-        max_steps=2, precision="bf16-mixed", callbacks=[AVACallback(warmup_steps=0), losses]
+        max_steps=2,
+        precision="bf16-mixed",
+        callbacks=[AVACallback(warmup_steps=0, on_nonfinite="skip"), losses],  # as above
     )
     model = _LitVideo()
     trainer.fit(model, _clips(8))
