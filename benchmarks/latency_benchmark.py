@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -72,10 +71,10 @@ from lightning_dance.execution import (
     accelerate_dense,
     count_executed_macs,
     profitable_layers,
-    to_fast_layout,
     tune_layers,
 )
 from lightning_dance.models import create_model
+from lightning_dance.timing import Timing, dense_fast, interleaved, loadavg
 
 MODELS = {  # name -> (create_model kwargs, clip (C, T, H, W))
     "r2plus1d_18": ({"width": 0.5}, (3, 8, 112, 112)),
@@ -90,13 +89,6 @@ CONFIGS = {
 }
 
 
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 @dataclass
 class Variant:
     name: str
@@ -107,22 +99,14 @@ class Variant:
 
 def measure(variants: list[Variant], warmup: int, repeats: int) -> dict[str, list[float]]:
     """Round robin over the variants (drifts in machine load hit every variant alike)."""
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for v in variants:
-                v.run()
-        for _ in range(repeats):
-            for v in variants:
-                t0 = time.perf_counter()
-                v.run()
-                times[v.name].append((time.perf_counter() - t0) * 1e3)
-    return times
+    runs = {v.name: v.run for v in variants}
+    return {
+        k: list(t.samples_ms) for k, t in interleaved(runs, warmup=warmup, repeats=repeats).items()
+    }
 
 
 def p90(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)]
+    return Timing(tuple(xs)).p90_ms
 
 
 def build(name: str, clip_shape: tuple[int, ...], batch: int = 1) -> tuple[nn.Module, torch.Tensor]:
@@ -131,16 +115,6 @@ def build(name: str, clip_shape: tuple[int, ...], batch: int = 1) -> tuple[nn.Mo
     model = create_model(name, num_classes=10, **kwargs).eval()
     model = model.to(memory_format=torch.channels_last_3d)  # fastest layout (values unchanged)
     return model, torch.randn(batch, *clip_shape)
-
-
-def dense_fast(model: nn.Module, clip: torch.Tensor) -> Callable[[], torch.Tensor]:
-    clip_fast = to_fast_layout(clip)
-
-    def run() -> torch.Tensor:
-        with accelerate_dense(model):
-            return model(clip_fast)
-
-    return run
 
 
 def calibrated_pruner(
