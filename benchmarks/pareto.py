@@ -1,0 +1,558 @@
+"""The benchmark that decides: DANCE against what a user would do instead, at matched cost.
+
+Every method gets the same task, the same seeds and the same number of training epochs
+(``--dense-epochs + --ava-epochs + --tune-epochs`` in all), and is reported at the same budgets
+(target executed / dense MACs):
+
+===================  =================================================================
+``slim``             the uniformly slimmed model (``create_model(width=w)``, ``w`` chosen
+                     so that its MACs are closest to the budget), trained from scratch for
+                     all the epochs; at budget 1 it is the dense reference
+``torch-pruning``    static structured pruning of the trained dense model (Torch-Pruning's
+                     ``MetaPruner``, L2-magnitude importance, uniform per layer) down to the
+                     budget, then fine-tuned for the AVA + tune epochs
+``mod-topk``         Mixture-of-Depths-style top-k routing: the ``topk`` policy on channels,
+                     fine-tuned jointly from the dense start for the AVA + tune epochs
+``dance``            DANCE as the paper describes it: AVA fine-tuning, then the ``threshold``
+                     policy on frames + channels + features, fine-tuned jointly
+``dance-topk``       the same AVA start with the ``topk`` policy on channels
+``dance-noava``      the ablation: ``dance`` from the dense start (no AVA), the AVA epochs
+                     spent on DANCE fine-tuning instead
+===================  =================================================================
+
+The DANCE rows use the recipe that holds accuracy (joint fine-tuning with gradual pruning and a
+cosine schedule: ``budget_warmup``, ``lr_schedule="cosine"``, ``backbone_lr=--tune-lr``) and are
+calibrated on the validation clips to meet the budget in counted MACs (controller included).
+
+Per method, budget and seed: test top-1; counted executed / dense MACs per clip (mean, p5, p95;
+static models: their fvcore count); the MACs the fast form really runs (``ran``: the compact path
+of a DANCE model, counted op by op, plus its dense parts and controller); batch-1 latency of the
+fast form against the dense reference in its fastest form (:func:`lightning_dance.timing.dense_fast`),
+interleaved in one process over the same test clips (:func:`lightning_dance.timing.interleaved`);
+the energy estimate (:class:`lightning_dance.report.MacReport`, fp32 MACs and Conv3d traffic at
+DRAM, 45 nm). Per method and budget: mean and standard deviation over seeds.
+
+Writes ``results.json``, ``summary.md`` and two plots (``pareto_macs.png``: top-1 vs counted MACs;
+``pareto_latency.png``: top-1 vs measured speedup; one curve per method, error bars = std over
+seeds) to ``--out``.
+
+    .venv/bin/python benchmarks/pareto.py                        # the full benchmark (hours)
+    .venv/bin/python benchmarks/pareto.py --quick                # minutes: 1 seed, 1 budget
+    .venv/bin/python benchmarks/pareto.py --methods slim dance --budgets 0.35 --seeds 0 1 2
+
+A new method is one function registered with ``@method("name")``: it receives the task's
+:class:`Context`, the budget and the seed, and returns a :class:`Candidate`.
+
+Limits: synthetic data (generated, nothing downloaded); latency at the task's clip size on CPU
+(the device's figure may differ: see ``benchmarks/device_check.sh``); the energy figure is an
+estimate of a model (see ``docs/accounting.md``), not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+from lightning_dance.ava_callback import AVACallback
+from lightning_dance.classifier import VideoClassifier
+from lightning_dance.data import SyntheticVideoDataModule
+from lightning_dance.execution import CompactPruner, count_executed_macs
+from lightning_dance.macs import count_macs
+from lightning_dance.models import create_model
+from lightning_dance.recipes import accuracy, calibrate, evaluate_dance, fit, train_controller
+from lightning_dance.report import MacReport
+from lightning_dance.timing import dense_fast, interleaved, machine
+from lightning_dance.wrapper import DANCEWrapper
+
+# ----------------------------------------------------------------------------------- the task
+
+
+@dataclass(frozen=True)
+class Task:
+    """The data, the model family and the training schedule every method shares."""
+
+    model: str = "r2plus1d_18"
+    width: float = 0.25
+    num_classes: int = 12
+    frames: int = 8
+    size: int = 32
+    train_size: int = 1024
+    val_size: int = 256
+    test_size: int = 512
+    batch_size: int = 16
+    noise: float = 0.12
+    max_distractors: int = 3
+    partial_visibility: float = 0.5
+    dense_epochs: int = 8
+    ava_epochs: int = 2
+    tune_epochs: int = 6
+    lr: float = 3e-3
+    tune_lr: float = 2e-3
+    controller_lr: float = 3e-3
+    budget_warmup: float = 0.3
+    data_seed: int = 0
+
+    @property
+    def total_epochs(self) -> int:
+        return self.dense_epochs + self.ava_epochs + self.tune_epochs
+
+    @property
+    def clip_shape(self) -> tuple[int, int, int, int]:
+        return (3, self.frames, self.size, self.size)
+
+    def datamodule(self) -> SyntheticVideoDataModule:
+        """The same clips for every method and seed (the seed varies the training only)."""
+        return SyntheticVideoDataModule(
+            num_classes=self.num_classes, frames=self.frames, size=self.size,
+            train_size=self.train_size, val_size=self.val_size, test_size=self.test_size,
+            batch_size=self.batch_size, seed=self.data_seed, noise=self.noise,
+            max_distractors=self.max_distractors, partial_visibility=self.partial_visibility,
+        )  # fmt: skip
+
+    def classifier(self, width: float | None = None, model: nn.Module | None = None,
+                   lr: float | None = None) -> VideoClassifier:  # fmt: skip
+        if model is not None:
+            return VideoClassifier(model, self.num_classes, lr=lr or self.lr)
+        return VideoClassifier(self.model, self.num_classes, lr=lr or self.lr,
+                               model_kwargs={"width": width or self.width})  # fmt: skip
+
+
+@dataclass
+class Context:
+    """One seed's shared state: the data, the dense and AVA starts (trained once, cached)."""
+
+    task: Task
+    seed: int
+    dm: SyntheticVideoDataModule
+    progress: bool = False
+    cache: Path | None = None
+    _starts: dict[str, VideoClassifier] = field(default_factory=dict)
+
+    @property
+    def example(self) -> torch.Tensor:
+        return torch.zeros(1, *self.task.clip_shape)
+
+    def dense_macs(self) -> int:
+        return count_macs(self.task.classifier().model, self.example).total
+
+    def fit(self, module: L.LightningModule, epochs: int, name: str, **kwargs: Any) -> None:
+        L.seed_everything(self.seed, verbose=False)
+        fit(module, self.dm, epochs=epochs, validate=False, progress=self.progress,
+            name=name, **kwargs)  # fmt: skip
+
+    def start(self, which: str) -> VideoClassifier:
+        """A fresh copy of the ``"dense"`` start (``dense_epochs``) or the ``"ava"`` start
+        (the dense start fine-tuned ``ava_epochs`` with :class:`AVACallback`)."""
+        if which not in self._starts:
+            self._starts.update(self._load_or_train_starts())
+        return copy.deepcopy(self._starts[which])
+
+    def _load_or_train_starts(self) -> dict[str, VideoClassifier]:
+        t = self.task
+        dense, ava = t.classifier(), t.classifier(lr=t.lr * 0.3)
+        path = self.cache / f"starts-seed{self.seed}.pt" if self.cache else None
+        if path is not None and path.exists():
+            state = torch.load(path, weights_only=True)
+            if state.get("task") == asdict(t):
+                dense.load_state_dict(state["dense"])
+                ava.load_state_dict(state["ava"])
+                return {"dense": dense, "ava": ava}
+        L.seed_everything(self.seed, verbose=False)
+        self.fit(dense, t.dense_epochs, "dense-start")
+        ava.load_state_dict(dense.state_dict())
+        self.fit(ava, t.ava_epochs, "ava-start", callbacks=[AVACallback()])
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"task": asdict(t), "dense": dense.state_dict(), "ava": ava.state_dict()},
+                       path)  # fmt: skip
+        return {"dense": dense, "ava": ava}
+
+
+# ------------------------------------------------------------------------------ candidates
+
+
+@dataclass
+class Candidate:
+    """A trained method at one budget: its model and how to measure it.
+
+    ``model(clip)`` gives logits (eval mode). ``wrapper`` is set for DANCE models (their counted
+    MACs vary per clip; their fast form is the compact path); static models run dense.
+    """
+
+    model: nn.Module
+    wrapper: DANCEWrapper | None = None
+    note: str = ""
+    train_seconds: float = 0.0
+
+    def evaluate(self, ctx: Context) -> dict[str, float]:
+        """Top-1 on the test clips and counted executed / dense MACs (mean, p5, p95)."""
+        dense = ctx.dense_macs()
+        if self.wrapper is not None:
+            return evaluate_dance(self.wrapper, ctx.dm, "test")
+        ratio = count_macs(self.model, ctx.example).total / dense
+        return {"acc": accuracy(self.model, ctx.dm.test_dataloader()), "mac_ratio": ratio,
+                "mac_ratio_p5": ratio, "mac_ratio_p95": ratio}  # fmt: skip
+
+    def fast(self, clip: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The fastest form on one batch-1 clip: compact path (DANCE) or dense fast (static)."""
+        if self.wrapper is None:
+            return dense_fast(self.model, clip)
+        compact = CompactPruner(self.wrapper.pruner)
+        return lambda: compact(clip)
+
+    def ran_ratio(self, clips: Sequence[torch.Tensor], dense_macs: int) -> float:
+        """MACs the fast form really computes / dense, mean over ``clips`` (batch 1 each)."""
+        if self.wrapper is None:
+            return count_macs(self.model, clips[0]).total / dense_macs
+        pruner, compact = self.wrapper.pruner, CompactPruner(self.wrapper.pruner)
+        ran = []
+        with torch.no_grad():
+            for clip in clips:
+                pruner(clip)  # fills last_stats: the dense parts and the controller's MACs
+                stats = pruner.last_stats
+                with count_executed_macs() as macs:
+                    compact(clip)
+                ran.append(macs.total + stats.fixed_macs + stats.controller_macs)
+        return statistics.fmean(ran) / dense_macs
+
+    def energy_saving(self, ctx: Context, reference: nn.Module) -> float:
+        """Estimated dense-reference energy / this model's, per clip (MacReport's model)."""
+        ref = MacReport(reference, ctx.example, layers=[])
+        ref_pj = ref.energy.energy_pj(ref.dense.total, sum(ref.conv_dense_bytes.values()))
+        if self.wrapper is None:
+            own = MacReport(self.model, ctx.example, layers=[])
+            return ref_pj / own.energy.energy_pj(own.dense.total,
+                                                  sum(own.conv_dense_bytes.values()))  # fmt: skip
+        report = MacReport.for_pruner(self.wrapper.pruner, ctx.task.clip_shape)
+        evaluate_dance(self.wrapper, ctx.dm, "test", report=report)
+        return ref_pj / report.to_dict()["executed_energy_pj_mean"]
+
+
+# ------------------------------------------------------------------------------ the methods
+
+Method = Callable[[Context, float, int], Candidate]
+METHODS: dict[str, Method] = {}
+
+
+def method(name: str) -> Callable[[Method], Method]:
+    """Register a method of the benchmark under ``name`` (one function: context, budget, seed)."""
+
+    def register(fn: Method) -> Method:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        METHODS[name] = fn
+        return fn
+
+    return register
+
+
+def matched_width(task: Task, budget: float) -> tuple[float, float]:
+    """The width multiplier whose model's MACs are closest to ``budget`` x the task model's
+    (``create_model`` rounds channels, so the ratio moves in steps); returns (width, ratio)."""
+    example = torch.zeros(1, *task.clip_shape)
+    dense = count_macs(create_model(task.model, task.num_classes, width=task.width), example).total
+    best: tuple[float, float] | None = None
+    for step in range(1, 65):  # widths from 1/64 to 1 of the task's width
+        width = task.width * step / 64
+        try:
+            net = create_model(task.model, task.num_classes, width=width)
+        except ValueError:
+            continue
+        ratio = count_macs(net, example).total / dense
+        if best is None or abs(ratio - budget) < abs(best[1] - budget):
+            best = (width, ratio)
+    assert best is not None
+    return best
+
+
+@method("slim")
+def slim(ctx: Context, budget: float, seed: int) -> Candidate:
+    width, ratio = matched_width(ctx.task, budget)
+    module = ctx.task.classifier(width=width)
+    ctx.fit(module, ctx.task.total_epochs, f"slim-{budget}")
+    return Candidate(module.model.eval(), note=f"width {width:.4g} (MACs {ratio:.3f})")
+
+
+@method("torch-pruning")
+def torch_pruning(ctx: Context, budget: float, seed: int) -> Candidate:
+    try:
+        import torch_pruning as tp
+    except ImportError as err:  # an optional extra
+        raise RuntimeError(
+            "torch-pruning is not installed: pip install 'lightning-dance[baselines]'"
+        ) from err
+    net = ctx.start("dense").model.eval()
+    example = ctx.example
+    dense = count_macs(net, example).total
+    heads = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    pruner = tp.pruner.MetaPruner(
+        net, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.95,
+        iterative_steps=95, ignored_layers=heads,
+    )  # fmt: skip
+    ratio, previous = 1.0, (None, 1.0)
+    for _ in range(95):  # 1% of channels per step; stop at the step closest to the budget
+        if ratio <= budget:
+            break
+        previous = (copy.deepcopy(net), ratio)
+        pruner.step()
+        ratio = count_macs(net, example).total / dense
+    if previous[0] is not None and abs(previous[1] - budget) < abs(ratio - budget):
+        net, ratio = previous
+    module = ctx.task.classifier(model=net, lr=ctx.task.tune_lr)
+    ctx.fit(module, ctx.task.ava_epochs + ctx.task.tune_epochs, f"tp-{budget}")
+    return Candidate(module.model.eval(), note=f"MACs {ratio:.3f} before fine-tuning")
+
+
+def _dance(ctx: Context, budget: float, *, start: str, policy: str, dims: tuple[str, ...],
+           epochs: int) -> Candidate:  # fmt: skip
+    t = ctx.task
+    L.seed_everything(ctx.seed, verbose=False)
+    wrapper = train_controller(
+        ctx.start(start), ctx.dm, budget=budget, policy=policy, dims=dims, epochs=epochs,
+        calibrate_batches=len(ctx.dm.val_dataloader()), lr=t.controller_lr,
+        freeze_backbone=False, backbone_lr=t.tune_lr, budget_warmup=t.budget_warmup,
+        lr_schedule="cosine", progress=ctx.progress,
+    )  # fmt: skip
+    return Candidate(wrapper.eval(), wrapper=wrapper)
+
+
+ALL_DIMS = ("frame", "channel", "feature")
+
+
+@method("mod-topk")
+def mod_topk(ctx: Context, budget: float, seed: int) -> Candidate:
+    return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs)  # fmt: skip
+
+
+@method("dance")
+def dance(ctx: Context, budget: float, seed: int) -> Candidate:
+    return _dance(ctx, budget, start="ava", policy="threshold", dims=ALL_DIMS,
+                  epochs=ctx.task.tune_epochs)  # fmt: skip
+
+
+@method("dance-topk")
+def dance_topk(ctx: Context, budget: float, seed: int) -> Candidate:
+    return _dance(ctx, budget, start="ava", policy="topk", dims=("channel",),
+                  epochs=ctx.task.tune_epochs)  # fmt: skip
+
+
+@method("dance-noava")
+def dance_noava(ctx: Context, budget: float, seed: int) -> Candidate:
+    return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- the harness
+
+
+def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[float],
+             args: argparse.Namespace) -> list[dict[str, Any]]:  # fmt: skip
+    """Train every method at every budget for one seed, then time them all side by side."""
+    ctx = Context(task, seed, task.datamodule(), progress=args.progress, cache=args.cache)
+    ctx.dm.setup("fit")
+    dense_macs = ctx.dense_macs()
+    reference = slim(ctx, 1.0, seed)  # the dense model trained as long as every method
+    candidates: dict[tuple[str, float], Candidate] = {("dense", 1.0): reference}
+    rows: list[dict[str, Any]] = []
+    for name, budget in itertools.product(methods, budgets):
+        t0 = time.perf_counter()
+        try:
+            candidates[(name, budget)] = METHODS[name](ctx, budget, seed)
+        except Exception as err:  # a baseline that fails on a model is a result to report
+            rows.append({"method": name, "budget": budget, "seed": seed,
+                         "error": f"{type(err).__name__}: {err}"})  # fmt: skip
+            print(f"[seed {seed}] {name} @ {budget}: FAILED {err}", flush=True)
+            continue
+        candidates[(name, budget)].train_seconds = time.perf_counter() - t0
+
+    clips = [clip[None] for clip, _ in itertools.islice(iter(ctx.dm.test_dataset), args.latency_clips)]
+    runs: dict[str, Callable[[], Any]] = {}
+    for key, cand in candidates.items():
+        cand.model.to(memory_format=torch.channels_last_3d)  # the fastest layout, same values
+        cycle = itertools.cycle([cand.fast(c) for c in clips])
+        runs[f"{key[0]}@{key[1]}"] = lambda cycle=cycle: next(cycle)()
+    times = interleaved(runs, warmup=args.warmup, repeats=args.repeats)
+    base = times["dense@1.0"]
+    for (name, budget), cand in candidates.items():
+        t = times[f"{name}@{budget}"]
+        row = {"method": name, "budget": budget, "seed": seed, **cand.evaluate(ctx),
+               "ran_ratio": cand.ran_ratio(clips, dense_macs),
+               "latency_ms": t.median_ms, "latency_p90_ms": t.p90_ms,
+               "speedup": t.speedup_over(base),
+               "energy_saving": cand.energy_saving(ctx, reference.model),
+               "params": sum(p.numel() for p in cand.model.parameters()),
+               "train_seconds": cand.train_seconds, "note": cand.note}  # fmt: skip
+        rows.append(row)
+        print(f"[seed {seed}] {name:>14} @ {budget:.2f}: top-1 {row['acc']:.4f}  MACs "
+              f"{row['mac_ratio']:.3f} (ran {row['ran_ratio']:.3f})  speedup {row['speedup']:.2f}x  "
+              f"energy x{row['energy_saving']:.2f}", flush=True)  # fmt: skip
+    return rows
+
+
+FIGURES = ("acc", "mac_ratio", "mac_ratio_p5", "mac_ratio_p95", "ran_ratio", "latency_ms",
+           "speedup", "energy_saving")  # fmt: skip
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method and budget: mean and std over seeds of every figure (failures listed)."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["budget"]), []).append(row)
+    out = []
+    for (name, budget), group in groups.items():
+        ok = [r for r in group if "error" not in r]
+        entry: dict[str, Any] = {"method": name, "budget": budget, "seeds": len(ok)}
+        for f in FIGURES:
+            values = [r[f] for r in ok]
+            entry[f] = statistics.fmean(values) if values else math.nan
+            entry[f + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if len(ok) < len(group):
+            entry["errors"] = sorted({r["error"] for r in group if "error" in r})
+        out.append(entry)
+    return out
+
+
+def markdown(summary: Sequence[dict[str, Any]], result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"Task: `{result['task']['model']}` width {result['task']['width']}, "
+        f"{result['task']['num_classes']} classes, clips {result['task']['frames']}x"
+        f"{result['task']['size']}x{result['task']['size']}, {result['task']['total_epochs']} "
+        f"epochs per method, seeds {result['seeds']}. Latency: batch 1, {m['threads']} threads, "
+        f"{m['cpu']} (AVX2 {m['avx2']}, AVX-512 {m['avx512']}), load {m['loadavg']}; speedup = "
+        "dense-fast median / method median, interleaved.",
+        "",
+        "| method | budget | seeds | top-1 (mean ± std) | MACs counted (p5-p95) | MACs ran | "
+        "latency ms | speedup | energy (est.) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e in summary:
+        if not e["seeds"]:
+            lines.append(f"| {e['method']} | {e['budget']} | 0 | failed: {'; '.join(e['errors'])} "
+                         "| | | | | |")  # fmt: skip
+            continue
+        lines.append(
+            f"| {e['method']} | {e['budget']} | {e['seeds']} | {100 * e['acc']:.1f} ± "
+            f"{100 * e['acc_std']:.1f} | {e['mac_ratio']:.3f} ({e['mac_ratio_p5']:.2f}-"
+            f"{e['mac_ratio_p95']:.2f}) | {e['ran_ratio']:.3f} | {e['latency_ms']:.2f} | "
+            f"{e['speedup']:.2f}x ± {e['speedup_std']:.2f} | x{e['energy_saving']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """Top-1 vs counted MACs and vs measured speedup, one curve per method (std error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for x, label, name in (("mac_ratio", "executed / dense MACs (counted)", "pareto_macs.png"),
+                           ("speedup", "measured batch-1 speedup over dense fast",
+                            "pareto_latency.png")):  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        dense = [e for e in summary if e["method"] == "dense" and e["seeds"]]
+        for method_name in dict.fromkeys(e["method"] for e in summary):
+            pts = sorted((e for e in summary if e["method"] == method_name and e["seeds"]),
+                         key=lambda e: e[x])  # fmt: skip
+            if not pts or method_name == "dense":
+                continue
+            ax.errorbar([e[x] for e in pts], [100 * e["acc"] for e in pts],
+                        xerr=[e[x + "_std"] for e in pts], yerr=[100 * e["acc_std"] for e in pts],
+                        marker="o", capsize=3, label=method_name)  # fmt: skip
+        for e in dense:
+            ax.errorbar([e[x]], [100 * e["acc"]], yerr=[100 * e["acc_std"]], marker="*",
+                        markersize=12, color="black", capsize=3, label="dense", linestyle="")  # fmt: skip
+        ax.set_xlabel(label)
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    defaults = Task()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35, 0.25])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    for f in ("model", "width", "num_classes", "frames", "size", "train_size", "val_size",
+              "test_size", "batch_size", "noise", "max_distractors", "partial_visibility",
+              "dense_epochs", "ava_epochs", "tune_epochs", "lr", "tune_lr", "controller_lr",
+              "budget_warmup"):  # fmt: skip
+        value = getattr(defaults, f)
+        p.add_argument("--" + f.replace("_", "-"), type=type(value), default=value)
+    p.add_argument("--latency-clips", type=int, default=8, help="test clips cycled in timing")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=24)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stdout.isatty())
+    p.add_argument("--cache", type=Path, default=None,
+                   help="keep the dense and AVA starts of each seed here (reused if the task matches)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/pareto"))
+    p.add_argument("--quick", action="store_true",
+                   help="minutes: a small model, tiny clips, one epoch a stage, 1 seed, 1 budget")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.quick:
+        args.width, args.num_classes, args.frames, args.size = 0.125, 4, 4, 16
+        args.train_size, args.val_size, args.test_size, args.batch_size = 32, 16, 16, 8
+        args.dense_epochs = args.ava_epochs = args.tune_epochs = 1
+        args.seeds, args.budgets = args.seeds[:1], args.budgets[:1]
+        args.latency_clips, args.warmup, args.repeats = 2, 1, 3
+    if any(not 0 < b < 1 for b in args.budgets):
+        p.error("--budgets must be in (0, 1): the dense model is always in the table")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    task = Task(**{f: getattr(args, f) for f in Task.__dataclass_fields__ if hasattr(args, f)})
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        rows += run_seed(task, seed, args.methods, args.budgets, args)
+    summary = summarize(rows)
+    result = {
+        "command": " ".join(["benchmarks/pareto.py", *(argv if argv is not None else sys.argv[1:])]),
+        "task": {**asdict(task), "total_epochs": task.total_epochs},
+        "methods": list(args.methods), "budgets": list(args.budgets), "seeds": list(args.seeds),
+        "machine": machine(), "seconds": time.perf_counter() - start,
+        "summary": summary, "rows": rows,
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    (args.out / "summary.md").write_text(markdown(summary, result))
+    result["plots"] = [str(p) for p in plot(summary, args.out)]
+    print("\n" + markdown(summary, result))
+    print(f"wrote {args.out}/results.json, summary.md, {', '.join(Path(p).name for p in result['plots'])} "
+          f"({result['seconds'] / 60:.1f} min)")  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    main()
