@@ -42,9 +42,17 @@ AUTO_MODE = "auto"
 
 
 def checkpoint_clip_shape(ckpt: dict[str, Any]) -> tuple[int, int, int, int] | None:
-    """``(3, frames, size, size)`` from the data hyperparameters saved in ``ckpt``, if any."""
+    """``(3, frames, H, W)`` from the data hyperparameters saved in ``ckpt``, if any: ``frames``
+    and ``size`` (:class:`~lightning_dance.data.SyntheticVideoDataModule`) or ``crop_size``
+    (:class:`~lightning_dance.data.VideoFolderDataModule`), an int or ``(H, W)``.
+
+    Example:
+        >>> checkpoint_clip_shape({"datamodule_hyper_parameters": {"frames": 8, "crop_size": 112}})
+        (3, 8, 112, 112)
+    """
     data = ckpt.get("datamodule_hyper_parameters") or {}
-    frames, size = data.get("frames"), data.get("size")
+    frames = data.get("frames")
+    size = data.get("size", data.get("crop_size"))
     if isinstance(frames, int) and isinstance(size, int):
         return (3, frames, size, size)
     if isinstance(frames, int) and isinstance(size, (list, tuple)) and len(size) == 2:
