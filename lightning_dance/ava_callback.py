@@ -107,9 +107,9 @@ class AVACallback(Callback):
 
     Raises:
         ValueError: bad arguments (at construction); ``NoConv3dError`` / ``ValueError`` at fit
-        start for a model without Conv3d or an empty layer selection;
-        :class:`~lightning_dance.nonfinite.NonFiniteError` (a ``ValueError``) during fit, see
-        ``on_nonfinite``.
+            start for a model without Conv3d or an empty layer selection;
+            :class:`~lightning_dance.nonfinite.NonFiniteError` (a ``ValueError``) during fit,
+            see ``on_nonfinite``.
 
     Example:
         >>> cb = AVACallback(weight=0.2, warmup_steps=50, dims=("frame", "channel"))

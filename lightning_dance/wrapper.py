@@ -55,10 +55,13 @@ class DANCEWrapper(L.LightningModule):
 
     Args:
         model: the user's network: an ``nn.Module`` or LightningModule mapping a clip
-            ``[N, C, T, H, W]`` to logits, or a factory name (with ``model_kwargs``), or an
-            :class:`~lightning_dance.aap.AdaptivePruner` configured already (then the pruner's
-            own arguments below, from ``budget`` to ``channel_multiple`` but ``budget_range``,
-            stay at their defaults: the pruner has them).
+            ``[N, C, T, H, W]`` to logits, or a factory name (with ``num_classes`` or
+            ``model_kwargs``), or the path of a dense model's Lightning checkpoint (a
+            ``.ckpt`` file, loaded with :func:`~lightning_dance.checkpoints.load_module`: the
+            form a YAML config uses), or an :class:`~lightning_dance.aap.AdaptivePruner`
+            configured already (then the pruner's own arguments below, from ``budget`` to
+            ``channel_multiple`` but ``budget_range``, stay at their defaults: the pruner has
+            them).
         budget: target executed/dense MAC ratio in (0, 1].
         dims: which input dims to prune (subset of ``("frame", "channel", "feature")``).
         policy: ``"threshold"`` (DANCE, input-dependent), ``"topk"`` (fixed counts,
@@ -94,7 +97,11 @@ class DANCEWrapper(L.LightningModule):
             training steps, stepped per batch).
         execution: ``"masked"`` (multiply by the masks: the training path) or ``"compact"``
             (inference skips the pruned work, see :meth:`compile_sparse`).
-        model_kwargs: for a factory name: ``create_model`` arguments (``num_classes`` required).
+        model_kwargs: for a factory name: ``create_model`` arguments (``num_classes`` here or
+            as ``num_classes``).
+        num_classes: for a factory name, its number of classes; for a checkpoint or a module
+            that records ``num_classes`` in its hyperparameters, checked against it (the CLI
+            links it from the data).
         on_nonfinite: what to do with a training batch whose clip, task loss (cross-entropy /
             distillation), budget loss or total loss holds NaN / inf: ``"raise"`` (default) a
             :class:`~lightning_dance.nonfinite.NonFiniteError` naming the batch index and the
@@ -140,6 +147,7 @@ class DANCEWrapper(L.LightningModule):
         execution: str = "masked",
         model_kwargs: dict[str, Any] | None = None,
         on_nonfinite: str = "raise",
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         guard = NonFiniteGuard(on_nonfinite, "DANCEWrapper")
@@ -186,16 +194,15 @@ class DANCEWrapper(L.LightningModule):
             pruner = _configured_pruner(model, pruner_args, budget_range)
             model = model.model
         elif isinstance(model, str):
-            from lightning_dance.models import create_model
-
-            kwargs = dict(model_kwargs or {})
-            if "num_classes" not in kwargs:
-                raise ValueError("a factory model name needs model_kwargs={'num_classes': ...}")
-            model = create_model(model, **kwargs)
-            self.save_hyperparameters()
+            self.save_hyperparameters()  # before `model` is rebound to the module it names
+            model = _model_from_name(model, model_kwargs, num_classes)
         else:
             if not isinstance(model, nn.Module):
-                raise TypeError(f"model must be an nn.Module or a factory name, got {type(model)}")
+                raise TypeError(
+                    "model must be an nn.Module, a factory name or a checkpoint path, got "
+                    f"{type(model)}"
+                )
+            _check_num_classes(model, num_classes, "the model")
             self.save_hyperparameters(ignore=["model"])
         if pruner is None:
             pruner = AdaptivePruner(
@@ -531,6 +538,50 @@ class DANCEWrapper(L.LightningModule):
                 f"{mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}"
             )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _model_from_name(
+    name: str, model_kwargs: dict[str, Any] | None, num_classes: int | None
+) -> nn.Module:
+    """The user's model for a string ``model``: a checkpoint path or a factory name."""
+    from lightning_dance.checkpoints import load_module, looks_like_path
+
+    kwargs = dict(model_kwargs or {})
+    if looks_like_path(name):
+        if kwargs:
+            raise ValueError(
+                f"model_kwargs only apply to a factory name; {name!r} is a checkpoint path "
+                "(the checkpoint's hyperparameters rebuild its model)"
+            )
+        module = load_module(name, dance=False)
+        _check_num_classes(module, num_classes, f"checkpoint {name}")
+        return module
+    from lightning_dance.models import create_model
+
+    if num_classes is not None:
+        if kwargs.setdefault("num_classes", num_classes) != num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} (on the command line: the data's) but "
+                f"model_kwargs['num_classes']={kwargs['num_classes']}: drop num_classes from "
+                "model_kwargs, or make the two match"
+            )
+    if "num_classes" not in kwargs:
+        raise ValueError(
+            "a factory model name needs num_classes=... (or model_kwargs={'num_classes': ...})"
+        )
+    return create_model(name, **kwargs)
+
+
+def _check_num_classes(model: nn.Module, num_classes: int | None, what: str) -> None:
+    """Refuse a ``num_classes`` that contradicts the one ``model`` records in its hparams."""
+    hparams = getattr(model, "hparams", None) or {}
+    known = hparams.get("num_classes") if hasattr(hparams, "get") else None
+    if num_classes is not None and known is not None and int(known) != int(num_classes):
+        raise ValueError(
+            f"{what} classifies {known} classes but num_classes={num_classes} (the data's, on "
+            "the command line): train on data with the same classes, or set the data's "
+            "num_classes to match"
+        )
 
 
 def _configured_pruner(

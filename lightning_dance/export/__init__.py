@@ -1,6 +1,7 @@
 """Deployment export for Jetson and Snapdragon: see ``docs/export.md``.
 
 - :func:`export_model` / :class:`ExportCallback`: parity-checked artifacts + ``manifest.json``;
+- :func:`export_checkpoint`: the same from a Lightning checkpoint (``lightning-dance export``);
 - :mod:`.conv2d_rewrite`: the Conv3d -> Conv2d-only rewrite (usable alone);
 - :mod:`.onnx`, :mod:`.snapdragon`: per-format helpers.
 """
@@ -17,6 +18,7 @@ from lightning_dance.export.conv2d_rewrite import (
     rewrite_conv3d_to_conv2d,
     unfold_time,
 )
+from lightning_dance.export.from_checkpoint import export_checkpoint
 from lightning_dance.export.modes import MODES, ExportPlan, build_export_module
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "UnsupportedOpError",
     "build_export_module",
     "conv3d_as_conv2d",
+    "export_checkpoint",
     "export_model",
     "fold_time",
     "replace_conv3d",

@@ -164,10 +164,12 @@ def export_model(
         :class:`ExportResult` (the folder and the manifest as a dict).
 
     Raises:
-        ValueError: bad arguments; FileExistsError: ``out_dir`` exists.
+        ValueError: bad arguments.
+        FileExistsError: ``out_dir`` exists.
         UnsupportedOpError: an explicitly requested format cannot represent the model.
         RuntimeError: an artifact's parity error exceeds its tolerance.
-        Nothing is left in ``out_dir`` when an error is raised.
+
+    Nothing is left in ``out_dir`` when an error is raised.
     """
     targets, plan, explicit = validate_export_args(targets, mode, opset, formats)
     if not isinstance(example_clip, torch.Tensor) or example_clip.dim() != 5:
