@@ -62,8 +62,9 @@ class DANCEWrapper(L.LightningModule):
         budget: target executed/dense MAC ratio in (0, 1].
         dims: which input dims to prune (subset of ``("frame", "channel", "feature")``).
         policy: ``"threshold"`` (DANCE, input-dependent), ``"topk"`` (fixed counts,
-            exportable) or any :class:`~lightning_dance.policies.Policy` (name, class or
-            instance).
+            exportable), ``"attention"`` (DATE'20: no controller, each layer ranks its own input;
+            trained by fine-tuning the backbone under targeted dropout, ``docs/attention.md``)
+            or any :class:`~lightning_dance.policies.Policy` (name, class or instance).
         layers: which Conv3d to instrument (default: all but the stem).
         budget_range: train one budget-conditioned controller for budgets in ``(low, high)``
             (sampled per batch); pick one at inference with :meth:`set_budget`.
