@@ -50,11 +50,30 @@ __all__ = ["TargetedDropoutCallback"]
 
 
 class _Dropping:
-    """What the hooks share during one fit (a plain object: no trainer, no callback)."""
+    """What the hooks share during one fit: the decision rules and the generator (a plain
+    object: no trainer, no callback, so that a copy of the module does not copy them)."""
 
-    def __init__(self) -> None:
-        self.plan: DecisionPlan | None = None  # set for the duration of a training batch
+    def __init__(self, policy: AttentionPolicy, dims: tuple[str, ...], grid: int) -> None:
+        self.policy, self.dims, self.grid = policy, dims, grid
+        self.noise = GateNoise()
+        self.fraction: float | None = None  # the candidate share; set during a training batch
         self.kept: dict[str, list[torch.Tensor]] = {}  # dim -> kept fractions [N] per layer
+
+    def plan(self, device: torch.device | str, fraction: float) -> DecisionPlan:
+        """See :meth:`TargetedDropoutCallback.plan`."""
+
+        def counts(layer: str, dim: str, size: int) -> int:
+            return keep_count(1.0 - fraction, size)
+
+        return DecisionPlan(
+            NoController(self.grid, self.policy.name),
+            None,
+            self.policy,
+            counts=counts,
+            training=True,
+            generator=self.noise.generator(device),
+            dims=self.dims,
+        )
 
 
 class _DropHook:
@@ -65,10 +84,12 @@ class _DropHook:
         self.shared, self.name = shared, name
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
-        plan = self.shared.plan
-        if plan is None or not module.training:
+        shared = self.shared
+        if shared.fraction is None or not module.training:
             return None
         x = args[0]
+        # a plan per call: a step that runs the layer twice (two clips) ranks each input
+        plan = shared.plan(x.device, shared.fraction)
         masks = plan.masks(self.name, tuple(x.shape[1:]), inputs=x)
         for dim, frac in masks.kept_fraction().items():
             self.shared.kept.setdefault(dim, []).append(frac)
@@ -130,9 +151,8 @@ class TargetedDropoutCallback(Callback):
         self.dims = check_dims(tuple(dims))
         self.layers, self.grid, self.warmup_steps = layers, grid, warmup_steps
         self.log_metrics = log
-        self.noise = GateNoise()
         self._steps = FitSteps()
-        self._shared = _Dropping()
+        self._shared = _Dropping(self.policy, self.dims, grid)
         self._handles: list[Any] = []
         self.layer_names: list[str] = []
 
@@ -149,12 +169,12 @@ class TargetedDropoutCallback(Callback):
         return self._steps.value
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "noise_rng": self.noise.state()}
+        return {"step": self.step, "noise_rng": self._shared.noise.state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._steps.offset = int(state_dict["step"])
         if "noise_rng" in state_dict:
-            self.noise.set_state(state_dict["noise_rng"])
+            self._shared.noise.set_state(state_dict["noise_rng"])
 
     # ----------------------------------------------------------------- lifecycle
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -180,7 +200,7 @@ class TargetedDropoutCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._shared.kept.clear()
-        self._shared.plan = self.plan(pl_module.device, self.fraction_at(self.step))
+        self._shared.fraction = self.fraction_at(self.step)
 
     def on_train_batch_end(
         self,
@@ -190,7 +210,7 @@ class TargetedDropoutCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._shared.plan = None
+        self._shared.fraction = None
         if self.log_metrics:
             pl_module.log("targeted_dropout/fraction", self.fraction_at(self.step), on_step=True)
             for dim, fracs in self._shared.kept.items():
@@ -214,7 +234,7 @@ class TargetedDropoutCallback(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._shared.plan = None
+        self._shared.fraction = None
         self._shared.kept.clear()
 
     # ----------------------------------------------------------------- decisions
@@ -223,16 +243,4 @@ class TargetedDropoutCallback(Callback):
         (targeted dropout at ``rate``) keeping the top ``1 - fraction`` of every layer and dim
         (at least one unit), drawing from this callback's generator on ``device``."""
         fraction = self.fraction if fraction is None else fraction
-
-        def counts(layer: str, dim: str, size: int) -> int:
-            return keep_count(1.0 - fraction, size)
-
-        return DecisionPlan(
-            NoController(self.grid, self.policy.name),
-            None,
-            self.policy,
-            counts=counts,
-            training=True,
-            generator=self.noise.generator(device),
-            dims=self.dims,
-        )
+        return self._shared.plan(device, fraction)
