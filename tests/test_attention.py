@@ -295,3 +295,24 @@ def test_callback_state_round_trips_and_arguments_are_checked():
     with pytest.raises(NoConv3dError, match="TargetedDropoutCallback"):
         TargetedDropoutCallback().on_fit_start(None, nn.Linear(2, 2))
     assert get_policy("attention") == AttentionPolicy(0.5) != AttentionPolicy(0.25)
+
+
+def test_the_callback_under_bf16_accumulation_and_a_resumed_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = KnownNet()
+    cb = TargetedDropoutCallback(rate=1.0, fraction=0.5, dims=("channel",), warmup_steps=2)
+    trainer = L.Trainer(max_epochs=1, callbacks=[cb], precision="bf16-mixed",
+                        accumulate_grad_batches=2, default_root_dir=tmp_path, **QUIET)  # fmt: skip
+    trainer.fit(net, _loader(32))  # 4 batches, 2 optimizer steps
+    assert cb.step == 2 and len(net.seen) == 4
+    dropped = [(x.abs().sum(dim=(2, 3, 4)) == 0).float().mean(0) for x in net.seen]
+    assert all(float(d.sum()) == 0 for d in dropped[:2])  # step 0: fraction 0
+    expect = torch.tensor([1.0, 1.0, 0, 0, 0, 0, 0, 0])  # step 1: the lowest 25% at rate 1
+    assert all(torch.equal(d, expect) for d in dropped[2:])
+    ckpt = tmp_path / "td.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = TargetedDropoutCallback(rate=1.0, fraction=0.5, dims=("channel",), warmup_steps=2)
+    trainer = L.Trainer(max_epochs=2, callbacks=[resumed], precision="bf16-mixed",
+                        accumulate_grad_batches=2, default_root_dir=tmp_path, **QUIET)  # fmt: skip
+    trainer.fit(KnownNet(), _loader(32), ckpt_path=ckpt)
+    assert resumed.step == 4  # 2 restored from the checkpoint + 2 of the second epoch
