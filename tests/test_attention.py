@@ -30,19 +30,14 @@ QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False
 
 def _inputs(pruner, clip):
     """Each instrumented layer's input before the pruner masks it (hooks run in order of
-    registration, the pruner's only inside its forward)."""
+    registration, the pruner's only inside its forward). The pruner is not reused after."""
     seen = {}
-    mods = dict(pruner.model.named_modules())
-    handles = [
-        mods[n].register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].clone()))
-        for n in pruner.layer_names
-    ]
-    try:
-        with torch.no_grad():
-            pruner(clip)
-    finally:
-        for h in handles:
-            h.remove()
+    for n in pruner.layer_names:
+        pruner.model.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: seen.update({n: a[0].clone()})  # returns None: input unchanged
+        )
+    with torch.no_grad():
+        pruner(clip)
     return seen
 
 
