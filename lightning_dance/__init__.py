@@ -16,7 +16,8 @@ Example:
     torch.Size([1, 6])
 
 The top level has the names for the steps a user takes: AVA (:class:`AVACallback`), AAP
-(:class:`DANCEWrapper` over an :class:`AdaptivePruner`), counting (:func:`count_macs`,
+(:class:`DANCEWrapper` over an :class:`AdaptivePruner`), the attention method's training
+phase (:class:`TargetedDropoutCallback`), counting (:func:`count_macs`,
 :class:`MacReport`), fast execution (:class:`CompactPruner`), export (:func:`export_model`,
 :class:`ExportCallback`), models (:func:`create_model`, :func:`list_models`) and data; every error
 the package raises on purpose derives from :class:`DanceError`. The rest lives in the modules:
@@ -38,6 +39,7 @@ from lightning_dance.errors import DanceError
 from lightning_dance.macs import count_macs
 from lightning_dance.models import create_model, list_models
 from lightning_dance.report import MacReport
+from lightning_dance.targeted_dropout import TargetedDropoutCallback
 from lightning_dance.wrapper import DANCEWrapper
 
 __version__ = "0.1.0"
@@ -81,6 +83,7 @@ __all__ = [
     "DanceError",
     "MacReport",
     "SyntheticVideoDataModule",
+    "TargetedDropoutCallback",
     "VideoClassifier",
     "VideoFolderDataModule",
     "__version__",

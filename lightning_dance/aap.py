@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from lightning_dance.clips import check_clip
-from lightning_dance.controller import Controller, check_controller
+from lightning_dance.controller import Controller, NoController, check_controller
 from lightning_dance.decision import DecisionPlan
 from lightning_dance.executed import (
     conv3d_executed_macs,
@@ -75,8 +75,10 @@ class AdaptivePruner(nn.Module):
         model: any ``nn.Module`` containing ``nn.Conv3d`` layers (called as ``model(clip)``).
         dims: which input dims to prune, any subset of ``("frame", "channel", "feature")``.
         policy: how scores become keep decisions: ``"threshold"`` (input-dependent keep
-            counts), ``"topk"`` (fixed counts), or any :class:`~lightning_dance.policies.Policy`
-            (name, class or instance; ``pruner.policy`` is the object, equal to its name).
+            counts), ``"topk"`` (fixed counts), ``"attention"`` (fixed shares ranked by
+            attention on each layer's own input, no controller: ``docs/attention.md``), or any
+            :class:`~lightning_dance.policies.Policy` (name, class or instance;
+            ``pruner.policy`` is the object, equal to its name).
         budget: target executed/dense MAC ratio in (0, 1] (``topk`` derives its keep-counts from
             it; ``threshold`` is trained toward it; a budget-conditioned controller reads it).
         layers: which Conv3d layers to instrument (see :func:`lightning_dance.layers.select_conv3d`;
@@ -177,7 +179,11 @@ class AdaptivePruner(nn.Module):
         modules = dict(model.named_modules())
         self._stem = modules[self.stem_name]
         self._layers = {name: modules[name] for name in self.layer_names}
-        if controller is None:
+        if policy.needs_layer_input:
+            controller = _no_controller(
+                policy, controller, grid, budget_conditioned, credit_outputs
+            )
+        elif controller is None:
             controller = Controller(
                 self._stem.out_channels,
                 {name: m.in_channels for name, m in self._layers.items()},
@@ -262,6 +268,8 @@ class AdaptivePruner(nn.Module):
         producer and consumer are both instrumented and whose consumer prunes channels: there
         the producer need not compute the channels its consumer drops. Never the stem (the
         controller reads its whole output)."""
+        if self._chains is None and self.policy.needs_layer_input:
+            self._chains = {}  # a consumer's decision needs its input: nothing to look ahead at
         if self._chains is None:
             from lightning_dance.execution.chains import channel_chains  # execution imports aap
 
@@ -306,10 +314,26 @@ class AdaptivePruner(nn.Module):
             raise RuntimeError(f"the stem {self.stem_name!r} did not run in the forward pass")
         if self.credit_outputs:
             self._credit_skipped_outputs(state)
+        shapes = {name: layer.input_shape for name, layer in state.layers.items()}
         self.last_stats = PruningStats(
-            state.layers, dense_total, self.controller.macs(state.stem_shape)
+            state.layers, dense_total, self.decision_macs(state.stem_shape, shapes)
         )
         return out
+
+    def decision_macs(
+        self, stem_shape: tuple[int, ...], layer_shapes: dict[str, tuple[int, ...]]
+    ) -> int:
+        """Multiply-adds per clip of making the keep decisions: the controller's at the stem's
+        output shape ``(C0, T0, H0, W0)``, plus, for a policy that scores layer inputs, its
+        scoring of each instrumented layer's input (``{layer: (C, T, H, W)}``); counted in
+        ``last_stats.controller_macs`` and so in every executed figure."""
+        grid = self.controller.grid
+        scoring = sum(
+            self.policy.scoring_macs(tuple(layer_shapes[n]), self.dims, grid)
+            for n in self.layer_names
+            if n in layer_shapes
+        )
+        return int(self.controller.macs(tuple(stem_shape))) + int(scoring)
 
     def _credit_skipped_outputs(self, state: _ForwardState) -> None:
         """Scale each chain producer's MACs by its consumer's kept-channel fraction (per clip;
@@ -532,7 +556,30 @@ class AdaptivePruner(nn.Module):
             min_keep=self.min_keep,
             dense=self._force_dense,
             generator=self.noise_generator(stem_out.device) if noisy else None,
+            dims=self.dims,
         )
+
+
+def _no_controller(
+    policy: Policy,
+    controller: nn.Module | None,
+    grid: int,
+    budget_conditioned: bool,
+    credit_outputs: bool,
+) -> NoController:
+    """The controller of a pruner whose policy scores layer inputs: none (checked arguments)."""
+    wrong = {
+        "controller": controller is not None,
+        "budget_conditioned=True": budget_conditioned,
+        "credit_outputs=True": credit_outputs,
+    }
+    given = [name for name, bad in wrong.items() if bad]
+    if given:
+        raise ValueError(
+            f"the {policy.name!r} policy scores each layer from its own input, without a "
+            f"controller and without looking ahead at later layers: drop {given}"
+        )
+    return NoController(grid=grid, policy=policy.name)
 
 
 class _ForwardState:
@@ -572,7 +619,7 @@ class _MaskHook:
             )
         x = args[0]
         shape = tuple(x.shape[1:])
-        masks = self.state.plan.masks(self.name, shape)
+        masks = self.state.plan.masks(self.name, shape, inputs=x)
         hard = {d: v.detach() for d, v in masks.values.items()}
         executed = conv3d_executed_macs_batch(module, shape, **hard)
         # the straight-through mask values are 0/1 forward and carry the gates' gradients, so

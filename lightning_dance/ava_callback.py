@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_dance.ava import AVARecorder, check_measure, validate_dims
+from lightning_dance.fit_steps import FitSteps
 from lightning_dance.layers import LayerSelector, NoConv3dError
 from lightning_dance.masks import DIMS
 from lightning_dance.nonfinite import NonFiniteGuard, is_finite, nonfinite_parts
@@ -151,8 +152,7 @@ class AVACallback(Callback):
         self.log_metrics, self.prog_bar = log, prog_bar
         self.recorder: AVARecorder | None = None
         self._trainer: L.Trainer | None = None
-        self._origin: int | None = None  # trainer.global_step at which this callback's step is 0
-        self._step_offset = 0  # steps done before this fit (checkpoint or an earlier fit)
+        self._steps = FitSteps()
         self._manual = False
         self._batch_idx: int | None = None
 
@@ -171,9 +171,7 @@ class AVACallback(Callback):
     @property
     def step(self) -> int:
         """Optimizer steps taken with this callback (continues across resumed fits)."""
-        if self._trainer is not None and self._origin is not None:
-            return self._trainer.global_step - self._origin
-        return self._step_offset
+        return self._steps.value
 
     @property
     def on_nonfinite(self) -> str:
@@ -188,7 +186,7 @@ class AVACallback(Callback):
         return {"step": self.step, "skipped_batches": self.skipped_batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._step_offset = int(state_dict["step"])
+        self._steps.offset = int(state_dict["step"])
         self._guard.skipped = int(state_dict.get("skipped_batches", 0))
 
     # ----------------------------------------------------------------- lifecycle
@@ -219,7 +217,7 @@ class AVACallback(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after the checkpoint's global_step is restored (on_fit_start comes before it)
-        self._origin = trainer.global_step - self._step_offset
+        self._steps.start(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore(pl_module)
@@ -230,8 +228,8 @@ class AVACallback(Callback):
         self._restore(pl_module)
 
     def _restore(self, pl_module: L.LightningModule) -> None:
-        self._step_offset = self.step
-        self._trainer, self._origin = None, None
+        self._steps.stop()
+        self._trainer = None
         if self.recorder is not None:
             self.recorder.detach()
             self.recorder.clear()

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from lightning_dance.masks import DIMS, check_dims
 
-__all__ = ["Controller", "ControllerContext", "ControllerLike", "check_controller"]
+__all__ = ["Controller", "ControllerContext", "ControllerLike", "NoController", "check_controller"]
 
 _FRAME_BINS = 8
 _EPS = 1e-6
@@ -402,3 +402,45 @@ class Controller(nn.Module):
         if "feature" in self.dims:
             local += 2 * self.grid * self.grid * n_layers
         return stats + linears + local
+
+
+class NoController(nn.Module):
+    """The controller of a pruner whose policy scores each layer from its own input
+    (:attr:`~lightning_dance.policies.Policy.needs_layer_input`, e.g. ``"attention"``): no
+    parameters, no multiply-adds, an empty context; asking it for scores is a mistake that
+    names the policy.
+
+    Example:
+        >>> ctrl = NoController(grid=4, policy="attention")
+        >>> ctrl(torch.randn(1, 8, 2, 4, 4)) is None, ctrl.macs((8, 2, 4, 4))
+        (True, 0)
+    """
+
+    budget_conditioned = False
+
+    def __init__(self, grid: int = 4, policy: str = "") -> None:
+        super().__init__()
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}")
+        self.grid, self.policy = grid, policy
+
+    def forward(self, stem_out: torch.Tensor, budget: torch.Tensor | None = None) -> None:
+        return None
+
+    def _no_scores(self) -> RuntimeError:
+        return RuntimeError(
+            f"the {self.policy!r} policy scores each layer from that layer's input, not from a "
+            "controller: ask the decision plan for the layer's masks with inputs=<its input>"
+        )
+
+    def layer_logits(self, ctx: Any, layer: str, shape: tuple[int, int, int, int]) -> dict:
+        raise self._no_scores()
+
+    def stacked_channel_logits(self, ctx: Any, layers: Sequence[str]) -> torch.Tensor:
+        raise self._no_scores()
+
+    def macs(self, stem_shape: tuple[int, int, int, int]) -> int:
+        return 0
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, policy={self.policy!r}"

@@ -17,6 +17,12 @@ each runtime needs:
 - :meth:`DecisionPlan.channel_indices`: one clip's kept channels of many layers, sorted, with one
   ``topk`` per group of equal-width layers (the compact path's batch-1 index plan).
 
+A policy that scores each layer from that layer's own input
+(:attr:`~lightning_dance.policies.Policy.needs_layer_input`: ``"attention"``) decides a layer
+only when its input arrives: every runtime passes it (``masks(layer, shape, inputs=x)``), and the
+plan asks the policy (:meth:`~lightning_dance.policies.Policy.layer_scores`) instead of the
+controller; the rest (counts, calibration, gates, caching) is shared.
+
 Every runtime asks the same plan, so a chain producer that looks ahead at its consumer's
 decision (to compute only the channels it keeps) gets the very masks the consumer then reads.
 A plan's decisions are valid for one forward pass; make a new one per batch
@@ -46,10 +52,16 @@ from typing import Any
 import torch
 
 from lightning_dance.controller import ControllerLike
-from lightning_dance.masks import LayerMasks, expand_blocks
+from lightning_dance.errors import DanceError
+from lightning_dance.masks import DIMS, LayerMasks, expand_blocks
 from lightning_dance.policies import Policy
 
-__all__ = ["DecisionPlan"]
+__all__ = ["DecisionPlan", "LayerInputError"]
+
+
+class LayerInputError(DanceError, RuntimeError):
+    """A decision of a policy that scores layer inputs was asked for without that input."""
+
 
 #: ``(layer, dim, size) -> k``: how many entries a fixed-count policy keeps
 KeepCounts = Callable[[str, str, int], int]
@@ -69,6 +81,7 @@ class DecisionPlan:
             masks with gradients to the controller).
         generator: where the training gates draw their noise (default: the global RNG).
         dense: every mask all ones (the controller still ran): outputs equal the dense model.
+        dims: the pruned dims, for a policy that scores layer inputs (default: all).
     """
 
     def __init__(
@@ -85,13 +98,14 @@ class DecisionPlan:
         min_keep: int = 1,
         dense: bool = False,
         generator: torch.Generator | None = None,
+        dims: tuple[str, ...] = DIMS,
     ) -> None:
         if policy.fixed_counts and counts is None:
             raise ValueError(f"the {policy.name!r} policy keeps fixed counts: pass counts=")
         self.controller, self.ctx, self.policy = controller, ctx, policy
         self.offset, self.training, self.dense = float(offset), training, dense
         self.tau, self.noise, self.min_keep = tau, noise, min_keep
-        self.generator = generator
+        self.generator, self.dims = generator, tuple(dims)
         self._counts = counts
         self._masks: dict[tuple[str, tuple[int, ...]], LayerMasks] = {}
         self._indices: dict[tuple[str, tuple[int, ...]], dict[str, torch.Tensor]] = {}
@@ -105,28 +119,51 @@ class DecisionPlan:
             return None
         return counts(layer, dim, size) if callable(counts) else int(counts[layer][dim])
 
-    def scores(self, layer: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    def scores(
+        self, layer: str, shape: tuple[int, ...], inputs: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``{dim: scores}`` of ``layer`` whose input is ``(C, T, H, W)``: the controller's
-        logits plus the offset (channels ``[N, C]``, frames ``[N, T]``, blocks ``[N, gh, gw]``)."""
-        logits = self.controller.layer_logits(self.ctx, layer, tuple(shape))
+        logits plus the offset (channels ``[N, C]``, frames ``[N, T]``, blocks ``[N, gh, gw]``),
+        or, for a policy that scores layer inputs, its scores of ``inputs`` (the layer's input
+        ``[N, C, T, H, W]``, required then)."""
+        if self.policy.needs_layer_input:
+            if inputs is None:
+                raise LayerInputError(
+                    f"the {self.policy.name!r} policy decides {layer!r} from the layer's own "
+                    "input: pass it as inputs= (a runtime that decides before the input exists, "
+                    "e.g. output skipping along channel chains or an export graph, cannot run "
+                    "this policy)"
+                )
+            if tuple(inputs.shape[1:]) != tuple(shape):
+                raise ValueError(
+                    f"inputs of {layer!r} have shape {tuple(inputs.shape[1:])}, expected {shape}"
+                )
+            logits = self.policy.layer_scores(inputs, self.dims, self.controller.grid)
+        else:
+            logits = self.controller.layer_logits(self.ctx, layer, tuple(shape))
         if self.offset:
             logits = {d: lg + self.offset for d, lg in logits.items()}
         return logits
 
-    def masks(self, layer: str, shape: tuple[int, ...]) -> LayerMasks:
+    def masks(
+        self, layer: str, shape: tuple[int, ...], inputs: torch.Tensor | None = None
+    ) -> LayerMasks:
         """The 0/1 masks of ``layer`` whose input is ``(C, T, H, W)`` (made once per layer and
-        shape): ``values`` at full resolution, ``probs`` per block for features."""
+        shape): ``values`` at full resolution, ``probs`` per block for features. ``inputs``:
+        the layer's input, which a policy that scores layer inputs needs (others ignore it)."""
         key = (layer, tuple(shape))
         made = self._masks.get(key)
         if made is None:
-            made = self._masks[key] = self._decide(layer, tuple(shape))
+            made = self._masks[key] = self._decide(layer, tuple(shape), inputs)
         return made
 
-    def _decide(self, layer: str, shape: tuple[int, ...]) -> LayerMasks:
+    def _decide(
+        self, layer: str, shape: tuple[int, ...], inputs: torch.Tensor | None
+    ) -> LayerMasks:
         h, w = shape[2:]
         values: dict[str, torch.Tensor] = {}
         probs: dict[str, torch.Tensor] = {}
-        for dim, lg in self.scores(layer, shape).items():
+        for dim, lg in self.scores(layer, shape, inputs).items():
             flat = lg.flatten(1)
             k = self.keep_count(layer, dim, flat.shape[1])
             if self.margins is not None:
@@ -145,7 +182,9 @@ class DecisionPlan:
             values[dim] = expand_blocks(value, (h, w)) if dim == "feature" else value
         return LayerMasks(values, probs)
 
-    def indices(self, layer: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    def indices(
+        self, layer: str, shape: tuple[int, ...], inputs: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """A fixed-count policy's decisions of ``layer`` with channels and frames as kept
         indices ``[N, k]`` (``TopK``'s order, unsorted: the entries :meth:`masks` keeps) and
         features as a mask ``[N, H, W]`` (made once per layer and shape); for graphs that
@@ -157,7 +196,7 @@ class DecisionPlan:
             return self._indices[key]
         out: dict[str, torch.Tensor] = {}
         self._indices[key] = out
-        for dim, lg in self.scores(layer, shape).items():
+        for dim, lg in self.scores(layer, shape, inputs).items():
             flat = lg.flatten(1)
             k = self.keep_count(layer, dim, flat.shape[1])
             if self.margins is not None:
@@ -173,8 +212,11 @@ class DecisionPlan:
         """One clip's kept input channels ``[k]`` of each layer in ``widths`` (``{layer: C}``),
         sorted; ``None`` where all are kept. One ``topk`` per group of layers of equal width and
         kept count (12 calls instead of 115 on X3D-XS); the same entries :meth:`masks` keeps."""
-        if not self.policy.fixed_counts:
-            raise ValueError(f"channel indices need a fixed-count policy, not {self.policy.name!r}")
+        if not self.policy.fixed_counts or self.policy.needs_layer_input:
+            raise ValueError(
+                "channel indices of many layers at once need a fixed-count policy that takes the "
+                f"controller's scores, not {self.policy.name!r}"
+            )
         groups: dict[tuple[int, int], list[str]] = {}
         for name, c in widths.items():
             k = self.keep_count(name, "channel", c)

@@ -242,8 +242,9 @@ class MacReport:
         energy: EnergyModel | None = None,
     ) -> MacReport:
         """An empty report for an :class:`~lightning_dance.aap.AdaptivePruner`: its model,
-        its instrumented layers and its controller's MACs (``controller.macs`` at the stem's
-        output shape for ``clip``). Feed it with :meth:`update_stats`."""
+        its instrumented layers and the MACs of its decisions (``pruner.decision_macs``: the
+        controller at the stem's output shape for ``clip``, and the attention policy's scoring
+        of each layer's input). Feed it with :meth:`update_stats`."""
         model = pruner.unwrap()
         shapes = conv3d_input_shapes(model, as_clip(clip, model))
         stem = dict(model.named_modules())[pruner.stem_name]
@@ -252,7 +253,7 @@ class MacReport:
             model,
             clip,
             layers=list(pruner.layer_names),
-            controller=int(pruner.controller.macs(stem_out)),
+            controller=pruner.decision_macs(stem_out, shapes),
             energy=energy,
         )
 

@@ -65,15 +65,19 @@ class DANCEWrapper(L.LightningModule):
         budget: target executed/dense MAC ratio in (0, 1].
         dims: which input dims to prune (subset of ``("frame", "channel", "feature")``).
         policy: ``"threshold"`` (DANCE, input-dependent), ``"topk"`` (fixed counts,
-            exportable) or any :class:`~lightning_dance.policies.Policy` (name, class or
-            instance).
+            exportable), ``"attention"`` (DATE'20: no controller, each layer ranks its own input;
+            trained by fine-tuning the backbone under targeted dropout, ``docs/attention.md``)
+            or any :class:`~lightning_dance.policies.Policy` (name, class or instance).
         layers: which Conv3d to instrument (default: all but the stem).
         budget_range: train one budget-conditioned controller for budgets in ``(low, high)``
             (sampled per batch); pick one at inference with :meth:`set_budget`.
         task: ``"labels"`` (cross-entropy), ``"distill"`` (match the dense model's outputs: no
             labels needed) or ``"both"``.
         distill_temperature: softmax temperature of the distillation loss.
-        freeze_backbone: train only the controller (default); ``False`` fine-tunes jointly.
+        freeze_backbone: train only the controller; ``False`` fine-tunes jointly. Default
+            (``None``): frozen, unless the policy has no controller to train
+            (:attr:`~lightning_dance.policies.Policy.trains_controller`: ``"attention"``), whose
+            training is fine-tuning the backbone under its training gates (targeted dropout).
         lr, weight_decay: AdamW settings (the controller's learning rate).
         backbone_lr: with ``freeze_backbone=False``, the backbone's learning rate (default
             ``lr / 10``: the controller starts from scratch, the backbone is already trained).
@@ -127,7 +131,7 @@ class DANCEWrapper(L.LightningModule):
         budget_range: tuple[float, float] | None = None,
         task: str = "both",
         distill_temperature: float = 2.0,
-        freeze_backbone: bool = True,
+        freeze_backbone: bool | None = None,
         lr: float = 3e-3,
         backbone_lr: float | None = None,
         weight_decay: float = 0.0,
@@ -213,7 +217,9 @@ class DANCEWrapper(L.LightningModule):
             self.hparams["policy"] = pruner.policy.name
         self.pruner = pruner
         self.budget_range = budget_range
-        self.freeze_backbone = freeze_backbone
+        if freeze_backbone is None:
+            freeze_backbone = pruner.policy.trains_controller
+        self.freeze_backbone = bool(freeze_backbone)
         self._guard = guard
         self.execution = execution
         object.__setattr__(self, "_compact", None)  # not a submodule: stays out of checkpoints
@@ -491,6 +497,13 @@ class DANCEWrapper(L.LightningModule):
         if tuned:  # joint fine-tuning
             lr = self.hparams.get("backbone_lr") or self.hparams.lr / 10
             groups.append({"params": tuned, "lr": lr})
+        if not groups[0]["params"] and not tuned:
+            raise DanceError(
+                f"nothing to train: the {self.pruner.policy.name!r} policy has no controller and "
+                "the backbone is frozen. Pass freeze_backbone=False (fine-tune under the policy's "
+                "training gates), or skip fit and only calibrate (wrapper.pruner.calibrate)"
+            )
+        groups = [g for g in groups if g["params"]]
         opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if self.hparams.get("lr_schedule", "constant") == "constant":
             return opt

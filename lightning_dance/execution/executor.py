@@ -298,7 +298,8 @@ class CompactPruner:
             if name in layers:  # masks and channel subsets are well-formed by construction
                 if not plans:
                     raise RuntimeError(f"instrumented layer {name!r} ran before the stem {stem!r}")
-                return compact_conv3d_unchecked(conv, x, plans[0].masks(name, shape).values,
+                masks = plans[0].masks(name, shape, inputs=x)  # x: input-scoring policies
+                return compact_conv3d_unchecked(conv, x, masks.values,
                                                 self.tunings.get(name), self.batch_mode,
                                                 held.pop(name, None), out_idx)  # fmt: skip
             y = conv3d_fast_forward(conv, x)

@@ -69,8 +69,11 @@ __all__ = [
 
 def index_plan_applies(pruner: AdaptivePruner, clip: torch.Tensor) -> bool:
     """Whether the index plan can run ``clip``: a pruner of channels only whose policy keeps
-    fixed counts (``topk``), one clip."""
-    return pruner.policy.fixed_counts and pruner.dims == ("channel",) and clip.shape[0] == 1
+    fixed counts of the controller's scores (``topk``; not ``attention``, which scores each
+    layer's input), one clip."""
+    policy = pruner.policy
+    fixed = policy.fixed_counts and not policy.needs_layer_input
+    return fixed and pruner.dims == ("channel",) and clip.shape[0] == 1
 
 
 def _indexable(conv: nn.Conv3d, depthwise: bool = False) -> bool:

@@ -55,7 +55,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lightning_dance.aap import AdaptivePruner
-from lightning_dance.decision import DecisionPlan
+from lightning_dance.decision import DecisionPlan, LayerInputError
 from lightning_dance.macs import count_macs
 
 __all__ = ["MODES", "DANCEExportModule", "ExportPlan", "build_export_module", "unwrap_pruner"]
@@ -329,6 +329,7 @@ def build_export_module(
 
     Raises:
         ValueError: unknown mode, or a mode that needs a DANCE model / the matching policy.
+        LayerInputError: a non-dense mode for a policy that scores layer inputs (``attention``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -344,6 +345,13 @@ def build_export_module(
         dense = int(count_macs(model, one, per_module=False).total)
         return model, ExportPlan("dense", None, dense_macs=dense, executed_macs=dense)
     policy = pruner.policy
+    if mode != "dense" and policy.needs_layer_input:
+        raise LayerInputError(
+            f"mode={mode!r}: the {policy.name!r} policy decides each layer from that layer's "
+            "input, inside the network, which the export graphs (decisions made from the stem "
+            "output) do not express yet: export mode='dense', or a pruner with policy='topk' "
+            "(docs/attention.md)"
+        )
     if mode == "threshold" and policy.fixed_counts:
         raise ValueError(
             f"mode='threshold' needs a pruner trained with policy='threshold' (input-dependent "

@@ -3,13 +3,16 @@
 - :class:`ThresholdPolicy` (``"threshold"``, DANCE): keep what scores above zero, a number that
   varies per clip;
 - :class:`TopKPolicy` (``"topk"``, CNN Mixture-of-Depths style): a fixed number per layer, static
-  shapes.
+  shapes;
+- :class:`AttentionPolicy` (``"attention"``, DATE'20 / seed 004): a fixed share per layer, ranked
+  by attention on the layer's own input (no controller), trained with targeted dropout.
 
 Add one by subclassing :class:`Policy` in a new file and decorating it with
 :func:`register_policy`; ``AdaptivePruner(policy=...)`` and ``DANCEWrapper(policy=...)`` take its
 name, its class or an instance.
 """
 
+from lightning_dance.policies.attention import AttentionPolicy
 from lightning_dance.policies.base import (
     Policy,
     available_policies,
@@ -20,6 +23,7 @@ from lightning_dance.policies.threshold import ThresholdPolicy
 from lightning_dance.policies.topk import TopKPolicy
 
 __all__ = [
+    "AttentionPolicy",
     "Policy",
     "ThresholdPolicy",
     "TopKPolicy",

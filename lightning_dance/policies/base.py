@@ -11,7 +11,11 @@ builder, which never ask "which policy is this?" themselves:
   offset (:meth:`~lightning_dance.aap.AdaptivePruner.calibrate`) shifts: the scores, or the
   keep ratio of fixed counts; :attr:`Policy.calibration_span` is where its bisection starts;
 - :meth:`Policy.margin`: how close the decisions on a batch were (exports check that a runtime
-  computing the scores at lower precision cannot flip them).
+  computing the scores at lower precision cannot flip them);
+- :attr:`Policy.needs_layer_input`: whether it scores each layer from that layer's own input
+  (:meth:`Policy.layer_scores`, costing :meth:`Policy.scoring_macs`) instead of taking the
+  controller's scores (the attention policy); :attr:`Policy.trains_controller`: whether there
+  is a controller to train.
 
 A new policy is one subclass, registered under a name with :func:`register_policy`; anything
 that takes ``policy=`` accepts the name, the class or an instance (:func:`get_policy`), as
@@ -57,6 +61,13 @@ class Policy(ABC):
     fixed_counts: ClassVar[bool] = False
     #: the calibration bisection starts in ``[-span, span]`` (and widens if needed)
     calibration_span: ClassVar[float] = 4.0
+    #: scores each layer from the tensor it reads (:meth:`layer_scores`), not from the
+    #: controller: decisions are made layer by layer as the input arrives, so nothing can look
+    #: ahead at a later layer's decision (no output skipping along channel chains, no export)
+    needs_layer_input: ClassVar[bool] = False
+    #: has a controller whose parameters training learns (else the pruner has none, and
+    #: :class:`~lightning_dance.wrapper.DANCEWrapper` fine-tunes the backbone by default)
+    trains_controller: ClassVar[bool] = True
 
     @abstractmethod
     def gate(
@@ -77,6 +88,18 @@ class Policy(ABC):
         the fixed count of a :attr:`fixed_counts` policy. At least ``min_keep`` entries per row
         are kept.
         """
+
+    def layer_scores(
+        self, x: torch.Tensor, dims: tuple[str, ...], grid: int
+    ) -> dict[str, torch.Tensor]:
+        """``{dim: scores}`` of a layer from its input ``x [N, C, T, H, W]`` (channels ``[N, C]``,
+        frames ``[N, T]``, blocks ``[N, gh, gw]``); only for :attr:`needs_layer_input`."""
+        raise NotImplementedError(f"the {self.name!r} policy takes the controller's scores")
+
+    def scoring_macs(self, shape: tuple[int, ...], dims: tuple[str, ...], grid: int) -> int:
+        """Multiply-adds of :meth:`layer_scores` for one clip whose layer input is ``(C, T, H,
+        W)``, counted in the executed MACs (0 for policies that take the controller's)."""
+        return 0
 
     def logit_offset(self, calibration: float) -> float:
         """What the pruner adds to every score for a calibration offset (default: nothing)."""
