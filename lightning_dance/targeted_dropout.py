@@ -117,8 +117,10 @@ class TargetedDropoutCallback(Callback):
             ``targeted_dropout/fraction`` every training step.
 
     Raises:
-        ValueError / TypeError: bad arguments (at construction); ``NoConv3dError`` /
-        ``ValueError`` at fit start for a model without Conv3d or an empty layer selection.
+        ValueError: bad arguments (at construction), or at fit start an empty layer
+            selection.
+        TypeError: arguments of the wrong type (at construction).
+        NoConv3dError: at fit start, for a model without Conv3d.
 
     Example:
         >>> TargetedDropoutCallback(rate=0.75, dims=("channel",)).state_dict()["step"]
