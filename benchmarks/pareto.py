@@ -18,6 +18,9 @@ Every method gets the same task, the same seeds and the same number of training 
 ``dance-topk``       the same AVA start with the ``topk`` policy on channels
 ``dance-noava``      the ablation: ``dance`` from the dense start (no AVA), the AVA epochs
                      spent on DANCE fine-tuning instead
+``attention``        DATE'20 attention pruning (``policy="attention"``: each layer ranks its own
+                     input's channels and column blocks; targeted dropout while fine-tuning)
+                     from the dense start, channels + features as in the paper
 ===================  =================================================================
 
 The DANCE rows use the recipe that holds accuracy (joint fine-tuning with gradual pruning and a
@@ -27,7 +30,8 @@ calibrated on the validation clips to meet the budget in counted MACs (controlle
 Per method, budget and seed: test top-1; counted executed / dense MACs per clip (mean, p5, p95;
 static models: their fvcore count); the MACs the fast form really runs (``ran``: the compact path
 of a DANCE model, counted op by op, plus its dense parts and controller); batch-1 latency of the
-fast form against the dense reference in its fastest form (:func:`lightning_dance.timing.dense_fast`),
+fastest form (DANCE: the compact path; static models: the faster of plain PyTorch and
+:func:`lightning_dance.timing.dense_fast`) against the dense reference in its fastest form,
 interleaved in one process over the same test clips (:func:`lightning_dance.timing.interleaved`);
 the energy estimate (:class:`lightning_dance.report.MacReport`, fp32 MACs and Conv3d traffic at
 DRAM, 45 nm). Per method and budget: mean and standard deviation over seeds.
@@ -52,8 +56,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import json
+import logging
 import math
 import statistics
 import sys
@@ -71,11 +77,12 @@ from lightning_dance.ava_callback import AVACallback
 from lightning_dance.classifier import VideoClassifier
 from lightning_dance.data import SyntheticVideoDataModule
 from lightning_dance.execution import CompactPruner, count_executed_macs
+from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.macs import count_macs
 from lightning_dance.models import create_model
-from lightning_dance.recipes import accuracy, calibrate, evaluate_dance, fit, train_controller
+from lightning_dance.recipes import accuracy, evaluate_dance, fit, train_controller
 from lightning_dance.report import MacReport
-from lightning_dance.timing import dense_fast, interleaved, machine
+from lightning_dance.timing import Timing, dense_fast, interleaved, machine
 from lightning_dance.wrapper import DANCEWrapper
 
 # ----------------------------------------------------------------------------------- the task
@@ -207,12 +214,18 @@ class Candidate:
         return {"acc": accuracy(self.model, ctx.dm.test_dataloader()), "mac_ratio": ratio,
                 "mac_ratio_p5": ratio, "mac_ratio_p95": ratio}  # fmt: skip
 
-    def fast(self, clip: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """The fastest form on one batch-1 clip: compact path (DANCE) or dense fast (static)."""
+    def forms(self, clip: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+        """The ways to run it on one batch-1 clip; its latency is that of the fastest.
+
+        A DANCE model runs its compact path (the masked model computes everything). A static
+        model runs plain (PyTorch's kernel choice) and dense fast (oneDNN, ``channels_last_3d``):
+        channel counts left by pruning can make either one slow, and a baseline is never
+        timed in a form slower than it has to be.
+        """
         if self.wrapper is None:
-            return dense_fast(self.model, clip)
+            return {"plain": lambda: self.model(clip), "fast": dense_fast(self.model, clip)}
         compact = CompactPruner(self.wrapper.pruner)
-        return lambda: compact(clip)
+        return {"compact": lambda: compact(clip)}
 
     def ran_ratio(self, clips: Sequence[torch.Tensor], dense_macs: int) -> float:
         """MACs the fast form really computes / dense, mean over ``clips`` (batch 1 each)."""
@@ -231,10 +244,10 @@ class Candidate:
 
     def energy_saving(self, ctx: Context, reference: nn.Module) -> float:
         """Estimated dense-reference energy / this model's, per clip (MacReport's model)."""
-        ref = MacReport(reference, ctx.example, layers=[])
+        ref = MacReport(reference, ctx.example)
         ref_pj = ref.energy.energy_pj(ref.dense.total, sum(ref.conv_dense_bytes.values()))
         if self.wrapper is None:
-            own = MacReport(self.model, ctx.example, layers=[])
+            own = MacReport(self.model, ctx.example)
             return ref_pj / own.energy.energy_pj(own.dense.total,
                                                   sum(own.conv_dense_bytes.values()))  # fmt: skip
         report = MacReport.for_pruner(self.wrapper.pruner, ctx.task.clip_shape)
@@ -260,23 +273,36 @@ def method(name: str) -> Callable[[Method], Method]:
     return register
 
 
+def conv_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Conv3d MACs of one forward pass (one hooked pass: fast enough to search with; the
+    reported figures come from fvcore, :func:`lightning_dance.macs.count_macs`)."""
+    shapes = conv3d_input_shapes(model, example)
+    return sum(ConvGeometry.of(m, shapes[n]).dense_macs
+               for n, m in model.named_modules() if n in shapes)  # fmt: skip
+
+
+@functools.cache
 def matched_width(task: Task, budget: float) -> tuple[float, float]:
     """The width multiplier whose model's MACs are closest to ``budget`` x the task model's
-    (``create_model`` rounds channels, so the ratio moves in steps); returns (width, ratio)."""
+    (``create_model`` rounds channels, so the ratio moves in steps); returns (width, ratio).
+    The Conv3d MACs grow with the width: a bisection over 1/64 steps of the task's width."""
     example = torch.zeros(1, *task.clip_shape)
-    dense = count_macs(create_model(task.model, task.num_classes, width=task.width), example).total
-    best: tuple[float, float] | None = None
-    for step in range(1, 65):  # widths from 1/64 to 1 of the task's width
-        width = task.width * step / 64
-        try:
-            net = create_model(task.model, task.num_classes, width=width)
-        except ValueError:
-            continue
-        ratio = count_macs(net, example).total / dense
-        if best is None or abs(ratio - budget) < abs(best[1] - budget):
-            best = (width, ratio)
-    assert best is not None
-    return best
+
+    def ratio_at(step: int) -> float:
+        net = create_model(task.model, task.num_classes, width=task.width * step / 64)
+        return conv_macs(net, example) / dense
+
+    dense = conv_macs(create_model(task.model, task.num_classes, width=task.width), example)
+    low, high = 1, 64  # ratio_at(high) >= budget
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if ratio_at(mid) < budget else (low, mid)
+    step = min((low, high), key=lambda s: abs(ratio_at(s) - budget))
+    width = task.width * step / 64
+    net = create_model(task.model, task.num_classes, width=width)
+    return width, count_macs(net, example).total / count_macs(
+        create_model(task.model, task.num_classes, width=task.width), example
+    ).total
 
 
 @method("slim")
@@ -297,7 +323,7 @@ def torch_pruning(ctx: Context, budget: float, seed: int) -> Candidate:
         ) from err
     net = ctx.start("dense").model.eval()
     example = ctx.example
-    dense = count_macs(net, example).total
+    dense = conv_macs(net, example)
     heads = [m for m in net.modules() if isinstance(m, nn.Linear)]
     pruner = tp.pruner.MetaPruner(
         net, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.95,
@@ -309,12 +335,12 @@ def torch_pruning(ctx: Context, budget: float, seed: int) -> Candidate:
             break
         previous = (copy.deepcopy(net), ratio)
         pruner.step()
-        ratio = count_macs(net, example).total / dense
+        ratio = conv_macs(net, example) / dense
     if previous[0] is not None and abs(previous[1] - budget) < abs(ratio - budget):
         net, ratio = previous
     module = ctx.task.classifier(model=net, lr=ctx.task.tune_lr)
     ctx.fit(module, ctx.task.ava_epochs + ctx.task.tune_epochs, f"tp-{budget}")
-    return Candidate(module.model.eval(), note=f"MACs {ratio:.3f} before fine-tuning")
+    return Candidate(module.model.eval(), note=f"Conv3d MACs {ratio:.3f}")
 
 
 def _dance(ctx: Context, budget: float, *, start: str, policy: str, dims: tuple[str, ...],
@@ -357,51 +383,77 @@ def dance_noava(ctx: Context, budget: float, seed: int) -> Candidate:
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs)  # fmt: skip
 
 
+@method("attention")
+def attention(ctx: Context, budget: float, seed: int) -> Candidate:
+    return _dance(ctx, budget, start="dense", policy="attention", dims=("channel", "feature"),
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------- the harness
 
 
 def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[float],
              args: argparse.Namespace) -> list[dict[str, Any]]:  # fmt: skip
-    """Train every method at every budget for one seed, then time them all side by side."""
+    """Train and measure every method at every budget for one seed (each row is printed and
+    appended to ``out/rows.jsonl`` as soon as it is known), then time them all side by side."""
     ctx = Context(task, seed, task.datamodule(), progress=args.progress, cache=args.cache)
     ctx.dm.setup("fit")
     dense_macs = ctx.dense_macs()
-    reference = slim(ctx, 1.0, seed)  # the dense model trained as long as every method
-    candidates: dict[tuple[str, float], Candidate] = {("dense", 1.0): reference}
-    rows: list[dict[str, Any]] = []
-    for name, budget in itertools.product(methods, budgets):
+    clips = [clip[None] for clip, _ in itertools.islice(iter(ctx.dm.test_dataset),
+                                                         args.latency_clips)]  # fmt: skip
+    candidates: dict[tuple[str, float], Candidate] = {}
+    rows: dict[tuple[str, float], dict[str, Any]] = {}
+    failed: list[dict[str, Any]] = []
+    reference: nn.Module | None = None
+    for name, budget in [("dense", 1.0), *itertools.product(methods, budgets)]:
         t0 = time.perf_counter()
         try:
-            candidates[(name, budget)] = METHODS[name](ctx, budget, seed)
+            # the dense reference: the task's model trained as long as every method
+            cand = slim(ctx, 1.0, seed) if name == "dense" else METHODS[name](ctx, budget, seed)
         except Exception as err:  # a baseline that fails on a model is a result to report
-            rows.append({"method": name, "budget": budget, "seed": seed,
-                         "error": f"{type(err).__name__}: {err}"})  # fmt: skip
+            failed.append({"method": name, "budget": budget, "seed": seed,
+                           "error": f"{type(err).__name__}: {err}"})  # fmt: skip
             print(f"[seed {seed}] {name} @ {budget}: FAILED {err}", flush=True)
             continue
-        candidates[(name, budget)].train_seconds = time.perf_counter() - t0
-
-    clips = [clip[None] for clip, _ in itertools.islice(iter(ctx.dm.test_dataset), args.latency_clips)]
-    runs: dict[str, Callable[[], Any]] = {}
-    for key, cand in candidates.items():
-        cand.model.to(memory_format=torch.channels_last_3d)  # the fastest layout, same values
-        cycle = itertools.cycle([cand.fast(c) for c in clips])
-        runs[f"{key[0]}@{key[1]}"] = lambda cycle=cycle: next(cycle)()
-    times = interleaved(runs, warmup=args.warmup, repeats=args.repeats)
-    base = times["dense@1.0"]
-    for (name, budget), cand in candidates.items():
-        t = times[f"{name}@{budget}"]
+        if reference is None:
+            reference = cand.model
         row = {"method": name, "budget": budget, "seed": seed, **cand.evaluate(ctx),
                "ran_ratio": cand.ran_ratio(clips, dense_macs),
-               "latency_ms": t.median_ms, "latency_p90_ms": t.p90_ms,
-               "speedup": t.speedup_over(base),
-               "energy_saving": cand.energy_saving(ctx, reference.model),
+               "energy_saving": cand.energy_saving(ctx, reference),
                "params": sum(p.numel() for p in cand.model.parameters()),
-               "train_seconds": cand.train_seconds, "note": cand.note}  # fmt: skip
-        rows.append(row)
+               "train_seconds": time.perf_counter() - t0, "note": cand.note}  # fmt: skip
+        candidates[(name, budget)], rows[(name, budget)] = cand, row
         print(f"[seed {seed}] {name:>14} @ {budget:.2f}: top-1 {row['acc']:.4f}  MACs "
-              f"{row['mac_ratio']:.3f} (ran {row['ran_ratio']:.3f})  speedup {row['speedup']:.2f}x  "
-              f"energy x{row['energy_saving']:.2f}", flush=True)  # fmt: skip
-    return rows
+              f"{row['mac_ratio']:.3f} (ran {row['ran_ratio']:.3f})  energy "
+              f"x{row['energy_saving']:.2f}  {cand.note}", flush=True)  # fmt: skip
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            with open(args.out / "rows.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    runs: dict[str, Callable[[], Any]] = {}
+    for (name, budget), cand in candidates.items():
+        cand.model.to(memory_format=torch.channels_last_3d)  # the fastest layout, same values
+        per_clip = [cand.forms(c) for c in clips]
+        for form in per_clip[0]:
+            cycle = itertools.cycle([forms[form] for forms in per_clip])
+            runs[f"{name}@{budget}/{form}"] = lambda cycle=cycle: next(cycle)()
+    times = interleaved(runs, warmup=args.warmup, repeats=args.repeats)
+
+    def fastest(name: str, budget: float) -> tuple[str, Timing]:
+        own = {
+            k.rsplit("/", 1)[1]: t for k, t in times.items() if k.startswith(f"{name}@{budget}/")
+        }
+        return min(own.items(), key=lambda kv: kv[1].median_ms)
+
+    base = fastest("dense", 1.0)[1]
+    for (name, budget), row in rows.items():
+        form, t = fastest(name, budget)
+        row.update(latency_ms=t.median_ms, latency_p90_ms=t.p90_ms, speedup=t.speedup_over(base),
+                   latency_form=form)  # fmt: skip
+        print(f"[seed {seed}] {name:>14} @ {budget:.2f}: {t.median_ms:.2f} ms ({form}), speedup "
+              f"{row['speedup']:.2f}x over dense in its fastest form", flush=True)  # fmt: skip
+    return [*rows.values(), *failed]
 
 
 FIGURES = ("acc", "mac_ratio", "mac_ratio_p5", "mac_ratio_p95", "ran_ratio", "latency_ms",
@@ -518,7 +570,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="minutes: a small model, tiny clips, one epoch a stage, 1 seed, 1 budget")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
-        args.width, args.num_classes, args.frames, args.size = 0.125, 4, 4, 16
+        if args.model == defaults.model and args.width == defaults.width:
+            args.width = 0.125
+        args.num_classes, args.frames, args.size = 4, 4, 16
         args.train_size, args.val_size, args.test_size, args.batch_size = 32, 16, 16, 8
         args.dense_epochs = args.ava_epochs = args.tune_epochs = 1
         args.seeds, args.budgets = args.seeds[:1], args.budgets[:1]
@@ -531,6 +585,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    for name in ("lightning.pytorch", "lightning.fabric"):  # one line a row, not Trainer banners
+        logging.getLogger(name).setLevel(logging.WARNING)
     task = Task(**{f: getattr(args, f) for f in Task.__dataclass_fields__ if hasattr(args, f)})
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []

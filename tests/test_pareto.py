@@ -1,0 +1,78 @@
+"""The decisive benchmark's harness (``benchmarks/pareto.py``) in its quick form.
+
+Every registered method must come back as a row at every budget and seed (or as a reported
+failure with its error), with finite figures; the dense reference is in the table; the files
+it writes exist and the plots decode. The matched-cost helpers are checked against fvcore.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_dance.macs import count_macs
+from lightning_dance.models import create_model
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "pareto.py"
+
+
+@pytest.fixture(scope="module")
+def pareto():
+    spec = importlib.util.spec_from_file_location("pareto", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pareto"] = module  # dataclasses resolve their module by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("pareto", None)
+
+
+def test_matched_width_is_closest_to_budget(pareto):
+    task = pareto.Task(model="r2plus1d_18", width=0.25, frames=4, size=16)
+    width, ratio = pareto.matched_width(task, 0.35)
+    clip = torch.zeros(1, *task.clip_shape)
+    dense = count_macs(create_model(task.model, task.num_classes, width=task.width), clip).total
+    got = count_macs(create_model(task.model, task.num_classes, width=width), clip).total
+    assert ratio == pytest.approx(got / dense)
+    assert abs(ratio - 0.35) < 0.06  # channels are rounded to multiples of 8: coarse steps
+
+
+def test_conv_macs_matches_fvcore_on_conv_nets(pareto):
+    net = create_model("tiny_c3d", num_classes=4)
+    clip = torch.zeros(1, 3, 4, 16, 16)
+    count = count_macs(net, clip)
+    names = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv3d)]
+    assert pareto.conv_macs(net, clip) == sum(count.by_module[n] for n in names)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
+    result = pareto.main(["--quick", "--model", "tiny_c3d", "--width", "1", "--no-progress",
+                          "--threads", "1", "--out", str(tmp_path)])  # fmt: skip
+    expected = {(m, b) for m in pareto.METHODS for b in result["budgets"]} | {("dense", 1.0)}
+    summary = {(e["method"], e["budget"]): e for e in result["summary"]}
+    assert set(summary) == expected
+    for key, entry in summary.items():
+        if entry["seeds"] == 0:  # a method that failed must say why
+            assert entry["errors"], key
+            continue
+        for figure in pareto.FIGURES:
+            assert math.isfinite(entry[figure]), (key, figure, entry[figure])
+        assert 0 < entry["mac_ratio"] <= 1.05 and entry["speedup"] > 0
+        assert 0 <= entry["acc"] <= 1
+    assert summary[("dense", 1.0)]["mac_ratio"] == pytest.approx(1.0)
+    assert summary[("slim", result["budgets"][0])]["seeds"] == 1  # the slim family never fails
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["summary"] == json.loads(json.dumps(result["summary"]))
+    assert "| dance |" in (tmp_path / "summary.md").read_text()
+    from matplotlib.image import imread
+
+    for name in ("pareto_macs.png", "pareto_latency.png"):
+        assert imread(tmp_path / name).shape[0] > 100
