@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
-from lightning_dance.models.checkpoint import CheckpointError
+from lightning_dance.models.checkpoint import CheckpointError, load_tensors
 
 __all__ = ["CheckpointError", "is_dance_checkpoint", "load_module", "read_checkpoint"]
 
@@ -62,15 +61,12 @@ def _read(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
             "ModelCheckpoint callback's dirpath says)"
         )
     data = path.read_bytes()
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {first}. The file is corrupt "
-            "or truncated (copy it again, or use an earlier checkpoint), or it is not a "
-            "Lightning checkpoint written by Trainer.save_checkpoint / ModelCheckpoint"
-        ) from exc
+    ckpt = load_tensors(
+        io.BytesIO(data),
+        path,
+        ". The file is corrupt or truncated (copy it again, or use an earlier checkpoint), or "
+        "it is not a Lightning checkpoint written by Trainer.save_checkpoint / ModelCheckpoint",
+    )
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(

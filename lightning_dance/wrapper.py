@@ -193,12 +193,15 @@ class DANCEWrapper(L.LightningModule):
             "credit_outputs": credit_outputs, "channel_multiple": channel_multiple,
         }  # fmt: skip
         pruner = None
+        # an unset num_classes is not a hyperparameter: a logger merging the data's
+        # num_classes with the model's would refuse None against the data's value
+        unset = ["num_classes"] if num_classes is None else []
         if isinstance(model, AdaptivePruner):
-            self.save_hyperparameters(ignore=["model"])
+            self.save_hyperparameters(ignore=["model", *unset])
             pruner = _configured_pruner(model, pruner_args, budget_range)
             model = model.model
         elif isinstance(model, str):
-            self.save_hyperparameters()  # before `model` is rebound to the module it names
+            self.save_hyperparameters(ignore=unset)  # before `model` is rebound to the module
             model = _model_from_name(model, model_kwargs, num_classes)
         else:
             if not isinstance(model, nn.Module):
@@ -207,7 +210,7 @@ class DANCEWrapper(L.LightningModule):
                     f"{type(model)}"
                 )
             _check_num_classes(model, num_classes, "the model")
-            self.save_hyperparameters(ignore=["model"])
+            self.save_hyperparameters(ignore=["model", *unset])
         if pruner is None:
             pruner = AdaptivePruner(
                 model, budget_conditioned=budget_range is not None, **pruner_args

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -47,21 +48,30 @@ def _short(keys: list[str], limit: int = 8) -> str:
     return f"{keys[:limit]}{more}"
 
 
+def load_tensors(source: Any, path: str | Path, hint: str) -> Any:
+    """``torch.load(source, weights_only=True)`` on CPU; a file it cannot read raises
+    :class:`CheckpointError` naming ``path``, the error's first line and ``hint``."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {first}{hint}"
+        ) from exc
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state_dict stored in ``path`` (raw, or nested under one of ``_NESTED`` keys)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {first} (expected a file "
-            "written by torch.save holding tensors: a state_dict or a Lightning checkpoint; the "
-            "file may be corrupt or truncated, or hold pickled Python objects that "
-            "torch.load(weights_only=True) refuses)"
-        ) from exc
+    obj = load_tensors(
+        path,
+        path,
+        " (expected a file written by torch.save holding tensors: a state_dict or a Lightning "
+        "checkpoint; the file may be corrupt or truncated, or hold pickled Python objects that "
+        "torch.load(weights_only=True) refuses)",
+    )
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict")
     for key in _NESTED:
