@@ -240,9 +240,9 @@ def count_bytes(
     (and to those of ``extra`` modules, named ``key.name``).
 
     Example:
-        >>> net = nn.Linear(3, 2)
+        >>> net, x = nn.Linear(3, 2), torch.zeros(1, 3)
         >>> with count_bytes(net) as m:
-        ...     _ = net(torch.zeros(1, 3))
+        ...     _ = net(x)
         >>> m.by_layer  # addmm: bias 2 + input 3 + weight 6 floats read, 2 written
         {'': (44, 8)}
     """
