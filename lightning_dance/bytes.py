@@ -67,6 +67,7 @@ from lightning_dance.macs import eval_no_grad, module_stack
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_dance.aap import AdaptivePruner
+    from lightning_dance.energy import EnergyModel
     from lightning_dance.execution import CompactPruner
 
 __all__ = [
@@ -111,6 +112,17 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return int(distinct) * t.element_size()
 
 
+def _macs(kind: str, name: str, reads: list[torch.Tensor], writes: list[torch.Tensor]) -> int:
+    """Multiply-adds of a conv (input, weight, ...) or matrix product (as fvcore counts)."""
+    if not writes:
+        return 0
+    if kind == "conv" and len(reads) > 1 and reads[1].dim() >= 3:
+        return writes[0].numel() * math.prod(reads[1].shape[1:])
+    if name in ("mm", "addmm", "bmm", "baddbmm"):
+        return writes[0].numel() * reads[-1].shape[-2]
+    return 0
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
     return [x for x in tree_flatten(value)[0] if isinstance(x, torch.Tensor)]
 
@@ -127,6 +139,9 @@ class TrafficMeasurement:
         by_tensor_size: tensor size in bytes -> bytes moved by accesses to tensors of that size
             (what a cache-aware energy model prices).
         ops: number of ops that moved data; ``calls``: op name -> calls (views included).
+        macs: multiply-adds of the executed convolutions (``out.numel() * C_in/groups *
+            prod(kernel)``, as fvcore) and matrix products (``mm``, ``addmm``, ``bmm``): what an
+            energy estimate of the same run charges for arithmetic.
     """
 
     read: int = 0
@@ -136,6 +151,7 @@ class TrafficMeasurement:
     by_tensor_size: dict[int, int] = field(default_factory=dict)
     ops: int = 0
     calls: dict[str, int] = field(default_factory=dict)
+    macs: int = 0
 
     @property
     def total(self) -> int:
@@ -154,6 +170,7 @@ class TrafficMeasurement:
             "written_bytes": self.written,
             "total_bytes": self.total,
             "ops": self.ops,
+            "macs": self.macs,
             "by_layer": {k: list(v) for k, v in self.by_layer.items()},
             "by_kind": {k: list(v) for k, v in self.by_kind.items()},
         }
@@ -227,6 +244,7 @@ class ByteCounter(TorchDispatchMode):
             res.by_tensor_size[size] = res.by_tensor_size.get(size, 0) + size
         layer = self.stack[-1][0] if self.stack else ""
         kind = dispatch_key(name)
+        res.macs += _macs(kind, name, reads, writes)
         for table, key in ((res.by_layer, layer), (res.by_kind, kind)):
             old = table.get(key, (0, 0))
             table[key] = (old[0] + r, old[1] + w)
@@ -329,12 +347,22 @@ class TrafficComparison:
         """Dense / compact bytes (> 1: the compact path moves less)."""
         return self.dense.total / max(self.compact.total, 1)
 
+    def energy_saving(self, model: EnergyModel) -> float:
+        """Estimated energy dense / compact under ``model`` (e.g.
+        :meth:`EnergyModel.for_target <lightning_dance.energy.EnergyModel.for_target>`): each
+        run's executed MACs (:attr:`TrafficMeasurement.macs`) and measured bytes, priced by
+        tensor size (:meth:`~lightning_dance.energy.EnergyModel.measured_energy_pj`)."""
+        dense = model.measured_energy_pj(self.dense.macs, self.dense)
+        return dense / model.measured_energy_pj(self.compact.macs, self.compact)
+
     def to_dict(self) -> dict[str, Any]:
         """Totals, the saving and per-kind breakdowns of both runs."""
         return {
             "dense_bytes": self.dense.total,
             "compact_bytes": self.compact.total,
             "saving": self.saving,
+            "dense_macs": self.dense.macs,
+            "compact_macs": self.compact.macs,
             "dense_by_kind": {k: sum(v) for k, v in self.dense.by_kind.items()},
             "compact_by_kind": {k: sum(v) for k, v in self.compact.by_kind.items()},
         }
