@@ -151,3 +151,27 @@ def test_energy_saving_under_targets(topk_comparison):
     assert all(s > 1 for s in savings.values())
     flat = c.energy_saving(EnergyModel())  # everything at DRAM
     assert flat > 1
+
+
+def test_mac_report_records_measured_traffic():
+    from lightning_dance.report import MacReport
+
+    torch.manual_seed(0)
+    pruner = AdaptivePruner(create_model("tiny_c3d", num_classes=4), dims=("channel",),
+                            policy="topk", budget=0.5).eval()  # fmt: skip
+    report = MacReport.for_pruner(pruner, (3, 8, 32, 32))
+    assert report.measured_dict() is None
+    clips = torch.randn(2, 3, 8, 32, 32)
+    last = report.measure(pruner, clips)
+    with torch.no_grad():
+        pruner(clips)
+    report.update_stats(pruner.last_stats)
+    m = report.to_dict()["measured"]
+    assert m["clips"] == 2 and m["dense_bytes"] == last.dense.total
+    assert set(m["energy_saving"]) == {"dram", *TARGETS, "this_machine"}
+    assert "MEASURED traffic" in report.render(rich=False)
+    assert "dance/measured_energy_saving/jetson_nano" in report.metrics()
+    with pytest.raises(ValueError, match="clip shape"):
+        report.measure(pruner, torch.randn(1, 3, 4, 32, 32))
+    report.reset()
+    assert report.measured_dict() is None
