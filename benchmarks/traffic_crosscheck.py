@@ -7,10 +7,11 @@ a seeded random controller), for the dense fast path and the compact path:
 2. the torch profiler (``profile_memory=True``): bytes the ops allocate, i.e. the outputs
    they write (in-place ops and views allocate nothing), against the counter's bytes written
    to freshly allocated outputs;
-3. with ``--cachegrind``: valgrind's cachegrind simulating a 32 KB L1d and a 2 MB last-level
-   cache (Jetson Nano's L2): data references, D1 misses and LL misses (x 64 B lines) of one
-   forward, from the difference between a run with that forward and one without (the same
-   imports, model building and warm-up forwards). Slow: ~minutes per run (three runs).
+3. with ``--cachegrind``: valgrind's cache simulator (cachegrind's, run as
+   ``--tool=callgrind --cache-sim=yes`` so that instrumentation can be switched on for just
+   the measured forward with ``callgrind_control``; imports and warm-up run uninstrumented)
+   with a 32 KB L1d and a 2 MB last-level cache (Jetson Nano's L2): data references, D1 misses
+   and LL misses (x 64 B lines) of one forward of each path. Slow: minutes.
 
 The dense/compact *ratios* are what should agree (the instruments count different things:
 bytes per op vs cache lines vs accesses). Results: printed, and written as JSON to ``--json``.
@@ -24,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,14 +70,28 @@ def runners(model, compact, clip):
     return {"dense": dense, "compact": lambda: compact(clip)}
 
 
-def child(path: str) -> None:
-    """One cachegrind run: warm up both paths, then one more forward of ``path`` (or none)."""
+def _control(*args: str) -> None:
+    """``callgrind_control ARGS <this pid>``; the process keeps running guest code (a spin)
+    while it waits, so that valgrind sees the command."""
+    proc = subprocess.Popen(["callgrind_control", *args, str(os.getpid())],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    while proc.poll() is None:
+        pass
+
+
+def child() -> None:
+    """Under callgrind (instrumentation off at start): warm up both paths, then one forward of
+    each with the cache simulation on, each dumped as its own file."""
     model, compact, clip = build()
     run = runners(model, compact, clip)
     with torch.no_grad():
         run["dense"](), run["compact"]()
-        if path != "none":
+        for path in ("dense", "compact"):
+            _control("-z")
+            _control("-i", "on")
             run[path]()
+            _control("-i", "off")
+            _control("-d", path)
 
 
 def counter_and_profiler() -> dict:
@@ -98,39 +115,48 @@ def counter_and_profiler() -> dict:
     return out
 
 
-def cachegrind(path: str) -> dict[str, int]:
-    cmd = ["valgrind", "--tool=cachegrind", "--cachegrind-out-file=/dev/null", *CACHES,
-           sys.executable, __file__, "--child", path]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"cachegrind failed for {path}: {proc.stderr[-2000:]}")
-    stats = {}
-    for key, label in (("D_refs", "D   refs"), ("D1_misses", "D1  misses"),
-                       ("LLd_misses", "LLd misses")):  # fmt: skip
-        match = re.search(rf"{label}:\s+([\d,]+)", proc.stderr)
-        stats[key] = int(match.group(1).replace(",", "")) if match else -1
-    return stats
+def cache_simulation() -> dict[str, dict[str, int]]:
+    """Run :func:`child` under valgrind's cache simulator; events of each path's forward."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=yes",
+               f"--callgrind-out-file={tmp}/cg.out", *CACHES, sys.executable, __file__,
+               "--child"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"valgrind failed: {proc.stderr[-2000:]}")
+        out = {}
+        for dump in Path(tmp).glob("cg.out.*"):
+            text = dump.read_text()
+            trigger = re.search(r"^desc: Trigger: dump (\w+)", text, re.M)
+            if trigger is None:
+                continue
+            names = re.search(r"^events: (.*)$", text, re.M).group(1).split()
+            values = map(int, re.search(r"^totals: (.*)$", text, re.M).group(1).split())
+            ev = dict(zip(names, values, strict=False))
+            out[trigger.group(1)] = {
+                "D_refs": ev["Dr"] + ev["Dw"],
+                "D1_misses": ev["D1mr"] + ev["D1mw"],
+                "LLd_misses": ev["DLmr"] + ev["DLmw"],
+                "D1_miss_bytes": (ev["D1mr"] + ev["D1mw"]) * LINE,
+                "LL_miss_bytes": (ev["DLmr"] + ev["DLmw"]) * LINE,
+            }
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cachegrind", action="store_true", help="also run cachegrind (minutes)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
-    p.add_argument("--child", choices=("none", "dense", "compact"), help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child)
+        child()
         return
     results = counter_and_profiler()
     if args.cachegrind:
         t0 = time.time()
-        base = cachegrind("none")
-        for path in ("dense", "compact"):
-            stats = cachegrind(path)
-            per = {k: stats[k] - base[k] for k in stats}
-            per["D1_miss_bytes"] = per["D1_misses"] * LINE
-            per["LL_miss_bytes"] = per["LLd_misses"] * LINE
-            results[path]["cachegrind"] = per
+        for path, stats in cache_simulation().items():
+            results[path]["cachegrind"] = stats
         results["cachegrind_config"] = list(CACHES)
         results["cachegrind_seconds"] = time.time() - t0
     keys = ["counter_bytes", "counter_written", "profiler_allocated"]
