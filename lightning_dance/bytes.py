@@ -6,7 +6,8 @@ composite ops are decomposed, and adds up, per op:
 
 - **read**: the bytes of every tensor input (activations, weights, biases, running stats,
   index tensors), except that a gather (``index_select``, ``gather``, ``index``...) reads only
-  the selected elements of its source (as many as it writes) and its index; an in-place op that only overwrites its destination (``copy_``, ``fill_``,
+  the selected elements of its source (as many as it writes) and its index; an in-place op
+  that only overwrites its destination (``copy_``, ``fill_``,
   ``zero_``, ``index_copy_``, ``index_put_``, ``scatter_``, ``out=`` variants) does not read it;
 - **written**: the bytes of every output; an op that writes only part of its destination
   (``index_copy_``, ``index_put_``, ``index_add_``, ``scatter_``...) writes as many bytes as its
@@ -123,6 +124,11 @@ def _macs(kind: str, name: str, reads: list[torch.Tensor], writes: list[torch.Te
     return 0
 
 
+def _whole(t: torch.Tensor) -> tuple[int, int]:
+    size = tensor_bytes(t)
+    return size, size
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
     return [x for x in tree_flatten(value)[0] if isinstance(x, torch.Tensor)]
 
@@ -137,7 +143,8 @@ class TrafficMeasurement:
         by_kind: op kind (``conv``, ``batch_norm``, ``index_select``, ``copy_``...) ->
             ``(read, written)``.
         by_tensor_size: tensor size in bytes -> bytes moved by accesses to tensors of that size
-            (what a cache-aware energy model prices).
+            (what a cache-aware energy model prices; a gather from a big weight counts the
+            bytes it selects under the weight's size).
         ops: number of ops that moved data; ``calls``: op name -> calls (views included).
         macs: multiply-adds of the executed convolutions (``out.numel() * C_in/groups *
             prod(kernel)``, as fvcore) and matrix products (``mm``, ``addmm``, ``bmm``): what an
@@ -214,37 +221,42 @@ class ByteCounter(TorchDispatchMode):
         bound = dict(zip((a.name for a in schema.arguments), args, strict=False))
         bound.update(kwargs)
         mutated = {a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write}
-        reads: list[torch.Tensor] = []
-        writes: list[torch.Tensor] = []
+        # accesses as (size of the tensor accessed, bytes moved): the size decides the memory
+        # level an energy model prices them at
+        reads: list[tuple[int, int]] = []
+        writes: list[tuple[int, int]] = []
+        inputs: list[torch.Tensor] = []
         for arg_name, value in bound.items():
             tensors = _tensors(value)
             if arg_name not in mutated:
-                reads += tensors
-            elif name in _PARTIAL:
-                source = _tensors(bound.get(_PARTIAL[name]))
-                writes += source
-                if name not in _OVERWRITE:  # accumulating: reads the part it updates
-                    reads += source
-            else:
-                writes += tensors
-                if name not in _OVERWRITE and arg_name != "out":
-                    reads += tensors
-        if not mutated:
-            writes = _tensors(out)
-        if name in _SELECT:  # the source (first tensor) is read only where selected
-            reads = writes + reads[1:]
-        sizes = [tensor_bytes(t) for t in reads], [tensor_bytes(t) for t in writes]
-        r, w = sum(sizes[0]), sum(sizes[1])
+                inputs += tensors
+                reads += [_whole(t) for t in tensors]
+                continue
+            for dst in tensors:
+                if name in _PARTIAL:  # writes (and reads) as much as its source, in dst
+                    part = sum(tensor_bytes(t) for t in _tensors(bound.get(_PARTIAL[name])))
+                    writes.append((tensor_bytes(dst), part))
+                    if name not in _OVERWRITE:
+                        reads.append((tensor_bytes(dst), part))
+                else:
+                    writes.append(_whole(dst))
+                    if name not in _OVERWRITE and arg_name != "out":
+                        reads.append(_whole(dst))
+        outputs = _tensors(out) if not mutated else []
+        writes += [_whole(t) for t in outputs]
+        if name in _SELECT and inputs:  # the source is read only where selected
+            reads[0] = (reads[0][0], sum(b for _, b in writes))
+        r, w = sum(b for _, b in reads), sum(b for _, b in writes)
         if r + w == 0:
             return
         res.read += r
         res.written += w
         res.ops += 1
-        for size in (*sizes[0], *sizes[1]):
-            res.by_tensor_size[size] = res.by_tensor_size.get(size, 0) + size
+        for size, moved in (*reads, *writes):
+            res.by_tensor_size[size] = res.by_tensor_size.get(size, 0) + moved
         layer = self.stack[-1][0] if self.stack else ""
         kind = dispatch_key(name)
-        res.macs += _macs(kind, name, reads, writes)
+        res.macs += _macs(kind, name, inputs, outputs)
         for table, key in ((res.by_layer, layer), (res.by_kind, kind)):
             old = table.get(key, (0, 0))
             table[key] = (old[0] + r, old[1] + w)
