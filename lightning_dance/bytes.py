@@ -288,7 +288,7 @@ def count_bytes(
 
 
 def _runner(
-    target: nn.Module | CompactPruner, clip: torch.Tensor, fast: bool
+    target: nn.Module | CompactPruner, clip: torch.Tensor, fast: bool, fold_norms: bool
 ) -> tuple[nn.Module, dict[str, nn.Module], Callable[[], Any], nn.Module]:
     """(model whose modules name the ops, other named modules, the forward to run, the module
     to put in eval mode)."""
@@ -312,14 +312,18 @@ def _runner(
         return target, {}, lambda: target(clip), target
 
     def dense() -> Any:
-        with accelerate_dense(target):
+        with accelerate_dense(target, fold_norms=fold_norms):
             return target(to_fast_layout(clip))
 
     return target, {}, dense, target
 
 
 def measure_traffic(
-    target: nn.Module | CompactPruner, clip: torch.Tensor, *, fast: bool = True
+    target: nn.Module | CompactPruner,
+    clip: torch.Tensor,
+    *,
+    fast: bool = True,
+    fold_norms: bool = False,
 ) -> TrafficMeasurement:
     """Bytes moved by one forward on ``clip``, measured from the ops that run.
 
@@ -333,13 +337,16 @@ def measure_traffic(
             controller's input statistics, each layer for its keep decisions).
         clip: the input batch (per-clip figures: batch 1).
         fast: dense models only: ``False`` runs ``model(clip)`` as is.
+        fold_norms: dense models with ``fast=True``: fold BatchNorms into their convs
+            (:func:`~lightning_dance.execution.accelerate_dense`), the baseline of a
+            ``CompactPruner(fold_norms=True)``; a ``CompactPruner`` folds as configured.
 
     Steady state: one warm-up forward runs first, uncounted, so that what the fast paths cache
     across clips (weights in another layout, per-shape set-up) is not charged to every clip.
     Both runs are in eval mode under ``torch.no_grad()`` (training flags restored). Per-layer
     names are the model's module names.
     """
-    model, extra, run, root = _runner(target, clip, fast)
+    model, extra, run, root = _runner(target, clip, fast, fold_norms)
     with eval_no_grad(root):
         run()
         with count_bytes(model, extra) as result:
@@ -386,10 +393,11 @@ def compare_traffic(
     """Measured bytes of the dense model (fast kernels) and of the compact path on ``clip``.
 
     ``pruner``: an :class:`~lightning_dance.aap.AdaptivePruner` (run through a default
-    :class:`~lightning_dance.execution.CompactPruner`) or a configured ``CompactPruner``.
+    :class:`~lightning_dance.execution.CompactPruner`) or a configured ``CompactPruner``; the
+    dense run folds BatchNorms when the compact one does (``fold_norms``).
     """
     from lightning_dance.execution import CompactPruner
 
     compact = pruner if isinstance(pruner, CompactPruner) else CompactPruner(pruner)
-    dense = measure_traffic(compact.pruner.unwrap(), clip)
+    dense = measure_traffic(compact.pruner.unwrap(), clip, fold_norms=compact.fold_norms)
     return TrafficComparison(dense, measure_traffic(compact, clip))
