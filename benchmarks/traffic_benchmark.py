@@ -10,6 +10,7 @@ features (untrained controllers). For each:
   every op), split by op kind, and the controller's share;
 - per Conv3d layer: analytic dense / executed bytes vs the bytes measured inside that conv's
   forward (convolutions, gathers, weight slices, scatters; not the BatchNorm / ReLU after it);
+- the same measurement with BatchNorms folded into their convs in both paths (``fold_norms``);
 - the energy saving dense / compact under each target (LLC-aware) and with every byte at DRAM.
 
 Deterministic (byte counts, seeded models); one thread; ~1 minute. ``--json`` writes it all.
@@ -29,6 +30,7 @@ import torch
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.bytes import compare_traffic
 from lightning_dance.energy import TARGETS, EnergyModel
+from lightning_dance.execution import CompactPruner
 from lightning_dance.macs import quiet_fvcore
 from lightning_dance.report import MacReport
 
@@ -58,6 +60,7 @@ def run_config(model, clip, calib, policy: str, dims: tuple[str, ...], budget: f
             "analytic_executed": round(layer["executed_bytes_mean"]),
             "measured_compact": sum(c.compact.by_layer.get(name, (0, 0))),
         })  # fmt: skip
+    folded = compare_traffic(CompactPruner(pruner, fold_norms=True), clip)
     conv_names = set(report.conv_dense_bytes)
     targets = {"dram": EnergyModel()}
     targets.update({t: EnergyModel.for_target(t) for t in (*TARGETS, "this_machine")})
@@ -79,6 +82,8 @@ def run_config(model, clip, calib, policy: str, dims: tuple[str, ...], budget: f
             "dense_by_kind": {k: sum(v) for k, v in c.dense.by_kind.items()},
             "compact_by_kind": {k: sum(v) for k, v in c.compact.by_kind.items()},
         },
+        "measured_fold_norms": {"dense_bytes": folded.dense.total,
+                                "compact_bytes": folded.compact.total, "saving": folded.saving},
         "energy_saving": {k: c.energy_saving(e) for k, e in targets.items()},
         "llc_bytes": {k: e.cache_bytes for k, e in targets.items()},
         "layers": layers,
@@ -114,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{m['controller_bytes'] / 1e6:.2f} MB); Conv3d forwards only: "
               f"{m['dense_conv_layer_bytes'] / 1e6:.1f} -> "
               f"{m['compact_conv_layer_bytes'] / 1e6:.1f} MB")  # fmt: skip
+        f = r["measured_fold_norms"]
+        print(f"  with BatchNorms folded (both paths): {f['dense_bytes'] / 1e6:.1f} -> "
+              f"{f['compact_bytes'] / 1e6:.1f} MB, x{f['saving']:.2f}")  # fmt: skip
         top = sorted(m["compact_by_kind"].items(), key=lambda kv: -kv[1])[:6]
         print("  compact by op kind (MB): " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in top))
         print("  energy dense/compact: " + ", ".join(
