@@ -52,7 +52,6 @@ Example:
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -76,6 +75,7 @@ __all__ = [
     "TrafficComparison",
     "TrafficMeasurement",
     "compare_traffic",
+    "count_bytes",
     "measure_traffic",
     "tensor_bytes",
 ]
@@ -203,7 +203,6 @@ class ByteCounter(TorchDispatchMode):
         super().__init__()
         self.stack = stack
         self.result = TrafficMeasurement()
-        self._layers: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
