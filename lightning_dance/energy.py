@@ -32,6 +32,30 @@ Connections for Efficient Neural Networks", NIPS 2015 (Fig. 1, after Horowitz; a
 Han et al., "EIE", ISCA 2016), widely reused since; 640 pJ is the low end of Horowitz's DRAM
 range (1.3 nJ per 64 bit, halved).
 
+**Memory levels** (:meth:`EnergyModel.for_target`): an access to a tensor that fits in the
+target's last-level cache (LLC) is priced at that cache's energy, not DRAM's. Horowitz's cache
+figures grow about as the square root of the capacity (8 KB -> 32 KB: x2 for x4; 32 KB -> 1 MB:
+x5 for x32, sqrt gives x5.7), so a cache of ``S`` bytes is priced at
+``100 pJ * sqrt(S / 1 MB)`` per 64-bit access (an extrapolation of his table, stated as such;
+2 MB: 17.7 pJ/byte, 6 MB: 30.6, 32 MB: 70.7, DRAM: 160). The rule needs the size of each
+tensor an op touches: :class:`lightning_dance.bytes.TrafficMeasurement` records the bytes moved
+per tensor size (:meth:`EnergyModel.measured_energy_pj`). It is per tensor and optimistic: a
+tensor that fits is assumed to be in the cache when an op touches it (true for a producer's
+output read by the next op, for weights only when the whole working set stays cached from clip
+to clip); one that does not fit is priced at DRAM for every byte. :data:`TARGETS`:
+
+=====================  ===========================================  ===========================
+target                 last-level cache                             source
+=====================  ===========================================  ===========================
+``jetson_nano``        2 MB L2 shared by the 4 Cortex-A57 cores     NVIDIA Jetson Nano data sheet
+                                                                    (DA-09366-001): "2 MB L2"
+``snapdragon_8_gen_1`` 6 MB L3 of the CPU cluster (DSU), behind it  Qualcomm product brief;
+                       a 4 MB system-level cache                    AnandTech, "Snapdragon 8 Gen 1
+                                                                    performance preview" (2021)
+``this_machine``       the largest data/unified cache of cpu0 in    read at run time
+                       ``/sys/devices/system/cpu/cpu0/cache``
+=====================  ===========================================  ===========================
+
 Example:
     >>> e = EnergyModel.fp32()
     >>> e.energy_pj(macs=1_000, bytes_moved=400)  # 1000 * 4.6 + 400 * 160
@@ -44,11 +68,25 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["EnergyModel", "MEMORY_PJ_PER_32BIT", "MAC_PJ"]
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning_dance.bytes import TrafficMeasurement
+
+__all__ = [
+    "EnergyModel",
+    "MAC_PJ",
+    "MEMORY_PJ_PER_32BIT",
+    "TARGETS",
+    "Target",
+    "cache_pj_per_byte",
+    "this_machine_llc_bytes",
+]
 
 #: Energy of one 32-bit access per memory level (pJ), from Horowitz 2014 (see module doc).
 MEMORY_PJ_PER_32BIT: dict[str, float] = {
@@ -66,6 +104,68 @@ MAC_PJ: dict[str, float] = {
 }
 
 _BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+_MB = 1 << 20
+
+
+def cache_pj_per_byte(capacity: int) -> float:
+    """Energy per byte of an access to a cache of ``capacity`` bytes: Horowitz's 100 pJ per
+    64-bit read of a 1 MB cache scaled by ``sqrt(capacity / 1 MB)`` (see the module doc).
+
+    Example:
+        >>> cache_pj_per_byte(1 << 20), round(cache_pj_per_byte(2 << 20), 2)
+        (12.5, 17.68)
+    """
+    if capacity <= 0:
+        raise ValueError(f"a cache capacity must be > 0 bytes, got {capacity}")
+    return 100.0 / 8 * math.sqrt(capacity / _MB)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A device's last-level cache, for :meth:`EnergyModel.for_target`."""
+
+    name: str
+    llc_bytes: int
+    llc: str
+    source: str
+
+
+#: Targets with the size of their last-level cache (sources in the module docstring).
+TARGETS: dict[str, Target] = {
+    "jetson_nano": Target(
+        "jetson_nano", 2 * _MB, "2 MB L2 shared by 4x Cortex-A57",
+        "NVIDIA Jetson Nano module data sheet DA-09366-001",
+    ),
+    "snapdragon_8_gen_1": Target(
+        "snapdragon_8_gen_1", 6 * _MB, "6 MB L3 (CPU cluster), then a 4 MB system-level cache",
+        "Qualcomm Snapdragon 8 Gen 1 product brief; AnandTech performance preview, Dec. 2021",
+    ),
+}  # fmt: skip
+
+
+def this_machine_llc_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The largest data or unified cache of cpu0 (sysfs ``index*/size``), in bytes.
+
+    Example:
+        >>> this_machine_llc_bytes() > 0
+        True
+    """
+    sizes = []
+    for index in sorted(Path(root).glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind in ("Data", "Unified") and size[:-1].isdigit():
+            scale = {"K": 1 << 10, "M": _MB, "G": 1 << 30}.get(size[-1].upper())
+            sizes.append(int(size[:-1]) * scale if scale else int(size))
+    if not sizes:
+        raise RuntimeError(
+            f"no cache sizes under {root}: name a target from TARGETS "
+            f"({', '.join(TARGETS)}) or give EnergyModel(cache_bytes=...) yourself"
+        )
+    return max(sizes)
 
 
 @dataclass(frozen=True)
@@ -82,6 +182,11 @@ class EnergyModel:
             ``None``: ``byte_pj``. The copies are small and consumed at once, so on a device
             with on-chip SRAM they may never reach DRAM: price them at an SRAM level to model
             that (``preset(..., copies="sram_1mb")``); the default is the pessimistic choice.
+        cache_bytes: the target's last-level cache capacity; with it,
+            :meth:`measured_energy_pj` prices accesses to tensors up to that size at
+            ``cache_byte_pj`` (``None``: no cache, every byte at ``byte_pj``).
+        cache_byte_pj: energy per byte of a last-level cache access (``None``:
+            :func:`cache_pj_per_byte` of ``cache_bytes``).
     """
 
     mac_pj: float = MAC_PJ["fp32"]
@@ -89,10 +194,15 @@ class EnergyModel:
     bytes_per_element: int = 4
     name: str = "fp32/dram @45nm (Horowitz 2014)"
     copy_byte_pj: float | None = None
+    cache_bytes: int | None = None
+    cache_byte_pj: float | None = None
 
     def __post_init__(self) -> None:
-        if self.mac_pj < 0 or self.byte_pj < 0 or (self.copy_byte_pj or 0) < 0:
+        energies = (self.mac_pj, self.byte_pj, self.copy_byte_pj or 0, self.cache_byte_pj or 0)
+        if min(energies) < 0:
             raise ValueError("energies must be >= 0")
+        if self.cache_bytes is not None and self.cache_bytes <= 0:
+            raise ValueError(f"cache_bytes must be > 0 (or None: no cache), got {self.cache_bytes}")
         if self.bytes_per_element < 1:
             raise ValueError(f"bytes_per_element must be >= 1, got {self.bytes_per_element}")
 
@@ -126,6 +236,62 @@ class EnergyModel:
     @classmethod
     def int8(cls, memory: str = "dram", copies: str | None = None) -> EnergyModel:
         return cls.preset("int8", memory, copies)
+
+    @classmethod
+    def for_target(cls, target: str | Target, arithmetic: str = "fp32") -> EnergyModel:
+        """A memory-level-aware model: DRAM at 160 pJ/byte, tensors that fit in ``target``'s
+        last-level cache at its cache energy (:func:`cache_pj_per_byte`). ``target``: a key of
+        :data:`TARGETS`, ``"this_machine"`` (:func:`this_machine_llc_bytes`) or a
+        :class:`Target`.
+
+        Example:
+            >>> e = EnergyModel.for_target("jetson_nano")
+            >>> e.cache_bytes, round(e.cache_byte_pj, 2), e.name
+            (2097152, 17.68, 'fp32, jetson_nano LLC 2 MB / dram @45nm (Horowitz 2014)')
+        """
+        if isinstance(target, str):
+            if target == "this_machine":
+                target = Target("this_machine", this_machine_llc_bytes(), "sysfs", "sysfs")
+            elif target in TARGETS:
+                target = TARGETS[target]
+            else:
+                raise ValueError(
+                    f"unknown target {target!r}: use one of {[*TARGETS, 'this_machine']} or a "
+                    "Target(name, llc_bytes, llc, source)"
+                )
+        base = cls.preset(arithmetic)
+        size = f"{target.llc_bytes / _MB:.3g} MB"
+        return cls(
+            mac_pj=base.mac_pj,
+            byte_pj=base.byte_pj,
+            bytes_per_element=base.bytes_per_element,
+            name=f"{arithmetic}, {target.name} LLC {size} / dram @45nm (Horowitz 2014)",
+            cache_bytes=target.llc_bytes,
+            cache_byte_pj=cache_pj_per_byte(target.llc_bytes),
+        )
+
+    def access_pj_per_byte(self, tensor_bytes: int) -> float:
+        """Energy per byte of an access to a tensor of ``tensor_bytes``: cache energy when it
+        fits in the last-level cache, else DRAM (``byte_pj``).
+
+        Example:
+            >>> e = EnergyModel(cache_bytes=1 << 20)
+            >>> e.access_pj_per_byte(4096), e.access_pj_per_byte(4 << 20)
+            (12.5, 160.0)
+        """
+        if self.cache_bytes is not None and tensor_bytes <= self.cache_bytes:
+            if self.cache_byte_pj is not None:
+                return self.cache_byte_pj
+            return cache_pj_per_byte(self.cache_bytes)
+        return self.byte_pj
+
+    def measured_energy_pj(self, macs: int | float, traffic: TrafficMeasurement) -> float:
+        """Estimated energy (pJ) of ``macs`` multiply-accumulates and the bytes ``traffic``
+        (a :class:`lightning_dance.bytes.TrafficMeasurement`) moved, each access priced by the
+        size of the tensor it touched (:meth:`access_pj_per_byte`)."""
+        moved = sum(b * self.access_pj_per_byte(size)
+                    for size, b in traffic.by_tensor_size.items())  # fmt: skip
+        return float(macs) * self.mac_pj + moved
 
     def energy_pj(
         self,

@@ -82,6 +82,7 @@ __all__ = [
     "count_macs",
     "count_module_macs",
     "eval_no_grad",
+    "module_stack",
 ]
 
 #: Names that moved out of this module (-> their module), importable from here for one release.
@@ -187,7 +188,7 @@ def _count_fvcore(model: nn.Module, inputs: tuple, per_module: bool) -> MacCount
             if base is not None:
                 analysis.set_op_handle(op, _renamed(base, key))
         analysis.set_op_handle(**jit_handles())
-        with _module_stack(model) as stack:
+        with module_stack(model) as stack:
             try:
                 total = int(analysis.total())  # the trace runs here
             except Exception as exc:
@@ -229,7 +230,7 @@ def _count_dispatch(model: nn.Module, inputs: tuple, per_module: bool) -> MacCou
             return super()._count_flops(func_packet, out, args, kwargs)
 
     counter = _Counter(display=False, custom_mapping=dispatch_mapping())
-    with quiet_fvcore(), _module_stack(model) as stack, counter:
+    with quiet_fvcore(), module_stack(model) as stack, counter:
         try:
             model(*inputs)
         except Exception as exc:
@@ -274,13 +275,19 @@ class _CountFailure(Exception):
 
 
 @contextmanager
-def _module_stack(model: nn.Module) -> Iterator[list[tuple[str, nn.Module]]]:
+def module_stack(
+    model: nn.Module, *, prefix: str = "", stack: list[tuple[str, nn.Module]] | None = None
+) -> Iterator[list[tuple[str, nn.Module]]]:
     """Track the modules whose forward is running (qualified name, module), innermost last.
+
+    Shared by the MAC counters and the byte counter (:mod:`lightning_dance.bytes`) to attribute
+    ops to modules. ``prefix`` is put before every name (``prefix.name``; the root is named
+    ``prefix``); ``stack``: track into this list (several models in one stack).
 
     A forward that raises leaves its entry on the stack, so after an exception the stack ends
     with the module that failed.
     """
-    stack: list[tuple[str, nn.Module]] = []
+    stack = [] if stack is None else stack
 
     def push(name: str):
         return lambda module, args: stack.append((name, module))
@@ -291,6 +298,7 @@ def _module_stack(model: nn.Module) -> Iterator[list[tuple[str, nn.Module]]]:
 
     handles = []
     for name, module in model.named_modules():
+        name = ".".join(n for n in (prefix, name) if n)
         handles.append(module.register_forward_pre_hook(push(name)))
         handles.append(module.register_forward_hook(pop))
     try:

@@ -7,9 +7,14 @@ DANCE-pruned model executed for each clip, and reports per clip:
 - executed MACs: dense MACs of everything that is not instrumented + executed MACs of the
   instrumented layers + the controller's MACs (the same for every clip); mean, p5, p95 over all
   clips seen;
-- memory traffic of the Conv3d layers (instrumented ones executed, the others dense; other ops'
-  traffic is not modeled) and an energy ESTIMATE (:class:`lightning_dance.energy.EnergyModel`),
-  both also as savings dense / executed;
+- memory traffic of the Conv3d layers from the analytic model :mod:`lightning_dance.traffic`
+  (instrumented ones executed, the others dense; other ops' traffic is not modeled) and an
+  energy ESTIMATE (:class:`lightning_dance.energy.EnergyModel`), both also as savings dense /
+  executed: what masks or pruning statistics allow without running the fast path;
+- with :meth:`MacReport.measure`, the traffic MEASURED from the ops the dense fast path and the
+  compact path really run (:mod:`lightning_dance.bytes`: every op, the controller and the
+  gathers included) and the energy estimate of those runs under each target of
+  :data:`lightning_dance.energy.TARGETS` and this machine (LLC-aware pricing);
 - per layer: input shape, dense MACs, mean executed MACs, kept fraction per dim and, when the
   masks themselves were seen, the executed/dense MAC factor per dim
   (:func:`lightning_dance.executed.conv3d_mac_factors`).
@@ -58,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from lightning_dance.energy import EnergyModel
+from lightning_dance.energy import TARGETS, EnergyModel
 from lightning_dance.executed import conv3d_executed_macs_batch, conv3d_mac_factors
 from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.layers import LayerSelector, select_conv3d
@@ -69,6 +74,8 @@ from lightning_dance.traffic import conv3d_memory_traffic
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_dance.aap import AdaptivePruner
+    from lightning_dance.bytes import TrafficComparison
+    from lightning_dance.execution import CompactPruner
     from lightning_dance.stats import PruningStats
 
 __all__ = ["MacReport"]
@@ -196,6 +203,7 @@ class MacReport:
             for name, conv in convs.items()
         }
         self.samples = 0
+        self.measured: list[TrafficComparison] = []
 
     @staticmethod
     def _controller_macs(controller: nn.Module | int | None, inputs: Any) -> int:
@@ -262,6 +270,77 @@ class MacReport:
         for layer in self.layers.values():
             layer.clear()
         self.samples = 0
+        self.measured = []
+
+    def measure(
+        self, pruner: AdaptivePruner | CompactPruner, clip: torch.Tensor
+    ) -> TrafficComparison:
+        """Measure and record the bytes the dense fast path and the compact path move on each
+        clip of ``clip`` ``[N, C, T, H, W]`` (:func:`lightning_dance.bytes.compare_traffic`;
+        ``pruner``: an ``AdaptivePruner``, run compactly, or a configured ``CompactPruner``).
+        Independent of the MAC updates; :meth:`to_dict` reports them under ``"measured"``.
+        Returns the comparison of the last clip.
+
+        Example:
+            >>> import torch
+            >>> from lightning_dance.aap import AdaptivePruner
+            >>> from lightning_dance.models import create_model
+            >>> pruner = AdaptivePruner(create_model("tiny_c3d", num_classes=4), budget=0.5)
+            >>> report = MacReport.for_pruner(pruner.eval(), (3, 8, 32, 32))
+            >>> c = report.measure(pruner, torch.randn(1, 3, 8, 32, 32))
+            >>> sorted(report.measured_dict())[:3]
+            ['clips', 'compact_bytes_mean', 'compact_macs_mean']
+        """
+        from lightning_dance.bytes import compare_traffic
+
+        if clip.dim() != 5 or tuple(clip.shape[1:]) != self.clip_shape:
+            raise ValueError(
+                f"measure needs clips [N, {', '.join(map(str, self.clip_shape))}] (this "
+                f"report's clip shape), got {tuple(clip.shape)}"
+            )
+        for one in clip.split(1):
+            comparison = compare_traffic(pruner, one)
+            self.measured.append(comparison)
+        return comparison
+
+    def measured_dict(self) -> dict[str, Any] | None:
+        """Means over the clips given to :meth:`measure` (``None`` if none): bytes and MACs of
+        the dense fast path and the compact path, the controller's bytes, the traffic saving
+        and the energy saving under each target (plus ``dram``: every byte at DRAM energy)."""
+        if not self.measured:
+            return None
+        n = len(self.measured)
+
+        def mean(values: list[float]) -> float:
+            return float(sum(values)) / n
+
+        models = {"dram": EnergyModel.preset(self.energy_arithmetic)}
+        for target in (*TARGETS, "this_machine"):
+            models[target] = EnergyModel.for_target(target, self.energy_arithmetic)
+        energy = {}
+        for key, model in models.items():
+            dense = mean([model.measured_energy_pj(c.dense.macs, c.dense) for c in self.measured])
+            compact = [model.measured_energy_pj(c.compact.macs, c.compact) for c in self.measured]
+            energy[key] = dense / mean(compact)
+        dense_bytes = mean([c.dense.total for c in self.measured])
+        compact_bytes = mean([c.compact.total for c in self.measured])
+        return {
+            "clips": n,
+            "dense_bytes": dense_bytes,
+            "compact_bytes_mean": compact_bytes,
+            "controller_bytes_mean": mean(
+                [c.compact.layer_total("controller") for c in self.measured]
+            ),
+            "traffic_saving": dense_bytes / compact_bytes,
+            "dense_macs": mean([c.dense.macs for c in self.measured]),
+            "compact_macs_mean": mean([c.compact.macs for c in self.measured]),
+            "energy_saving": energy,
+        }
+
+    @property
+    def energy_arithmetic(self) -> str:
+        """The arithmetic (fp32/fp16/int8) of this report's energy model, by element size."""
+        return {4: "fp32", 2: "fp16", 1: "int8"}.get(self.energy.bytes_per_element, "fp32")
 
     # ------------------------------------------------------------------------------ updates
     def update(self, masks: Mapping[str, Any], *, batch_size: int | None = None) -> None:
@@ -514,6 +593,7 @@ class MacReport:
             "dense_energy_pj": dense_energy,
             "executed_energy_pj_mean": mean_energy,
             "energy_saving": dense_energy / mean_energy,
+            "measured": self.measured_dict(),
             "layers": [self._layer_dict(layer) for layer in self.layers.values()],
         }
 
@@ -532,6 +612,10 @@ class MacReport:
         keys = ("executed_macs_mean", "executed_macs_p5", "executed_macs_p95", "macs_ratio",
                 "macs_saving", "traffic_saving", "energy_saving")  # fmt: skip
         out = {f"{prefix}{k}": float(d[k]) for k in keys}
+        if d["measured"] is not None:
+            out[f"{prefix}measured_traffic_saving"] = d["measured"]["traffic_saving"]
+            for target, saving in d["measured"]["energy_saving"].items():
+                out[f"{prefix}measured_energy_saving/{target}"] = saving
         if per_layer:
             for layer in d["layers"]:
                 out[f"{prefix}{layer['name']}/macs_ratio"] = layer["macs_ratio"]

@@ -53,13 +53,22 @@ def table_rows(d: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]
         f"{human(d['executed_macs_mean'])} (p5 {human(d['executed_macs_p5'])}, p95 "
         f"{human(d['executed_macs_p95'])}, controller {human(d['controller_macs'])}): "
         f"ratio {d['macs_ratio']:.3f}, saving x{d['macs_saving']:.2f}",
-        f"Conv3d memory traffic: dense {human(d['dense_bytes'])}B, executed "
+        f"Conv3d memory traffic (analytic model): dense {human(d['dense_bytes'])}B, executed "
         f"{human(d['executed_bytes_mean'])}B (gather/scatter copies "
         f"{human(d['copy_bytes_mean'])}B): saving x{d['traffic_saving']:.2f}",
         f"energy ESTIMATE ({d['energy_model']}): dense {d['dense_energy_pj'] / 1e6:.3g} uJ,"
         f" executed {d['executed_energy_pj_mean'] / 1e6:.3g} uJ: saving "
         f"x{d['energy_saving']:.2f}",
     ]
+    m = d.get("measured")
+    if m:
+        energy = ", ".join(f"{k} x{v:.2f}" for k, v in m["energy_saving"].items())
+        totals += [
+            f"MEASURED traffic of the executed ops ({m['clips']} clips): dense fast path "
+            f"{human(m['dense_bytes'])}B, compact {human(m['compact_bytes_mean'])}B (controller "
+            f"{human(m['controller_bytes_mean'])}B): saving x{m['traffic_saving']:.2f}",
+            f"energy ESTIMATE of the measured runs, LLC-aware: {energy}",
+        ]
     return header, rows, totals
 
 

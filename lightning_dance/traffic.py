@@ -5,6 +5,12 @@ execution path move (input, weight, output, plus the gather and scatter copies o
 path); :class:`Traffic` holds the result and explains each term. The executed counts it builds
 on are :mod:`lightning_dance.executed`; :class:`lightning_dance.energy.EnergyModel` turns MACs
 and bytes into an energy estimate. docs/accounting.md has the details.
+
+An ESTIMATE for when nothing runs (masks or training statistics only): for dense convs it
+equals the bytes measured from the executed ops (:mod:`lightning_dance.bytes`), but the compact
+path as implemented moves different bytes (channel chains skip outputs and gathers; weights
+are sliced per call; padding and per-tap partials are materialized): quote
+:func:`lightning_dance.bytes.compare_traffic` for an execution (docs/accounting.md, 4b).
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from lightning_dance.execution.compact import (
     compact_conv3d,
     compact_conv3d_unchecked,
 )
+from lightning_dance.execution.folding import foldable_norms, folded_conv, norm_is_foldable
 from lightning_dance.execution.indexed import IndexedRun, index_plan_applies, indexed_norm
 from lightning_dance.execution.kernels import (
     accelerate_dense,
@@ -182,6 +183,12 @@ class CompactPruner:
             ``tunings``, run straight from each layer's top-k indices
             (:mod:`~lightning_dance.execution.indexed`: far fewer small ops; same result and
             multiply-adds). ``False``: always the general mask-based plan.
+        fold_norms: each eval BatchNorm3d that alone reads a conv's output (not the stem's:
+            the controller reads it raw) is computed by that conv
+            (:mod:`~lightning_dance.execution.folding`: folded weights, cached) and passes its
+            input through; same result up to float rounding, one pass over each such output
+            fewer. :meth:`compare_dense` and :func:`lightning_dance.bytes.compare_traffic`
+            give the dense baseline the same folding.
 
     Example:
         >>> import torch
@@ -202,8 +209,11 @@ class CompactPruner:
         batch_mode: str = "group",
         skip_outputs: bool = True,
         index_plan: bool = True,
+        fold_norms: bool = False,
     ) -> None:
-        for arg, value in (("skip_outputs", skip_outputs), ("index_plan", index_plan)):
+        flags = (("skip_outputs", skip_outputs), ("index_plan", index_plan),
+                 ("fold_norms", fold_norms))  # fmt: skip
+        for arg, value in flags:
             if not isinstance(value, bool):
                 raise TypeError(f"{arg} must be a bool, got {value!r}")
         self.pruner = pruner
@@ -211,7 +221,9 @@ class CompactPruner:
         self.tunings: dict[str, LayerTuning] = dict(tunings or {})
         self.batch_mode = check_batch_mode(batch_mode)
         self.skip_outputs = skip_outputs
+        self.fold_norms = fold_norms
         self._routed_modules: dict[str, nn.Module] | None = None
+        self._fold_pairs: dict[str, str] | None = None
 
     @property
     def chains(self) -> dict[str, ChannelChain]:
@@ -244,7 +256,7 @@ class CompactPruner:
         model, fast_clip = self.pruner.model, to_fast_layout(clip)
 
         def dense() -> object:
-            with accelerate_dense(model):
+            with accelerate_dense(model, fold_norms=self.fold_norms):
                 return model(fast_clip)
 
         best = {"dense_ms": float("inf"), "compact_ms": float("inf")}
@@ -271,8 +283,9 @@ class CompactPruner:
             )
         self._prepare(clip)
         chains = self.chains
+        folds = self._folds()
         if self.index_plan and not self.tunings and index_plan_applies(p, clip):
-            run = IndexedRun(p, chains)
+            run = IndexedRun(p, chains, folds)
             with torch.no_grad(), route_conv3d(self._routed(), run):
                 return p.model(to_fast_layout(clip))
         stem, layers = p.stem_name, set(p.layer_names)
@@ -281,8 +294,8 @@ class CompactPruner:
 
         def forward(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             if isinstance(module, nn.BatchNorm3d):
-                return indexed_norm(module, x, held.get(name))
-            conv = module
+                return x if name in folds else indexed_norm(module, x, held.get(name))
+            conv = folded_conv(module, folds[name]) if name in folds else module
             shape = (conv.in_channels, *x.shape[2:])  # x may hold only the kept channels
             out_idx = None
             chain = chains.get(name)
@@ -311,13 +324,33 @@ class CompactPruner:
             return p.model(to_fast_layout(clip))
 
     def _routed(self) -> dict[str, nn.Module]:
-        """Every Conv3d, and the BatchNorm3d modules inside the chains (they run on the computed
-        channels only); found once."""
+        """Every Conv3d, the BatchNorm3d modules inside the chains (they run on the computed
+        channels only) and the folded ones; found once."""
         if self._routed_modules is None:
             modules = dict(self.pruner.model.named_modules())
             norms = {n: modules[n] for c in self.chains.values() for n in c.norms}
-            self._routed_modules = {**all_conv3d(self.pruner.model), **norms}
+            folded = {n: modules[n] for n in self._fold_names().values()}
+            self._routed_modules = {**all_conv3d(self.pruner.model), **norms, **folded}
         return self._routed_modules
+
+    def _fold_names(self) -> dict[str, str]:
+        """``{conv: BatchNorm}`` names folded with ``fold_norms`` (found once; not the stem)."""
+        if not self.fold_norms:
+            return {}
+        if self._fold_pairs is None:
+            p = self.pruner
+            self._fold_pairs = foldable_norms(p.model, keep=(p.stem_name,))
+        return self._fold_pairs
+
+    def _folds(self) -> dict[str, nn.BatchNorm3d]:
+        """For this call: conv name -> the BatchNorm it computes, and each such BatchNorm's
+        name -> itself (both sides: :func:`norm_is_foldable` now)."""
+        modules = dict(self.pruner.model.named_modules()) if self.fold_norms else {}
+        folds: dict[str, nn.BatchNorm3d] = {}
+        for conv_name, norm_name in self._fold_names().items():
+            if norm_is_foldable(modules[norm_name]):
+                folds[conv_name] = folds[norm_name] = modules[norm_name]
+        return folds
 
 
 def random_masks(

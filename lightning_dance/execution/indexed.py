@@ -42,6 +42,7 @@ from lightning_dance.execution.compact import (
     compact_conv3d_unchecked as _compact_conv3d,  # a module attribute: tests patch it
 )
 from lightning_dance.execution.compact import kept_weight, skip_unread
+from lightning_dance.execution.folding import folded_conv
 from lightning_dance.execution.kernels import (
     conv3d_fast_forward,
     is_pointwise,
@@ -173,18 +174,26 @@ def indexed_norm(bn: nn.BatchNorm3d, x: torch.Tensor, idx: torch.Tensor | None) 
 
 class IndexedRun:
     """One clip's routing for :class:`~lightning_dance.execution.CompactPruner`'s index plan:
-    ``run(name, module, x)`` is the forward of every routed Conv3d and chain BatchNorm."""
+    ``run(name, module, x)`` is the forward of every routed Conv3d and chain BatchNorm;
+    ``folds``: as ``CompactPruner._folds`` (folded BatchNorms pass their input through)."""
 
-    def __init__(self, pruner: AdaptivePruner, chains: dict[str, ChannelChain]) -> None:
+    def __init__(
+        self,
+        pruner: AdaptivePruner,
+        chains: dict[str, ChannelChain],
+        folds: dict[str, nn.BatchNorm3d] | None = None,
+    ) -> None:
         self.pruner, self.chains = pruner, chains
+        self.folds = folds or {}  # conv / BatchNorm name -> the BatchNorm the conv computes
         self.idx: dict[str, torch.Tensor | None] | None = None  # set when the stem ran
         self.held: dict[str, torch.Tensor] = {}  # consumer / norm -> the channels x holds
 
     def __call__(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         p = self.pruner
         if isinstance(module, nn.BatchNorm3d):
-            return indexed_norm(module, x, self.held.pop(name, None))
-        conv = module
+            held = self.held.pop(name, None)
+            return x if name in self.folds else indexed_norm(module, x, held)
+        conv = folded_conv(module, self.folds[name]) if name in self.folds else module
         if name not in p._layers:
             y = conv3d_fast_forward(conv, x)
             if name == p.stem_name and self.idx is None:

@@ -259,7 +259,7 @@ def conv3d_fast_forward(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def accelerate_dense(model: nn.Module) -> Iterator[nn.Module]:
+def accelerate_dense(model: nn.Module, *, fold_norms: bool = False) -> Iterator[nn.Module]:
     """Route every ``nn.Conv3d`` of ``model`` through :func:`fast_conv3d` inside the context.
 
     The dense model gets the same kernel choices as the compact path (oneDNN on
@@ -268,11 +268,35 @@ def accelerate_dense(model: nn.Module) -> Iterator[nn.Module]:
     (:func:`to_fast_layout`) to save one layout conversion at the stem; elementwise ops keep
     the layout, so the rest of the network stays in it.
 
+    ``fold_norms``: each eval BatchNorm3d that alone reads a conv's output is computed by the
+    conv (:mod:`~lightning_dance.execution.folding`) and passes its input through: the dense
+    baseline of a ``CompactPruner(fold_norms=True)``.
+
     Example:
         >>> import torch, torch.nn as nn
         >>> net = nn.Sequential(nn.Conv3d(3, 8, 3), nn.ReLU(), nn.Conv3d(8, 4, 1))
         >>> with accelerate_dense(net):
         ...     y = net(torch.randn(1, 3, 4, 8, 8))
     """
-    with route_conv3d(model, lambda _name, conv, x: conv3d_fast_forward(conv, x)):
+    modules: dict[str, nn.Module] = dict(all_conv3d(model))
+    folds: dict[str, nn.Module] = {}  # conv name -> its BatchNorm; BatchNorm name -> None
+    if fold_norms:
+        from lightning_dance.execution.folding import foldable_norms, norm_is_foldable
+
+        named = dict(model.named_modules())
+        for conv_name, norm_name in foldable_norms(model).items():
+            if norm_is_foldable(named[norm_name]):
+                folds[conv_name], folds[norm_name] = named[norm_name], None
+                modules[norm_name] = named[norm_name]
+
+    def forward(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if name in folds:
+            if folds[name] is None:  # a folded BatchNorm: its conv computed it
+                return x
+            from lightning_dance.execution.folding import folded_conv
+
+            module = folded_conv(module, folds[name])
+        return conv3d_fast_forward(module, x)
+
+    with route_conv3d(modules, forward):
         yield model

@@ -276,12 +276,12 @@ def _fold_norms(model: nn.Module, pruner: AdaptivePruner) -> dict[str, str]:
     statistics that alone reads a Conv3d's output into that conv (``torch.nn.utils.fusion``),
     the BatchNorm becoming an ``nn.Identity``; never the stem's, whose raw output the controller
     reads. Returns ``{BatchNorm name: conv name}``."""
-    from lightning_dance.execution.chains import conv_norms
+    from lightning_dance.execution.folding import foldable_norms, norm_is_foldable
 
     folded = {}
-    for conv_name, norm_name in conv_norms(pruner.model).items():
+    for conv_name, norm_name in foldable_norms(pruner.model, keep=(pruner.stem_name,)).items():
         conv, bn = model.get_submodule(conv_name), model.get_submodule(norm_name)
-        if conv_name == pruner.stem_name or bn.training or bn.running_mean is None:
+        if not norm_is_foldable(bn):
             continue
         conv.weight, conv.bias = fuse_conv_bn_weights(
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
