@@ -33,8 +33,10 @@ of a DANCE model, counted op by op, plus its dense parts and controller); batch-
 fastest form (DANCE: the compact path; static models: the faster of plain PyTorch and
 :func:`lightning_dance.timing.dense_fast`) against the dense reference in its fastest form,
 interleaved in one process over the same test clips (:func:`lightning_dance.timing.interleaved`);
-the energy estimate (:class:`lightning_dance.report.MacReport`, fp32 MACs and Conv3d traffic at
-DRAM, 45 nm). Per method and budget: mean and standard deviation over seeds.
+the bytes the fastest form moves, measured from the ops it runs
+(:func:`lightning_dance.bytes.measure_traffic`, controller included), and the energy estimate
+of those MACs and bytes (:class:`lightning_dance.energy.EnergyModel`: every access at DRAM, and
+the cache-aware Jetson Nano and Snapdragon 8 Gen 1 targets). Per method and budget: mean and standard deviation over seeds.
 
 Writes ``results.json``, ``summary.md`` and two plots (``pareto_macs.png``: top-1 vs counted MACs;
 ``pareto_latency.png``: top-1 vs measured speedup; one curve per method, error bars = std over
@@ -74,14 +76,15 @@ import torch
 import torch.nn as nn
 
 from lightning_dance.ava_callback import AVACallback
+from lightning_dance.bytes import TrafficMeasurement, measure_traffic
 from lightning_dance.classifier import VideoClassifier
 from lightning_dance.data import SyntheticVideoDataModule
+from lightning_dance.energy import TARGETS, EnergyModel
 from lightning_dance.execution import CompactPruner, count_executed_macs
 from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.macs import count_macs
 from lightning_dance.models import create_model
 from lightning_dance.recipes import accuracy, evaluate_dance, fit, train_controller
-from lightning_dance.report import MacReport
 from lightning_dance.timing import Timing, dense_fast, interleaved, machine
 from lightning_dance.wrapper import DANCEWrapper
 
@@ -242,17 +245,31 @@ class Candidate:
                 ran.append(macs.total + stats.fixed_macs + stats.controller_macs)
         return statistics.fmean(ran) / dense_macs
 
-    def energy_saving(self, ctx: Context, reference: nn.Module) -> float:
-        """Estimated dense-reference energy / this model's, per clip (MacReport's model)."""
-        ref = MacReport(reference, ctx.example)
-        ref_pj = ref.energy.energy_pj(ref.dense.total, sum(ref.conv_dense_bytes.values()))
-        if self.wrapper is None:
-            own = MacReport(self.model, ctx.example)
-            return ref_pj / own.energy.energy_pj(own.dense.total,
-                                                  sum(own.conv_dense_bytes.values()))  # fmt: skip
-        report = MacReport.for_pruner(self.wrapper.pruner, ctx.task.clip_shape)
-        evaluate_dance(self.wrapper, ctx.dm, "test", report=report)
-        return ref_pj / report.to_dict()["executed_energy_pj_mean"]
+    def traffic(self, clips: Sequence[torch.Tensor]) -> list[TrafficMeasurement]:
+        """Bytes moved and MACs run by the fast form on each clip, measured from the executed
+        op stream (:func:`lightning_dance.bytes.measure_traffic`; static models on the dense
+        fast kernels, DANCE models on the compact path, controller included)."""
+        target = self.model if self.wrapper is None else CompactPruner(self.wrapper.pruner)
+        return [measure_traffic(target, clip) for clip in clips]
+
+
+def energy_figures(own: Sequence[TrafficMeasurement],
+                   dense: Sequence[TrafficMeasurement]) -> dict[str, float]:  # fmt: skip
+    """Measured traffic saving and estimated energy saving (dense / own, means over clips) under
+    a DRAM-only model and each cache-aware target of :data:`lightning_dance.energy.TARGETS`."""
+
+    def mean_pj(model: EnergyModel, runs: Sequence[TrafficMeasurement]) -> float:
+        return statistics.fmean(model.measured_energy_pj(t.macs, t) for t in runs)
+
+    figures = {"traffic_saving": statistics.fmean(t.total for t in dense)
+               / statistics.fmean(t.total for t in own)}  # fmt: skip
+    for name, model in ENERGY_MODELS.items():
+        figures[f"energy_saving_{name}"] = mean_pj(model, dense) / mean_pj(model, own)
+    return figures
+
+
+#: the energy estimates reported: every access at DRAM, and cache-aware edge targets
+ENERGY_MODELS = {"dram": EnergyModel(), **{name: EnergyModel.for_target(name) for name in TARGETS}}
 
 
 # ------------------------------------------------------------------------------ the methods
@@ -404,7 +421,7 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
     candidates: dict[tuple[str, float], Candidate] = {}
     rows: dict[tuple[str, float], dict[str, Any]] = {}
     failed: list[dict[str, Any]] = []
-    reference: nn.Module | None = None
+    reference: list[TrafficMeasurement] | None = None  # the dense model's
     for name, budget in [("dense", 1.0), *itertools.product(methods, budgets)]:
         t0 = time.perf_counter()
         try:
@@ -415,17 +432,18 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
                            "error": f"{type(err).__name__}: {err}"})  # fmt: skip
             print(f"[seed {seed}] {name} @ {budget}: FAILED {err}", flush=True)
             continue
+        traffic = cand.traffic(clips)
         if reference is None:
-            reference = cand.model
+            reference = traffic
         row = {"method": name, "budget": budget, "seed": seed, **cand.evaluate(ctx),
-               "ran_ratio": cand.ran_ratio(clips, dense_macs),
-               "energy_saving": cand.energy_saving(ctx, reference),
+               "ran_ratio": cand.ran_ratio(clips, dense_macs), **energy_figures(traffic, reference),
                "params": sum(p.numel() for p in cand.model.parameters()),
                "train_seconds": time.perf_counter() - t0, "note": cand.note}  # fmt: skip
         candidates[(name, budget)], rows[(name, budget)] = cand, row
         print(f"[seed {seed}] {name:>14} @ {budget:.2f}: top-1 {row['acc']:.4f}  MACs "
-              f"{row['mac_ratio']:.3f} (ran {row['ran_ratio']:.3f})  energy "
-              f"x{row['energy_saving']:.2f}  {cand.note}", flush=True)  # fmt: skip
+              f"{row['mac_ratio']:.3f} (ran {row['ran_ratio']:.3f})  traffic "
+              f"x{row['traffic_saving']:.2f}  energy x{row['energy_saving_dram']:.2f} (DRAM), "
+              f"x{row['energy_saving_jetson_nano']:.2f} (Jetson Nano)  {cand.note}", flush=True)  # fmt: skip
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             with open(args.out / "rows.jsonl", "a") as f:
@@ -457,7 +475,7 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
 
 
 FIGURES = ("acc", "mac_ratio", "mac_ratio_p5", "mac_ratio_p95", "ran_ratio", "latency_ms",
-           "speedup", "energy_saving")  # fmt: skip
+           "speedup", "traffic_saving", *(f"energy_saving_{n}" for n in ENERGY_MODELS))  # fmt: skip
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -490,19 +508,23 @@ def markdown(summary: Sequence[dict[str, Any]], result: dict[str, Any]) -> str:
         "dense-fast median / method median, interleaved.",
         "",
         "| method | budget | seeds | top-1 (mean ± std) | MACs counted (p5-p95) | MACs ran | "
-        "latency ms | speedup | energy (est.) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "latency ms | speedup | traffic saving | energy saving (est.): "
+        + ", ".join(ENERGY_MODELS)
+        + " |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for e in summary:
         if not e["seeds"]:
             lines.append(f"| {e['method']} | {e['budget']} | 0 | failed: {'; '.join(e['errors'])} "
-                         "| | | | | |")  # fmt: skip
+                         "| | | | | | |")  # fmt: skip
             continue
         lines.append(
             f"| {e['method']} | {e['budget']} | {e['seeds']} | {100 * e['acc']:.1f} ± "
             f"{100 * e['acc_std']:.1f} | {e['mac_ratio']:.3f} ({e['mac_ratio_p5']:.2f}-"
             f"{e['mac_ratio_p95']:.2f}) | {e['ran_ratio']:.3f} | {e['latency_ms']:.2f} | "
-            f"{e['speedup']:.2f}x ± {e['speedup_std']:.2f} | x{e['energy_saving']:.2f} |"
+            f"{e['speedup']:.2f}x ± {e['speedup_std']:.2f} | x{e['traffic_saving']:.2f} | "
+            + ", ".join(f"x{e['energy_saving_' + n]:.2f}" for n in ENERGY_MODELS)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
