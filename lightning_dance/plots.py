@@ -251,7 +251,7 @@ def latency_bars(
     y = np.arange(len(names))
     ax.barh(y, med, xerr=[np.zeros_like(med), np.maximum(p90 - med, 0)], capsize=3,
             color=["tab:grey" if n == baseline else "tab:blue" for n in names])  # fmt: skip
-    for yi, (n, m) in enumerate(zip(names, med, strict=True)):
+    for yi, m in enumerate(med):
         label = f" {m:.1f} ms"
         if baseline is not None:
             label += f"  ({float(timings[baseline][0]) / m:.2f}x)"
