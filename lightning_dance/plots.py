@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,8 @@ def clip_overlays(
         feats = to_grid(f, (t, h, w)) if f.ndim == 4 else to_grid(f, (h, w))[:, None]
         feats = np.broadcast_to(feats, (k, t, h, w))
     shown = sorted({int(round(i)) for i in np.linspace(0, t - 1, min(t, max_frames))})
-    fig = _figure(1.3 * len(shown) + 0.4, 1.45 * k + (0.5 if caption else 0.2))
+    lines = 1 + len(caption or "") // int(1.3 * len(shown) * 17) if caption else 0
+    fig = _figure(1.3 * len(shown) + 0.4, 1.45 * k + 0.2 + 0.18 * lines)
     axes = fig.subplots(k, len(shown), squeeze=False)
     for i in range(k):
         gray = x[i].mean(0)
@@ -222,7 +224,8 @@ def clip_overlays(
         if titles is not None:
             axes[i, 0].set_ylabel(titles[i], fontsize=8)
     if caption:
-        fig.suptitle(caption, fontsize=8, y=0.0, va="bottom")
+        width = int(1.3 * len(shown) * 17)  # characters per line at fontsize 8
+        fig.supxlabel(textwrap.fill(caption, width), fontsize=8)
     return _save(fig, path)
 
 
@@ -232,12 +235,14 @@ def latency_bars(
     *,
     baseline: str | None = None,
     title: str = "batch-1 latency (median, whisker: p90)",
+    note: str | None = None,
 ) -> Path:
     """Horizontal bars of median latency (ms) with a whisker to the p90, one per variant.
 
     ``timings`` is ``{variant: (median_ms, p90_ms)}`` (e.g. from
     :func:`lightning_dance.timing.interleaved`: ``(t.median_ms, t.p90_ms)``); with ``baseline``
-    each bar is labelled with its speedup ``median(baseline) / median(variant)``.
+    each bar is labelled with its speedup ``median(baseline) / median(variant)``; ``note`` is
+    a line under the axis (e.g. the threads and the load average of the machine).
     """
     if not timings:
         raise ValueError("latency_bars needs at least one variant")
@@ -251,14 +256,14 @@ def latency_bars(
     y = np.arange(len(names))
     ax.barh(y, med, xerr=[np.zeros_like(med), np.maximum(p90 - med, 0)], capsize=3,
             color=["tab:grey" if n == baseline else "tab:blue" for n in names])  # fmt: skip
-    for yi, m in enumerate(med):
+    for yi, (m, top) in enumerate(zip(med, p90, strict=True)):
         label = f" {m:.1f} ms"
         if baseline is not None:
             label += f"  ({float(timings[baseline][0]) / m:.2f}x)"
-        ax.text(m, yi, label, va="center", fontsize=8)
+        ax.text(max(m, top), yi, label, va="center", fontsize=8)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
-    ax.set_xlabel("ms per clip")
-    ax.set_xlim(0, float(max(p90.max(), med.max())) * 1.45)
+    ax.set_xlabel("ms per clip" + (f"\n{note}" if note else ""))
+    ax.set_xlim(0, float(max(p90.max(), med.max())) * 1.6)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
