@@ -84,12 +84,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=1536)
     p.add_argument("--val-size", type=int, default=384, help="validation and test clips each")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=6, help="epochs of dense training")
+    p.add_argument("--epochs", type=int, default=5, help="epochs of dense training")
     p.add_argument("--ava-epochs", type=int, default=1, help="epochs of AVA fine-tuning")
     p.add_argument(
         "--ava-weight", type=float, default=DEFAULT_WEIGHT, help="AVA loss weight (lambda)"
     )
-    p.add_argument("--dance-epochs", type=int, default=6, help="epochs of DANCE fine-tuning")
+    p.add_argument("--dance-epochs", type=int, default=5, help="epochs of DANCE fine-tuning")
     p.add_argument("--budget", type=float, default=0.5, help="target executed/dense MAC ratio")
     p.add_argument(
         "--joint",

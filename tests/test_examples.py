@@ -12,13 +12,15 @@ behind. The stored notebooks are never written to: outputs stay out of git.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 CELL_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -94,15 +96,21 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
     load_notebook(path)  # the stored file: structure checked, no outputs
     nb = nbformat.read(path, as_version=4)
     # one more cell, in memory only: which interpreter the kernel runs
-    nb.cells.append(nbformat.v4.new_code_cell("import sys\nprint('kernel:', sys.executable)"))
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "import sys, lightning_dance\nprint('kernel:', sys.executable, lightning_dance.__file__)"
+    ))  # fmt: skip
     number = path.name[:2]
     cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
     cwd.mkdir()
     tmp.mkdir()
-    # the kernel inherits this environment
+    # the kernel inherits this environment; it imports the package of this checkout (its
+    # working directory is elsewhere, and an installed copy may be another checkout's)
     for key, value in dict(LIGHTNING_DANCE_QUICK="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                            TMPDIR=str(tmp)).items():  # fmt: skip
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    )
     client = nbclient.NotebookClient(
         nb,
         kernel_name="python3",  # jupyter_client runs its "python" as sys.executable
@@ -115,7 +123,8 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch):
         pytest.fail(f"{path.name} failed in a cell:\n{str(exc)[-6000:]}")
     printed = _outputs_text(nb)
     tail = f"\n--- outputs ---\n{printed[-4000:]}"
-    assert f"kernel: {sys.executable}" in printed, f"the kernel is another interpreter{tail}"
+    package = ROOT / "lightning_dance" / "__init__.py"
+    assert f"kernel: {sys.executable} {package}" in printed, f"another interpreter or package{tail}"
     assert f"notebook {number}: ok" in printed, tail
     assert not list(cwd.iterdir()), f"{path.name} left files in its working directory{tail}"
     # libraries put their own caches and markers there (torch: torchinductor_<user>; the ONNX
