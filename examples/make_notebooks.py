@@ -888,7 +888,7 @@ NB04 = [
 
         `lightning-dance demo` runs the recommended DANCE recipe on the built-in synthetic clips
         (dense training, AVA fine-tuning, then backbone and controller fine-tuned jointly with
-        gradual pruning and a cosine learning rate, toward half the dense MACs), measures it and
+        gradual pruning and a cosine learning rate, toward 60% of the dense MACs), measures it and
         writes an output folder. This notebook runs it from Python (`run_demo`) and shows what
         it wrote: the summary table, the four pictures, and how to reload the DANCE checkpoint.
 

@@ -90,7 +90,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ava-weight", type=float, default=DEFAULT_WEIGHT, help="AVA loss weight (lambda)"
     )
     p.add_argument("--dance-epochs", type=int, default=5, help="epochs of DANCE fine-tuning")
-    p.add_argument("--budget", type=float, default=0.5, help="target executed/dense MAC ratio")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.6,
+        help="target executed/dense MAC ratio (default 0.6: at 0.5 the 5-epoch recipe lost 19 pp "
+        "in the measured run, at 0.6 it held accuracy)",
+    )
     p.add_argument(
         "--joint",
         dest="joint",
