@@ -4,8 +4,8 @@ The notebooks are plain nbformat-4 JSON with no outputs. Edit the cells here and
 
     python examples/make_notebooks.py
 
-(only the ``json`` module is needed: no Jupyter). ``tests/test_examples.py`` runs every
-notebook's code cells with ``LIGHTNING_DANCE_QUICK=1``.
+(only the ``json`` module is needed: no Jupyter). ``tests/test_examples.py`` executes every
+notebook with a Jupyter kernel (nbclient) and ``LIGHTNING_DANCE_QUICK=1``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ NB01 = [
         4. **calibrate** the controller to the budget, then measure accuracy and executed / dense
            multiply-accumulates (MACs) per clip, with a per-layer `MacReport`.
 
-        The default sizes are those of `lightning-dance demo`: a few minutes on a laptop CPU.
+        The default sizes are those of `lightning-dance demo` with a frozen backbone (the
+        controller alone, the quick path): a few minutes on a laptop CPU.
         With the environment variable `LIGHTNING_DANCE_QUICK=1` every stage runs on a handful of
         clips for one epoch (a smoke run in seconds, as the test suite does): the accuracies are
         then meaningless.
@@ -94,7 +95,7 @@ NB01 = [
         if QUICK:
             TRAIN_SIZE, VAL_SIZE, BATCH_SIZE = 32, 16, 8
             DENSE_EPOCHS = AVA_EPOCHS = DANCE_EPOCHS = 1
-        else:  # the `lightning-dance demo` settings: a few minutes on a laptop CPU
+        else:  # a few minutes on a laptop CPU
             TRAIN_SIZE, VAL_SIZE, BATCH_SIZE = 1536, 384, 16
             DENSE_EPOCHS, AVA_EPOCHS, DANCE_EPOCHS = 8, 2, 3
         L.seed_everything(0)
@@ -879,10 +880,147 @@ NB03 = [
     ),
 ]
 
+# --------------------------------------------------------------------------- 04
+NB04 = [
+    md(
+        """
+        # The demo's pictures
+
+        `lightning-dance demo` runs the recommended DANCE recipe on the built-in synthetic clips
+        (dense training, AVA fine-tuning, then backbone and controller fine-tuned jointly with
+        gradual pruning and a cosine learning rate, toward 60% of the dense MACs), measures it and
+        writes an output folder. This notebook runs it from Python (`run_demo`) and shows what
+        it wrote: the summary table, the four pictures, and how to reload the DANCE checkpoint.
+
+        Unset, `LIGHTNING_DANCE_QUICK` runs the full demo (under 5 minutes on 2 CPU cores); with
+        `LIGHTNING_DANCE_QUICK=1` it is the demo's `--quick` smoke run (seconds to a minute; its
+        accuracies and speeds mean nothing).
+        """
+    ),
+    code(
+        """
+        import json
+        import os
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        import torch
+        from IPython.display import Image, Markdown, display
+
+        from lightning_dance import VideoClassifier
+        from lightning_dance.demo import PICTURES, parse_args, reload_checkpoint, run_demo
+
+        QUICK = os.environ.get("LIGHTNING_DANCE_QUICK") == "1"  # smoke run (the test suite)
+        out = Path(tempfile.mkdtemp(prefix="dance-demo-"))  # keep it: use a folder of your own
+        args = parse_args(["--out", str(out)] + (["--quick"] if QUICK else []))
+        results = run_demo(args)
+        """
+    ),
+    md(
+        """
+        ## The summary
+
+        `summary.md` is the table the command prints, with the machine and what the run is and
+        is not; `results.json` holds every figure.
+        """
+    ),
+    code(
+        """
+        display(Markdown((out / "summary.md").read_text().split("![")[0]))
+        print(sorted(p.name for p in out.iterdir()))
+        """
+    ),
+    md(
+        """
+        ## Accuracy against executed MACs
+
+        Dense (and the AVA-tuned dense model) at 1.0; DANCE at its trained budget and the same
+        controller recalibrated to other budgets (`pruner.set_budget(b)` + `calibrate`). Error
+        bars: the binomial standard error over the test clips.
+        """
+    ),
+    code(
+        """
+        display(Image(filename=str(out / "accuracy_vs_macs.png")))
+        """
+    ),
+    md(
+        """
+        ## What each layer keeps
+
+        The mean kept fraction of every pruned Conv3d's input, per dim, over the test clips: the
+        controller decides per clip and per layer.
+        """
+    ),
+    code(
+        """
+        display(Image(filename=str(out / "kept_fractions.png")))
+        """
+    ),
+    md(
+        """
+        ## Clips and their masks
+
+        A few test clips frame by frame, with the keep decisions of the first pruned layer (it
+        reads the stem's output) mapped back to the clip's frames and pixels.
+        """
+    ),
+    code(
+        """
+        display(Image(filename=str(out / "clips.png")))
+        """
+    ),
+    md(
+        """
+        ## Measured latency
+
+        Batch 1, interleaved, medians: the dense model as PyTorch runs it, the dense model in its
+        fastest form (every Conv3d on oneDNN, `channels_last_3d`: the baseline of the speedup),
+        the compact DANCE path, and both exported models in onnxruntime.
+        """
+    ),
+    code(
+        """
+        display(Image(filename=str(out / "latency.png")))
+        """
+    ),
+    md(
+        """
+        ## Reload the checkpoint
+
+        `dance.ckpt` is a Lightning checkpoint of the `DANCEWrapper`; give it a fresh instance of
+        the wrapped module (the weights, the controller and its calibration come from the file).
+        """
+    ),
+    code(
+        """
+        dance = reload_checkpoint(out / "dance.ckpt", VideoClassifier("tiny_c3d", num_classes=6))
+        # the same as DANCEWrapper.load_from_checkpoint(path, model=..., weights_only=True).eval()
+        clip = torch.randn(1, 3, args.frames, args.size, args.size)
+        with torch.no_grad():
+            logits = dance(clip)
+        print(logits, dance.last_stats.mac_ratio())
+        """
+    ),
+    code(
+        """
+        # checks run by the test suite (tests/test_examples.py), then clean up the demo's folder
+        assert all((out / name).is_file() for name in PICTURES)
+        assert results["onnx"]["ok"] and results["onnx"]["parity_max_abs_error"] < 1e-3
+        assert results["checkpoint"]["reload_max_abs_error"] == 0.0
+        assert json.loads((out / "results.json").read_text())["budget"] == args.budget
+        shutil.rmtree(out)
+        print("notebook 04: ok")
+        """
+    ),
+]
+
 NOTEBOOKS = {
     "01_dance_on_your_lightning_module": NB01,
     "02_fast_execution_and_export": NB02,
     "03_real_video_folders": NB03,
+    "04_demo_pictures": NB04,
 }
 
 

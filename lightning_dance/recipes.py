@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_dance.report import MacReport
 from lightning_dance.wrapper import DANCEWrapper
 
-__all__ = ["fit", "accuracy", "train_controller", "calibrate", "evaluate_dance"]
+__all__ = ["fit", "accuracy", "train_controller", "calibrate", "evaluate_dance", "track"]
 
 
 def fit(
@@ -108,14 +108,17 @@ def train_controller(
     return wrapper
 
 
-def calibrate(wrapper: DANCEWrapper, datamodule: L.LightningDataModule, batches: int = 4) -> float:
-    """Calibrate the wrapper's keep decisions to its budget on the first val batches."""
+def calibrate(
+    wrapper: DANCEWrapper, datamodule: L.LightningDataModule, batches: int = 4, **kwargs: Any
+) -> float:
+    """Calibrate the wrapper's keep decisions to its budget on the first val batches (``kwargs``:
+    ``iters``, ``tol`` of :meth:`~lightning_dance.aap.AdaptivePruner.calibrate`)."""
     clips = []
     for i, (clip, _) in enumerate(datamodule.val_dataloader()):
         if i >= batches:
             break
         clips.append(clip)
-    return wrapper.pruner.calibrate(clips)
+    return wrapper.pruner.calibrate(clips, **kwargs)
 
 
 @torch.no_grad()
@@ -125,14 +128,16 @@ def evaluate_dance(
     split: str = "test",
     *,
     report: MacReport | None = None,
+    progress: str | None = None,
 ) -> dict[str, float]:
     """Accuracy and executed/dense MAC ratio (mean, p5, p95 over clips) on ``split``; every
-    batch's statistics also go to ``report`` when given (see :class:`MacReport`)."""
+    batch's statistics also go to ``report`` when given (see :class:`MacReport`); ``progress``:
+    a progress bar with this description."""
     loader = getattr(datamodule, f"{split}_dataloader")()
     wrapper.eval()
     correct = total = 0
     ratios = []
-    for clip, label in loader:
+    for clip, label in track(loader, progress) if progress else loader:
         logits = wrapper(clip)
         correct += int((logits.argmax(-1) == label).sum())
         total += int(label.numel())
@@ -146,3 +151,11 @@ def evaluate_dance(
         "mac_ratio_p5": float(torch.quantile(r, 0.05)),
         "mac_ratio_p95": float(torch.quantile(r, 0.95)),
     }
+
+
+def track(items: Iterable[Any], description: str) -> Iterable[Any]:
+    """``items`` with a progress bar on the console (rich)."""
+    from rich.progress import track as rich_track
+
+    total = len(items) if hasattr(items, "__len__") else None
+    return rich_track(items, description=description, total=total)
