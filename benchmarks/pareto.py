@@ -84,6 +84,7 @@ from lightning_dance.execution import CompactPruner, count_executed_macs
 from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.macs import count_macs
 from lightning_dance.models import create_model
+from lightning_dance.plots import accuracy_vs_cost
 from lightning_dance.recipes import accuracy, evaluate_dance, fit, train_controller
 from lightning_dance.timing import Timing, dense_fast, interleaved, machine
 from lightning_dance.wrapper import DANCEWrapper
@@ -97,7 +98,7 @@ class Task:
 
     model: str = "r2plus1d_18"
     width: float = 0.25
-    num_classes: int = 12
+    num_classes: int = 6
     frames: int = 8
     size: int = 32
     train_size: int = 1024
@@ -530,38 +531,22 @@ def markdown(summary: Sequence[dict[str, Any]], result: dict[str, Any]) -> str:
 
 
 def plot(summary: Sequence[dict[str, Any]], out: Path) -> list[Path]:
-    """Top-1 vs counted MACs and vs measured speedup, one curve per method (std error bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Top-1 vs counted MACs and vs measured speedup, one curve per method (std error bars;
+    the spread of the cost over seeds is in the table)."""
+    ok = [e for e in summary if e["seeds"]]
     paths = []
-    for x, label, name in (("mac_ratio", "executed / dense MACs (counted)", "pareto_macs.png"),
-                           ("speedup", "measured batch-1 speedup over dense fast",
-                            "pareto_latency.png")):  # fmt: skip
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        dense = [e for e in summary if e["method"] == "dense" and e["seeds"]]
-        for method_name in dict.fromkeys(e["method"] for e in summary):
-            pts = sorted((e for e in summary if e["method"] == method_name and e["seeds"]),
-                         key=lambda e: e[x])  # fmt: skip
-            if not pts or method_name == "dense":
-                continue
-            ax.errorbar([e[x] for e in pts], [100 * e["acc"] for e in pts],
-                        xerr=[e[x + "_std"] for e in pts], yerr=[100 * e["acc_std"] for e in pts],
-                        marker="o", capsize=3, label=method_name)  # fmt: skip
-        for e in dense:
-            ax.errorbar([e[x]], [100 * e["acc"]], yerr=[100 * e["acc_std"]], marker="*",
-                        markersize=12, color="black", capsize=3, label="dense", linestyle="")  # fmt: skip
-        ax.set_xlabel(label)
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+    for x, label, name in (
+        ("mac_ratio", "executed / dense MACs (counted)", "pareto_macs.png"),
+        (
+            "speedup",
+            "measured batch-1 speedup over dense in its fastest form",
+            "pareto_latency.png",
+        ),
+    ):
+        series: dict[str, list[tuple[float, float, float]]] = {}
+        for e in ok:
+            series.setdefault(e["method"], []).append((e[x], 100 * e["acc"], 100 * e["acc_std"]))
+        paths.append(accuracy_vs_cost(series, label, out / name, ylabel="test top-1 (%)"))
     return paths
 
 
