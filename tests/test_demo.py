@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from lightning_dance.classifier import VideoClassifier
-from lightning_dance.demo import PICTURES, parse_args, reload_checkpoint, run_demo
+from lightning_dance.demo import (
+    PICTURES,
+    _wrapper_kwargs,
+    parse_args,
+    reload_checkpoint,
+    run_demo,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +41,10 @@ def test_folder_contents(demo_out):
         )
     stored = json.loads((out / "results.json").read_text())
     assert stored["dense/test_acc"] == results["dense/test_acc"]
-    assert stored["recipe"]["freeze_backbone"] is False  # the recommended recipe: joint
-    assert stored["recipe"]["budget_warmup"] == 0.3 and stored["recipe"]["lr_schedule"] == "cosine"
+    assert stored["recipe"]["freeze_backbone"] is True  # the default: the user's weights stay
+    assert stored["recipe"]["budget"] == 0.7
+    assert stored["dance/traffic_saving"] > 0  # measured from the executed ops
+    assert set(stored["dance/energy_saving"]) >= {"dram", "jetson_nano", "snapdragon_8_gen_1"}
     assert 0.05 < stored["dance/mac_ratio"] < 0.9
     lat = stored["latency"]
     assert lat["speedup"] > 0 and {"dense fast", "DANCE compact"} <= set(lat["variants"])
@@ -95,3 +103,5 @@ def test_bad_arguments_name_the_fix():
     with pytest.raises(SystemExit):
         parse_args(["--curve-budgets", "0"])
     assert parse_args(["--frozen"]).joint is False
+    joint = parse_args(["--joint"])
+    assert joint.joint is True and _wrapper_kwargs(joint)["budget_warmup"] == 0.3
