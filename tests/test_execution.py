@@ -337,6 +337,23 @@ def test_fast_conv3d_pointwise_is_a_matmul(n, c_in, size, stride, bias, grad, ch
         _close(run(), ref2)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fast_conv3d_one_channel_strided_view(threads):
+    """A one-channel input cropped to a view (as the compact path crops unread columns): with
+    one thread oneDNN misread the channels_last_3d copy's strides (found by the hypothesis
+    test below under OMP_NUM_THREADS=1); to_fast_layout gives it the plain strides."""
+    torch.manual_seed(0)
+    weight = torch.randn(1, 1, 1, 1, 3)
+    x = to_fast_layout(torch.randn(1, 1, 6, 7, 4))[..., :3]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = fast_conv3d(x, weight, None, (1, 1, 2), 0)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y, F.conv3d(x.contiguous(), weight, None, (1, 1, 2)))
+
+
 def test_fast_conv3d_rejects_string_padding():
     with pytest.raises(ValueError, match="integer padding"):
         fast_conv3d(torch.randn(1, 2, 3, 4, 4), torch.randn(2, 2, 1, 1, 1), padding="same")

@@ -127,6 +127,9 @@ def test_user_lightning_module_is_recoverable(tmp_path):
         (dict(budget_warmup=-0.1), "budget_warmup"),
         (dict(budget_warmup=0.3, budget_range=(0.2, 0.8)), "budget_range"),
         (dict(lr_schedule="linear"), "lr_schedule"),
+        (dict(calibrate_every=-1), "calibrate_every"),
+        (dict(calibrate_every=2.5), "calibrate_every"),
+        (dict(calibrate_every=5, budget_range=(0.2, 0.8)), "budget_range"),
     ],
 )
 def test_bad_arguments(kw, match):
@@ -174,6 +177,44 @@ def test_budget_warmup_prunes_gradually(tmp_path):
         wrapper(torch.randn(2, 3, 8, 16, 16))
     assert float(wrapper.last_stats.mac_ratio().mean()) == pytest.approx(rec.ratios[-1])
     assert rec.ratios[-1] < 0.6
+
+
+def test_calibrate_every_meets_the_training_budget_in_training(tmp_path):
+    """With ``calibrate_every=2`` the keep decisions are calibrated on every other training
+    batch to that step's training budget (the gradual schedule included), in eval mode and
+    without gradients; the target budget is restored after each, and the offset reached meets
+    the step's budget on its batch. Without it nothing is calibrated in training."""
+    for every in (0, 2):
+        torch.manual_seed(0)
+        wrapper = DANCEWrapper(SmallNet(), budget=0.4, budget_warmup=0.5, calibrate_every=every,
+                               freeze_backbone=False)  # fmt: skip
+        calls = []
+        calibrate = wrapper.pruner.calibrate
+
+        def spy(clip, wrapper=wrapper, calls=calls, calibrate=calibrate, **kw):
+            modes = (wrapper.training, wrapper.pruner.training, torch.is_grad_enabled())
+            budget = float(wrapper.pruner.budget)
+            calls.append((budget, calibrate(clip, **kw), modes))
+            return calls[-1][1]
+
+        wrapper.pruner.calibrate = spy
+        _trainer(tmp_path, max_steps=8, max_epochs=-1).fit(wrapper, _loader(16))
+        assert float(wrapper.pruner.budget) == pytest.approx(0.4)  # the target is restored
+        assert wrapper.training  # and the training mode
+        if not every:
+            assert calls == [] and float(wrapper.pruner.calibration) == 0.0
+            continue
+        expected = [0.4 + 0.6 * (1 - s / 4) ** 3 for s in range(0, 8, 2)]
+        expected = [
+            min(b, 1.0) if s < 4 else 0.4 for b, s in zip(expected, range(0, 8, 2), strict=True)
+        ]
+        assert [c[0] for c in calls] == pytest.approx(expected)  # batches 0, 2, 4, 6
+        assert all(c[2] == (False, False, False) for c in calls)  # eval masks, no gradients
+        # the untrained controller's logits are nearly equal, so the ratio jumps in steps of
+        # ~0.1 as the offset moves: the bisection lands on the step nearest the budget
+        assert calls[0][1] > 0.9 > calls[1][1] > calls[2][1]
+        for budget, reached, _ in calls[1:]:
+            assert abs(reached - budget) < 0.15, calls
 
 
 @pytest.mark.parametrize("freeze", [True, False])

@@ -152,7 +152,14 @@ def pointwise_from_columns(
 
 
 def to_fast_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in ``channels_last_3d`` (a no-op when it already is): the layout oneDNN is fast in."""
+    """``x`` in ``channels_last_3d`` (a no-op when it already is): the layout oneDNN is fast in.
+
+    One channel: the plain contiguous strides (the same memory order). Copied from a strided
+    view, a one-channel ``channels_last_3d`` tensor gets a channel stride of 1 next to a width
+    stride of 1, which oneDNN's single-thread convolution misreads (garbage output).
+    """
+    if x.dim() == 5 and x.shape[1] == 1:
+        return x.contiguous()
     return x.contiguous(memory_format=_CL)
 
 
