@@ -44,16 +44,15 @@ def test_cli_rejects_an_unknown_option(capsys):
 @pytest.mark.slow
 def test_demo_quick_runs_end_to_end(tmp_path):
     # the default run and its files: tests/test_demo.py; here the command line dispatch and the
-    # joint fine-tuning recipe
-    main(["demo", "--quick", "--joint", "--out", str(tmp_path)])
+    # frozen-backbone path
+    main(["demo", "--quick", "--frozen", "--budget", "0.7", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     for stage in ("dense", "ava", "dance"):
         assert 0.0 <= results[f"{stage}/test_acc"] <= 1.0
     assert results["chance"] == pytest.approx(1 / 6)
-    assert (
-        results["recipe"]["freeze_backbone"] is False and results["recipe"]["budget_warmup"] == 0.3
-    )
-    # the controller was trained and calibrated toward the default budget of 0.7
+    assert results["recipe"]["freeze_backbone"] is True and results["recipe"]["budget"] == 0.7
+    assert "budget_warmup" not in results["recipe"]
+    # the controller was trained and calibrated toward the budget of 0.7
     assert 0.05 < results["dance/mac_ratio_p5"] <= results["dance/mac_ratio"] < 0.9
     report = json.loads((tmp_path / "mac_report.json").read_text())
     assert report["samples"] == 32 and report["layers"]

@@ -41,8 +41,9 @@ def test_folder_contents(demo_out):
         )
     stored = json.loads((out / "results.json").read_text())
     assert stored["dense/test_acc"] == results["dense/test_acc"]
-    assert stored["recipe"]["freeze_backbone"] is True  # the default: the user's weights stay
-    assert stored["recipe"]["budget"] == 0.7
+    recipe = stored["recipe"]  # the default: the calibrated joint recipe at budget 0.6
+    assert recipe["freeze_backbone"] is False and recipe["budget"] == 0.6
+    assert recipe["calibrate_every"] == 10 and recipe["budget_warmup"] == 0.3
     assert stored["dance/traffic_saving"] > 0  # measured from the executed ops
     assert set(stored["dance/energy_saving"]) >= {"dram", "jetson_nano", "snapdragon_8_gen_1"}
     assert 0.05 < stored["dance/mac_ratio"] < 0.9
@@ -103,5 +104,6 @@ def test_bad_arguments_name_the_fix():
     with pytest.raises(SystemExit):
         parse_args(["--curve-budgets", "0"])
     assert parse_args(["--frozen"]).joint is False
-    joint = parse_args(["--joint"])
-    assert joint.joint is True and _wrapper_kwargs(joint)["budget_warmup"] == 0.3
+    assert "calibrate_every" not in _wrapper_kwargs(parse_args(["--frozen"]))
+    with pytest.raises(SystemExit):
+        parse_args(["--calibrate-every", "-1"])
