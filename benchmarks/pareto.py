@@ -24,7 +24,8 @@ Every method gets the same task, the same seeds and the same number of training 
 ===================  =================================================================
 
 The DANCE rows use the recipe that holds accuracy (joint fine-tuning with gradual pruning and a
-cosine schedule: ``budget_warmup``, ``lr_schedule="cosine"``, ``backbone_lr=--tune-lr``) and are
+cosine schedule: ``budget_warmup``, ``lr_schedule="cosine"``, ``backbone_lr=--tune-lr``; the
+threshold rows also calibrate on training batches, ``calibrate_every=10``) and are
 calibrated on the validation clips to meet the budget in counted MACs (controller included).
 
 Per method, budget and seed: test top-1; counted executed / dense MACs per clip (mean, p5, p95;
@@ -362,16 +363,21 @@ def torch_pruning(ctx: Context, budget: float, seed: int) -> Candidate:
 
 
 def _dance(ctx: Context, budget: float, *, start: str, policy: str, dims: tuple[str, ...],
-           epochs: int) -> Candidate:  # fmt: skip
+           epochs: int, **kwargs: Any) -> Candidate:  # fmt: skip
     t = ctx.task
     L.seed_everything(ctx.seed, verbose=False)
     wrapper = train_controller(
         ctx.start(start), ctx.dm, budget=budget, policy=policy, dims=dims, epochs=epochs,
         calibrate_batches=len(ctx.dm.val_dataloader()), lr=t.controller_lr,
         freeze_backbone=False, backbone_lr=t.tune_lr, budget_warmup=t.budget_warmup,
-        lr_schedule="cosine", progress=ctx.progress,
+        lr_schedule="cosine", progress=ctx.progress, **kwargs,
     )  # fmt: skip
     return Candidate(wrapper.eval(), wrapper=wrapper)
+
+
+#: DANCE's threshold rows calibrate their keep decisions on every 10th training batch (without
+#: it the training ratio settles above the budget: ``DANCEWrapper(calibrate_every=...)``)
+THRESHOLD_RECIPE = {"calibrate_every": 10}
 
 
 ALL_DIMS = ("frame", "channel", "feature")
@@ -386,7 +392,7 @@ def mod_topk(ctx: Context, budget: float, seed: int) -> Candidate:
 @method("dance")
 def dance(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start="ava", policy="threshold", dims=ALL_DIMS,
-                  epochs=ctx.task.tune_epochs)  # fmt: skip
+                  epochs=ctx.task.tune_epochs, **THRESHOLD_RECIPE)  # fmt: skip
 
 
 @method("dance-topk")
@@ -398,7 +404,7 @@ def dance_topk(ctx: Context, budget: float, seed: int) -> Candidate:
 @method("dance-noava")
 def dance_noava(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,
-                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs)  # fmt: skip
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, **THRESHOLD_RECIPE)  # fmt: skip
 
 
 @method("attention")
