@@ -104,10 +104,12 @@ class DANCEWrapper(L.LightningModule):
             no gradient), so that training keeps what the budget allows. Without it the
             ``threshold`` policy's training ratio can settle above the budget (the squared budget
             loss pushes weakly near it), and the calibration after training then cuts more at
-            test time than training ever saw: on ``tiny_c3d`` at budget 0.6, 5 joint epochs
-            gave 52-55% top-1 without it and 79.7% with ``calibrate_every=10`` (dense 73.4%;
-            ``docs/aap.md``). Costs about 10 forward passes a calibration. 0: never (the
-            default). Not with ``budget_range``.
+            test time than training ever saw. Measured, one seed each (``docs/aap.md``,
+            ``docs/benchmarks.md``): on ``tiny_c3d`` at budget 0.6, 5 joint epochs gave 52-55%
+            top-1 without it and 79.7-81.8% with ``calibrate_every=10`` (dense 73%); on
+            ``r2plus1d_18`` at budget 0.35 it *collapsed* training (22.9% vs 76.6% without).
+            An option to try, not a default. Costs about 10 forward passes a calibration. 0:
+            never (the default). Not with ``budget_range``.
         execution: ``"masked"`` (multiply by the masks: the training path) or ``"compact"``
             (inference skips the pruned work, see :meth:`compile_sparse`).
         model_kwargs: for a factory name: ``create_model`` arguments (``num_classes`` here or
