@@ -83,7 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=6)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--train-size", type=int, default=1536)
+    p.add_argument("--train-size", type=int, default=1024)
     p.add_argument("--val-size", type=int, default=384, help="validation and test clips each")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=5, help="epochs of dense training")
@@ -133,7 +133,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--curve-budgets",
         type=float,
         nargs="*",
-        default=[0.3, 0.4, 0.6, 0.8],
+        default=[0.4, 0.8],
         help="budgets the trained controller is recalibrated to for the accuracy/MACs curve",
     )
     p.add_argument("--latency-clips", type=int, default=4, help="test clips timed at batch 1")
