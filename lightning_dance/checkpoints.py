@@ -35,10 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch.nn as nn
 
 from lightning_dance.models.checkpoint import CheckpointError, load_tensors
 
-__all__ = ["CheckpointError", "is_dance_checkpoint", "load_module", "read_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "check_num_classes",
+    "is_dance_checkpoint",
+    "load_module",
+    "model_from_name",
+    "read_checkpoint",
+]
 
 #: file endings taken for checkpoint paths (not factory names) where a model name is expected
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -160,3 +168,46 @@ def load_module(path: str | os.PathLike, *, dance: bool | None = None) -> L.Ligh
             f"{cls.__name__}.load_from_checkpoint(path, <missing arguments>) in Python"
         ) from exc
     return module.eval()
+
+
+def model_from_name(
+    name: str, model_kwargs: dict[str, Any] | None, num_classes: int | None
+) -> nn.Module:
+    """The user's model for a model string (``DANCEWrapper(model="...")``, the CLI): a
+    checkpoint path (rebuilt by :func:`load_module`) or a factory name (``create_model``)."""
+    kwargs = dict(model_kwargs or {})
+    if looks_like_path(name):
+        if kwargs:
+            raise ValueError(
+                f"model_kwargs only apply to a factory name; {name!r} is a checkpoint path "
+                "(the checkpoint's hyperparameters rebuild its model)"
+            )
+        module = load_module(name, dance=False)
+        check_num_classes(module, num_classes, f"checkpoint {name}")
+        return module
+    from lightning_dance.models import create_model
+
+    if num_classes is not None:
+        if kwargs.setdefault("num_classes", num_classes) != num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} (on the command line: the data's) but "
+                f"model_kwargs['num_classes']={kwargs['num_classes']}: drop num_classes from "
+                "model_kwargs, or make the two match"
+            )
+    if "num_classes" not in kwargs:
+        raise ValueError(
+            "a factory model name needs num_classes=... (or model_kwargs={'num_classes': ...})"
+        )
+    return create_model(name, **kwargs)
+
+
+def check_num_classes(model: nn.Module, num_classes: int | None, what: str) -> None:
+    """Refuse a ``num_classes`` that contradicts the one ``model`` records in its hparams."""
+    hparams = getattr(model, "hparams", None) or {}
+    known = hparams.get("num_classes") if hasattr(hparams, "get") else None
+    if num_classes is not None and known is not None and int(known) != int(num_classes):
+        raise ValueError(
+            f"{what} classifies {known} classes but num_classes={num_classes} (the data's, on "
+            "the command line): train on data with the same classes, or set the data's "
+            "num_classes to match"
+        )

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torchmetrics import MeanMetric
 
 from lightning_dance.aap import AdaptivePruner
+from lightning_dance.checkpoints import check_num_classes, model_from_name
 from lightning_dance.errors import DanceError
 from lightning_dance.layers import LayerSelector
 from lightning_dance.losses import budget_loss, distillation_loss
@@ -225,14 +226,14 @@ class DANCEWrapper(L.LightningModule):
             model = model.model
         elif isinstance(model, str):
             self.save_hyperparameters(ignore=unset)  # before `model` is rebound to the module
-            model = _model_from_name(model, model_kwargs, num_classes)
+            model = model_from_name(model, model_kwargs, num_classes)
         else:
             if not isinstance(model, nn.Module):
                 raise TypeError(
                     "model must be an nn.Module, a factory name or a checkpoint path, got "
                     f"{type(model)}"
                 )
-            _check_num_classes(model, num_classes, "the model")
+            check_num_classes(model, num_classes, "the model")
             self.save_hyperparameters(ignore=["model", *unset])
         if pruner is None:
             pruner = AdaptivePruner(
@@ -597,50 +598,6 @@ class DANCEWrapper(L.LightningModule):
                 f"{mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}"
             )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-
-def _model_from_name(
-    name: str, model_kwargs: dict[str, Any] | None, num_classes: int | None
-) -> nn.Module:
-    """The user's model for a string ``model``: a checkpoint path or a factory name."""
-    from lightning_dance.checkpoints import load_module, looks_like_path
-
-    kwargs = dict(model_kwargs or {})
-    if looks_like_path(name):
-        if kwargs:
-            raise ValueError(
-                f"model_kwargs only apply to a factory name; {name!r} is a checkpoint path "
-                "(the checkpoint's hyperparameters rebuild its model)"
-            )
-        module = load_module(name, dance=False)
-        _check_num_classes(module, num_classes, f"checkpoint {name}")
-        return module
-    from lightning_dance.models import create_model
-
-    if num_classes is not None:
-        if kwargs.setdefault("num_classes", num_classes) != num_classes:
-            raise ValueError(
-                f"num_classes={num_classes} (on the command line: the data's) but "
-                f"model_kwargs['num_classes']={kwargs['num_classes']}: drop num_classes from "
-                "model_kwargs, or make the two match"
-            )
-    if "num_classes" not in kwargs:
-        raise ValueError(
-            "a factory model name needs num_classes=... (or model_kwargs={'num_classes': ...})"
-        )
-    return create_model(name, **kwargs)
-
-
-def _check_num_classes(model: nn.Module, num_classes: int | None, what: str) -> None:
-    """Refuse a ``num_classes`` that contradicts the one ``model`` records in its hparams."""
-    hparams = getattr(model, "hparams", None) or {}
-    known = hparams.get("num_classes") if hasattr(hparams, "get") else None
-    if num_classes is not None and known is not None and int(known) != int(num_classes):
-        raise ValueError(
-            f"{what} classifies {known} classes but num_classes={num_classes} (the data's, on "
-            "the command line): train on data with the same classes, or set the data's "
-            "num_classes to match"
-        )
 
 
 def _configured_pruner(
