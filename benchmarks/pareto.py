@@ -172,6 +172,23 @@ class Context:
             self._starts.update(self._load_or_train_starts())
         return copy.deepcopy(self._starts[which])
 
+    def reference(self) -> nn.Module:
+        """The dense reference: the task's model trained from scratch for all the epochs every
+        method gets (cached like the starts, so that a second run of the seed reuses it)."""
+        t = self.task
+        module = t.classifier()
+        path = self.cache / f"reference-seed{self.seed}.pt" if self.cache else None
+        if path is not None and path.exists():
+            state = torch.load(path, weights_only=True)
+            if state.get("task") == asdict(t):
+                module.load_state_dict(state["model"])
+                return module.model.eval()
+        self.fit(module, t.total_epochs, "dense")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"task": asdict(t), "model": module.state_dict()}, path)
+        return module.model.eval()
+
     def _load_or_train_starts(self) -> dict[str, VideoClassifier]:
         t = self.task
         dense, ava = t.classifier(), t.classifier(lr=t.lr * 0.3)
@@ -208,12 +225,18 @@ class Candidate:
     wrapper: DANCEWrapper | None = None
     note: str = ""
     train_seconds: float = 0.0
+    #: the wrapped model's MACs / the task model's (below 1 when DANCE runs on a statically
+    #: pruned model: the wrapper counts against the model it wraps)
+    scale: float = 1.0
 
     def evaluate(self, ctx: Context) -> dict[str, float]:
         """Top-1 on the test clips and counted executed / dense MACs (mean, p5, p95)."""
         dense = ctx.dense_macs()
         if self.wrapper is not None:
-            return evaluate_dance(self.wrapper, ctx.dm, "test")
+            figures = evaluate_dance(self.wrapper, ctx.dm, "test")
+            for key in ("mac_ratio", "mac_ratio_p5", "mac_ratio_p95"):
+                figures[key] *= self.scale
+            return figures
         ratio = count_macs(self.model, ctx.example).total / dense
         return {"acc": accuracy(self.model, ctx.dm.test_dataloader()), "mac_ratio": ratio,
                 "mac_ratio_p5": ratio, "mac_ratio_p95": ratio}  # fmt: skip
@@ -331,8 +354,10 @@ def slim(ctx: Context, budget: float, seed: int) -> Candidate:
     return Candidate(module.model.eval(), note=f"width {width:.4g} (MACs {ratio:.3f})")
 
 
-@method("torch-pruning")
-def torch_pruning(ctx: Context, budget: float, seed: int) -> Candidate:
+def static_prune(ctx: Context, budget: float) -> tuple[nn.Module, float]:
+    """The seed's dense start pruned with Torch-Pruning (``MetaPruner``, L2-magnitude importance,
+    the same ratio in every layer, 1% of the channels a step) to the step whose Conv3d MACs are
+    closest to ``budget`` x dense; returns (model, Conv3d MAC ratio)."""
     try:
         import torch_pruning as tp
     except ImportError as err:  # an optional extra
@@ -356,17 +381,23 @@ def torch_pruning(ctx: Context, budget: float, seed: int) -> Candidate:
         ratio = conv_macs(net, example) / dense
     if previous[0] is not None and abs(previous[1] - budget) < abs(ratio - budget):
         net, ratio = previous
+    return net, ratio
+
+
+@method("torch-pruning")
+def torch_pruning(ctx: Context, budget: float, seed: int) -> Candidate:
+    net, ratio = static_prune(ctx, budget)
     module = ctx.task.classifier(model=net, lr=ctx.task.tune_lr)
     ctx.fit(module, ctx.task.ava_epochs + ctx.task.tune_epochs, f"tp-{budget}")
     return Candidate(module.model.eval(), note=f"Conv3d MACs {ratio:.3f}")
 
 
-def _dance(ctx: Context, budget: float, *, start: str, policy: str, dims: tuple[str, ...],
-           epochs: int, **kwargs: Any) -> Candidate:  # fmt: skip
+def _dance(ctx: Context, budget: float, *, start: str | nn.Module, policy: str,
+           dims: tuple[str, ...], epochs: int, **kwargs: Any) -> Candidate:  # fmt: skip
     t = ctx.task
     L.seed_everything(ctx.seed, verbose=False)
     wrapper = train_controller(
-        ctx.start(start), ctx.dm, budget=budget, policy=policy, dims=dims, epochs=epochs,
+        ctx.start(start) if isinstance(start, str) else start, ctx.dm, budget=budget, policy=policy, dims=dims, epochs=epochs,
         calibrate_batches=len(ctx.dm.val_dataloader()), lr=t.controller_lr,
         freeze_backbone=False, backbone_lr=t.tune_lr, budget_warmup=t.budget_warmup,
         lr_schedule="cosine", progress=ctx.progress, **kwargs,
@@ -413,6 +444,26 @@ def attention(ctx: Context, budget: float, seed: int) -> Candidate:
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs)  # fmt: skip
 
 
+#: the share of the hybrid's budget that is static: prune statically to ``budget / HYBRID_DYNAMIC``
+#: of the MACs, then let DANCE keep ``HYBRID_DYNAMIC`` of what remains per clip
+HYBRID_DYNAMIC = 0.7
+
+
+@method("hybrid")
+def hybrid(ctx: Context, budget: float, seed: int) -> Candidate:
+    """Static, then dynamic: Torch-Pruning to ``budget / HYBRID_DYNAMIC`` of the MACs, then the
+    ``topk`` channel policy at ``HYBRID_DYNAMIC`` of the pruned model's MACs per clip, backbone
+    and controller fine-tuned jointly for the AVA + tune epochs."""
+    static = min(1.0, budget / HYBRID_DYNAMIC)
+    net, _ = static_prune(ctx, static)
+    scale = count_macs(net, ctx.example).total / ctx.dense_macs()
+    start = ctx.task.classifier(model=net, lr=ctx.task.tune_lr)
+    cand = _dance(ctx, min(1.0, budget / scale), start=start, policy="topk", dims=("channel",),
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs)  # fmt: skip
+    cand.scale, cand.note = scale, f"static MACs {scale:.3f}, then topk at {budget / scale:.3f}"
+    return cand
+
+
 # ------------------------------------------------------------------------------- the harness
 
 
@@ -433,7 +484,10 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
         t0 = time.perf_counter()
         try:
             # the dense reference: the task's model trained as long as every method
-            cand = slim(ctx, 1.0, seed) if name == "dense" else METHODS[name](ctx, budget, seed)
+            if name == "dense":
+                cand = Candidate(ctx.reference(), note="the reference")
+            else:
+                cand = METHODS[name](ctx, budget, seed)
         except Exception as err:  # a baseline that fails on a model is a result to report
             failed.append({"method": name, "budget": budget, "seed": seed,
                            "error": f"{type(err).__name__}: {err}"})  # fmt: skip
@@ -478,6 +532,9 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
                    latency_form=form)  # fmt: skip
         print(f"[seed {seed}] {name:>14} @ {budget:.2f}: {t.median_ms:.2f} ms ({form}), speedup "
               f"{row['speedup']:.2f}x over dense in its fastest form", flush=True)  # fmt: skip
+    if args.out is not None:  # the rows again, now timed (a merge keeps the last of each)
+        with open(args.out / "rows.jsonl", "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in [*rows.values(), *failed])
     return [*rows.values(), *failed]
 
 
@@ -495,7 +552,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = [r for r in group if "error" not in r]
         entry: dict[str, Any] = {"method": name, "budget": budget, "seeds": len(ok)}
         for f in FIGURES:
-            values = [r[f] for r in ok]
+            values = [r[f] for r in ok if f in r]  # untimed rows of an unfinished run lack some
             entry[f] = statistics.fmean(values) if values else math.nan
             entry[f + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         if len(ok) < len(group):
@@ -579,6 +636,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=None,
                    help="keep the dense and AVA starts of each seed here (reused if the task matches)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pareto"))
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="ROWS",
+                   help="train nothing: summarize the rows.jsonl files of earlier runs (e.g. one "
+                   "process per seed) into --out")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="minutes: a small model, tiny clips, one epoch a stage, 1 seed, 1 budget")  # fmt: skip
     args = p.parse_args(argv)
@@ -603,7 +663,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     task = Task(**{f: getattr(args, f) for f in Task.__dataclass_fields__ if hasattr(args, f)})
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for seed in args.seeds:
+    if args.merge:  # the rows of earlier runs, the last row of a (method, budget, seed) counting
+        merged: dict[tuple[str, float, int], dict[str, Any]] = {}
+        for path in args.merge:
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                merged[(row["method"], row["budget"], row["seed"])] = row
+        rows = list(merged.values())
+        args.methods = list(dict.fromkeys(r["method"] for r in rows))
+        args.budgets = sorted({r["budget"] for r in rows}, reverse=True)
+        args.seeds = sorted({r["seed"] for r in rows})
+    for seed in [] if args.merge else args.seeds:
         rows += run_seed(task, seed, args.methods, args.budgets, args)
     summary = summarize(rows)
     result = {
