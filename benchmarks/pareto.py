@@ -85,7 +85,7 @@ from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.macs import count_macs
 from lightning_dance.models import create_model
 from lightning_dance.plots import accuracy_vs_cost
-from lightning_dance.recipes import accuracy, evaluate_dance, fit, train_controller
+from lightning_dance.recipes import fit, train_controller
 from lightning_dance.timing import Timing, dense_fast, interleaved, machine
 from lightning_dance.wrapper import DANCEWrapper
 
@@ -142,6 +142,10 @@ class Task:
                                model_kwargs={"width": width or self.width})  # fmt: skip
 
 
+#: the test clips by thirds of their difficulty score (see :meth:`Context.difficulty_thirds`)
+THIRDS = ("easy", "mid", "hard")
+
+
 @dataclass
 class Context:
     """One seed's shared state: the data, the dense and AVA starts (trained once, cached)."""
@@ -152,6 +156,7 @@ class Context:
     progress: bool = False
     cache: Path | None = None
     _starts: dict[str, VideoClassifier] = field(default_factory=dict)
+    _memo: dict[str, Any] = field(default_factory=dict)
 
     @property
     def example(self) -> torch.Tensor:
@@ -171,6 +176,16 @@ class Context:
         if which not in self._starts:
             self._starts.update(self._load_or_train_starts())
         return copy.deepcopy(self._starts[which])
+
+    def difficulty_thirds(self) -> dict[str, torch.Tensor]:
+        """The test clips' indices by thirds of their difficulty score (the generator's
+        per-clip mix of contrast, noise, visibility and clutter; found once)."""
+        if "thirds" not in self._memo:
+            test = self.dm.test_dataset
+            score = torch.stack([test.render(i)[2]["difficulty"] for i in range(len(test))])
+            thirds = score.argsort().tensor_split(3)
+            self._memo["thirds"] = dict(zip(THIRDS, thirds, strict=True))
+        return self._memo["thirds"]
 
     def reference(self) -> nn.Module:
         """The dense reference: the task's model trained from scratch for all the epochs every
@@ -230,16 +245,30 @@ class Candidate:
     scale: float = 1.0
 
     def evaluate(self, ctx: Context) -> dict[str, float]:
-        """Top-1 on the test clips and counted executed / dense MACs (mean, p5, p95)."""
-        dense = ctx.dense_macs()
+        """Top-1 on the test clips, counted executed / dense MACs (mean, p5, p95), and both by
+        the clips' difficulty (thirds of the generator's difficulty score: ``acc_easy``,
+        ``acc_mid``, ``acc_hard``, ``mac_easy`` ...): an input-aware pruner should spend less
+        on easy clips and more on hard ones, which no static model can."""
+        correct, ratios = [], []
+        model = self.wrapper if self.wrapper is not None else self.model
+        model.eval()
+        with torch.no_grad():
+            for clip, label in ctx.dm.test_dataloader():
+                correct.append(model(clip).argmax(-1) == label)
+                if self.wrapper is not None:
+                    ratios.append(self.wrapper.last_stats.mac_ratio() * self.scale)
+        hit = torch.cat(correct).double()
         if self.wrapper is not None:
-            figures = evaluate_dance(self.wrapper, ctx.dm, "test")
-            for key in ("mac_ratio", "mac_ratio_p5", "mac_ratio_p95"):
-                figures[key] *= self.scale
-            return figures
-        ratio = count_macs(self.model, ctx.example).total / dense
-        return {"acc": accuracy(self.model, ctx.dm.test_dataloader()), "mac_ratio": ratio,
-                "mac_ratio_p5": ratio, "mac_ratio_p95": ratio}  # fmt: skip
+            r = torch.cat(ratios).double()
+        else:
+            r = torch.full_like(hit, count_macs(self.model, ctx.example).total / ctx.dense_macs())
+        figures = {"acc": float(hit.mean()), "mac_ratio": float(r.mean()),
+                   "mac_ratio_p5": float(torch.quantile(r, 0.05)),
+                   "mac_ratio_p95": float(torch.quantile(r, 0.95))}  # fmt: skip
+        for third, idx in ctx.difficulty_thirds().items():
+            figures[f"acc_{third}"] = float(hit[idx].mean())
+            figures[f"mac_{third}"] = float(r[idx].mean())
+        return figures
 
     def forms(self, clip: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
         """The ways to run it on one batch-1 clip; its latency is that of the fastest.
@@ -539,7 +568,8 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
 
 
 FIGURES = ("acc", "mac_ratio", "mac_ratio_p5", "mac_ratio_p95", "ran_ratio", "latency_ms",
-           "speedup", "traffic_saving", *(f"energy_saving_{n}" for n in ENERGY_MODELS))  # fmt: skip
+           "speedup", "traffic_saving", *(f"energy_saving_{n}" for n in ENERGY_MODELS),
+           *(f"{k}_{third}" for k in ("acc", "mac") for third in THIRDS))  # fmt: skip
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -590,6 +620,27 @@ def markdown(summary: Sequence[dict[str, Any]], result: dict[str, Any]) -> str:
             + ", ".join(f"x{e['energy_saving_' + n]:.2f}" for n in ENERGY_MODELS)
             + " |"
         )
+    by_difficulty = [
+        e for e in summary if e["seeds"] and not math.isnan(e.get("acc_easy", math.nan))
+    ]
+    if by_difficulty:
+        lines += [
+            "",
+            "By clip difficulty (thirds of the test clips by the generator's difficulty score): "
+            "top-1 and counted MACs per third, means over seeds.",
+            "",
+            "| method | budget | top-1 easy | top-1 mid | top-1 hard | MACs easy | MACs mid | "
+            "MACs hard |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for e in by_difficulty:
+            lines.append(
+                f"| {e['method']} | {e['budget']} | "
+                + " | ".join(f"{100 * e['acc_' + t]:.1f}" for t in THIRDS)
+                + " | "
+                + " | ".join(f"{e['mac_' + t]:.3f}" for t in THIRDS)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
