@@ -461,6 +461,15 @@ def dance_topk(ctx: Context, budget: float, seed: int) -> Candidate:
                   epochs=ctx.task.tune_epochs)  # fmt: skip
 
 
+@method("dance-width")
+def dance_width(ctx: Context, budget: float, seed: int) -> Candidate:
+    """The AVA start with the ``width`` policy: per clip, the first ``k`` channels of each layer
+    (``k`` from the controller's scores, a multiple of 8): input-adaptive like ``dance``, and
+    its fast path slices where the others gather."""
+    return _dance(ctx, budget, start="ava", policy="width", dims=("channel",),
+                  epochs=ctx.task.tune_epochs)  # fmt: skip
+
+
 @method("dance-noava")
 def dance_noava(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,

@@ -172,6 +172,12 @@ class AdaptivePruner(nn.Module):
                 f"dims={self.dims}"
             )
         self.channel_multiple = channel_multiple
+        unsupported = [d for d in self.dims if d not in (policy.supported_dims or self.dims)]
+        if unsupported:
+            raise ValueError(
+                f"the {policy.name!r} policy decides {list(policy.supported_dims or ())} only, "
+                f"not {unsupported}: pass dims={policy.supported_dims}"
+            )
         self.policy, self.min_keep, self.tau = policy, min_keep, tau
         self.model = model
         self.stem_name = stem_names(model)[0]

@@ -210,23 +210,29 @@ class DecisionPlan:
 
     def channel_indices(self, widths: Mapping[str, int]) -> dict[str, torch.Tensor | None]:
         """One clip's kept input channels ``[k]`` of each layer in ``widths`` (``{layer: C}``),
-        sorted; ``None`` where all are kept. One ``topk`` per group of layers of equal width and
-        kept count (12 calls instead of 115 on X3D-XS); the same entries :meth:`masks` keeps."""
-        if not self.policy.fixed_counts or self.policy.needs_layer_input:
+        sorted; ``None`` where all are kept; the same entries :meth:`masks` keeps. Layers of
+        equal width (and, for a fixed-count policy, equal kept count) are decided together:
+        one ``topk`` or one gate per group (12 calls instead of 115 on X3D-XS). For policies
+        that take the controller's scores (``topk``, ``threshold``, ``width``)."""
+        if self.policy.needs_layer_input:
             raise ValueError(
-                "channel indices of many layers at once need a fixed-count policy that takes the "
+                "channel indices of many layers at once need a policy that takes the "
                 f"controller's scores, not {self.policy.name!r}"
             )
-        groups: dict[tuple[int, int], list[str]] = {}
+        groups: dict[tuple[int, int | None], list[str]] = {}
         for name, c in widths.items():
             k = self.keep_count(name, "channel", c)
-            if k < c:
+            if k is None or k < c:
                 groups.setdefault((c, k), []).append(name)
         out: dict[str, torch.Tensor | None] = dict.fromkeys(widths)
         for (_, k), names in groups.items():
             rows = self.controller.stacked_channel_logits(self.ctx, names)[0]  # [layers, C]
             if self.offset:
                 rows = rows + self.offset
-            kept = rows.topk(k, dim=1).indices.sort(dim=1).values
-            out.update(zip(names, kept.unbind(0), strict=True))
+            if k is not None:
+                kept = rows.topk(k, dim=1).indices.sort(dim=1).values.unbind(0)
+            else:  # input-dependent counts: the eval gate, row by row
+                mask = self.policy.gate(rows, training=False, min_keep=self.min_keep) > 0.5
+                kept = [None if bool(m.all()) else m.nonzero().flatten() for m in mask]
+            out.update(zip(names, kept, strict=True))
         return out

@@ -71,7 +71,7 @@ def test_a_policy_is_named_passed_as_class_or_instance():
 
 def test_unknown_and_malformed_policies_get_clear_errors():
     with pytest.raises(
-        ValueError, match=r"policy must be one of \('attention', 'threshold', 'topk'\)"
+        ValueError, match=r"policy must be one of \('attention', 'threshold', 'topk', 'width'\)"
     ):
         AdaptivePruner(SmallNet(), policy="nope")
     with pytest.raises(ValueError, match="or a Policy object"):

@@ -75,6 +75,8 @@ from lightning_dance.execution.weights import (
     channel_parts,
     channels_last_weight,
     gatherable_weight,
+    prefix_block,
+    prefix_length,
 )
 from lightning_dance.execution.weights import depthwise_rows as depthwise_rows  # old import path
 from lightning_dance.execution.weights import derived_tensor as derived_tensor  # old import path
@@ -131,6 +133,10 @@ def kept_weight(
     contiguous in the layout the kernel reads (see :data:`CHANNELS_LAST_GATHER_MIN`; a 1x1x1
     kernel is contiguous in both). ``groups == 1``."""
     w = gatherable_weight(conv)
+    rows = conv.out_channels if out_idx is None else prefix_length(out_idx)
+    cols = conv.in_channels if in_idx is None else prefix_length(in_idx)
+    if rows is not None and cols is not None and not torch.is_grad_enabled():
+        return prefix_block(conv, rows, cols)  # first rows and columns: kept, no copy per call
     if in_idx is None:
         return w if out_idx is None else w.index_select(0, out_idx)
     if w.numel() < CHANNELS_LAST_GATHER_MIN:

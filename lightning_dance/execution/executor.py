@@ -179,10 +179,11 @@ class CompactPruner:
             :func:`~lightning_dance.execution.compact.compact_conv3d`).
         skip_outputs: also skip the output channels the next conv drops (above). With a
             batch, a producer computes the union of the samples' kept channels.
-        index_plan: for a ``topk`` pruner of channels only, at batch 1 and without
-            ``tunings``, run straight from each layer's top-k indices
-            (:mod:`~lightning_dance.execution.indexed`: far fewer small ops; same result and
-            multiply-adds). ``False``: always the general mask-based plan.
+        index_plan: for a pruner of channels only whose policy takes the controller's scores
+            (``topk``, ``threshold``, ``width``), at batch 1 and without ``tunings``, run
+            straight from each layer's kept indices (:mod:`~lightning_dance.execution.indexed`:
+            far fewer small ops; same result and multiply-adds). ``False``: always the general
+            mask-based plan.
         fold_norms: each eval BatchNorm3d that alone reads a conv's output (not the stem's:
             the controller reads it raw) is computed by that conv
             (:mod:`~lightning_dance.execution.folding`: folded weights, cached) and passes its

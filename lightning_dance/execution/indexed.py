@@ -1,10 +1,11 @@
-"""Batch-1 ``topk`` channel pruning run straight from the top-k indices (the index plan).
+"""Batch-1 channel pruning run straight from each layer's kept indices (the index plan).
 
 :class:`~lightning_dance.execution.CompactPruner`'s general plan turns each layer's controller
 scores into a 0/1 mask and the mask back into sorted kept indices, gathers and weight slices:
 some 30 small ops per layer, which do not get faster with a second thread and cost R(2+1)D
-as much as a fifth of its pruned latency on a 2-core CPU. With the ``topk``
-policy, channels the only pruned dim and one clip, the ``k`` highest scores of each layer say
+as much as a fifth of its pruned latency on a 2-core CPU. With channels the only pruned dim,
+one clip and a policy that decides from the controller's scores (``topk``: the ``k`` highest;
+``threshold``, ``width``: what the eval gate keeps), the kept indices of each layer say
 everything:
 
 - a layer gathers its kept input channels, and its kept block of the weight straight into
@@ -21,11 +22,15 @@ everything:
 - the stem runs dense; other grouped layers and ``"same"`` or non-zero padding modes go
   through :func:`~lightning_dance.execution.compact_conv3d`'s plan, as in the general plan.
 
-The indices come from a ``topk`` on the same scores as the pruner's masks
-(:func:`~lightning_dance.masks.topk_gate`; one call per group of layers of equal width and
-kept count, :meth:`~lightning_dance.controller.Controller.stacked_channel_logits`: 12 calls
-instead of 115 on X3D-XS), so the kept channels, the result (up to float rounding) and the
-multiply-adds are the general plan's. :class:`CompactPruner` picks this plan
+The indices come from the policy's decision on the same scores as the pruner's masks
+(:meth:`~lightning_dance.decision.DecisionPlan.channel_indices`; one call per group of layers
+of equal width and kept count,
+:meth:`~lightning_dance.controller.Controller.stacked_channel_logits`: 12 calls instead of 115
+on X3D-XS), so the kept channels, the result (up to float rounding) and the multiply-adds are
+the general plan's. Kept channels that are a prefix ``0 .. k-1`` (the ``width`` policy) are
+slices: a producer's first weight rows are a view, a consumer's first columns a weight block
+kept ready (:func:`~lightning_dance.execution.weights.prefix_block`), nothing gathered per
+call. :class:`CompactPruner` picks this plan
 by itself where it applies (:func:`index_plan_applies`).
 """
 
@@ -49,7 +54,12 @@ from lightning_dance.execution.kernels import (
     pointwise_from_columns,
 )
 from lightning_dance.execution.recording import counted_conv3d, record_macs
-from lightning_dance.execution.weights import depthwise_rows, derived_tensor, gatherable_weight
+from lightning_dance.execution.weights import (
+    depthwise_rows,
+    derived_tensor,
+    gatherable_weight,
+    prefix_length,
+)
 from lightning_dance.geometry import cached_geometry
 
 if TYPE_CHECKING:
@@ -69,12 +79,11 @@ __all__ = [
 
 
 def index_plan_applies(pruner: AdaptivePruner, clip: torch.Tensor) -> bool:
-    """Whether the index plan can run ``clip``: a pruner of channels only whose policy keeps
-    fixed counts of the controller's scores (``topk``; not ``attention``, which scores each
-    layer's input), one clip."""
-    policy = pruner.policy
-    fixed = policy.fixed_counts and not policy.needs_layer_input
-    return fixed and pruner.dims == ("channel",) and clip.shape[0] == 1
+    """Whether the index plan can run ``clip``: a pruner of channels only whose policy decides
+    from the controller's scores (``topk``, ``threshold``, ``width``; not ``attention``, which
+    scores each layer's input), one clip."""
+    scored = not pruner.policy.needs_layer_input
+    return scored and pruner.dims == ("channel",) and clip.shape[0] == 1
 
 
 def _indexable(conv: nn.Conv3d, depthwise: bool = False) -> bool:
@@ -124,7 +133,8 @@ def indexed_conv3d(
     g, x, _, _ = skip_unread(g, x, None, None)
     b = conv.bias
     if out_idx is not None and b is not None:
-        b = b.index_select(0, out_idx)
+        rows = prefix_length(out_idx)
+        b = b[:rows] if rows is not None else b.index_select(0, out_idx)
     w = kept_weight(conv, in_idx, out_idx)
     if in_idx is not None:
         if g.stride == (1, 1, 1) and is_pointwise(x, conv.weight, g.pad_lo, 1):
@@ -167,7 +177,8 @@ def indexed_norm(bn: nn.BatchNorm3d, x: torch.Tensor, idx: torch.Tensor | None) 
     if bn.running_mean is None:  # track_running_stats=False: per-channel batch statistics
         w, b = (None if t is None else t.index_select(0, idx) for t in (bn.weight, bn.bias))
         return F.batch_norm(x, None, None, w, b, True, 0.0, bn.eps)
-    affine = _norm_affine(bn).index_select(1, idx)
+    k = prefix_length(idx)
+    affine = _norm_affine(bn)[:, :k] if k is not None else _norm_affine(bn).index_select(1, idx)
     shape = (1, len(idx), 1, 1, 1)
     return torch.addcmul(affine[1].view(shape), x, affine[0].view(shape))
 

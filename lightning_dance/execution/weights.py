@@ -29,6 +29,8 @@ __all__ = [
     "derived_tensor",
     "gather_in_channels",
     "gatherable_weight",
+    "prefix_block",
+    "prefix_length",
 ]
 
 _CL = torch.channels_last_3d
@@ -99,6 +101,43 @@ def channels_last_weight(conv: nn.Conv3d) -> torch.Tensor:
                           lambda: w.permute(0, 2, 3, 4, 1).contiguous())  # fmt: skip
 
 
+def prefix_length(idx: torch.Tensor | None) -> int | None:
+    """``k`` when the sorted unique indices ``idx`` are exactly ``0 .. k-1`` (a prefix, as the
+    ``width`` policy keeps), else ``None``: such a selection is a slice, not a gather.
+
+    Example:
+        >>> prefix_length(torch.arange(5)), prefix_length(torch.tensor([0, 2])), prefix_length(None)
+        (5, None, None)
+    """
+    if idx is None or not len(idx):
+        return None
+    k = len(idx)
+    return k if int(idx[-1]) == k - 1 and int(idx[0]) == 0 else None
+
+
+#: contiguous weight blocks kept per conv by :func:`prefix_block` (the least recently used go)
+PREFIX_BLOCKS = 16
+
+
+def prefix_block(conv: nn.Conv3d, rows: int, cols: int) -> torch.Tensor:
+    """``conv.weight[:rows, :cols]`` (``groups == 1``), contiguous, with no copy per call:
+    ``cols == C_in`` is a view of the weight's first rows; otherwise the block is copied once
+    and kept (:func:`derived_tensor`; up to :data:`PREFIX_BLOCKS` sizes per conv, the least
+    recently used dropped), so a clip whose kept channels are prefixes reads only the kept
+    weights. Without autograd (an inference path)."""
+    w = gatherable_weight(conv)
+    if cols == conv.in_channels:
+        return w[:rows]
+    kind = f"prefix:{rows}:{cols}"
+    per_module = _derived.setdefault(conv, {})
+    blocks = [k for k in per_module if k.startswith("prefix:")]
+    if kind not in per_module and len(blocks) >= PREFIX_BLOCKS:
+        del per_module[blocks[0]]  # dicts keep insertion order: the oldest first
+    block = derived_tensor(conv, kind, (conv.weight,), lambda: w[:rows, :cols].contiguous())
+    per_module[kind] = per_module.pop(kind)  # most recently used last
+    return block
+
+
 def depthwise_rows(channels: torch.Tensor, multiplier: int) -> torch.Tensor:
     """The output channels (weight rows) of a depthwise conv that read the input ``channels``
     (``multiplier = C_out / C_in`` consecutive rows each)."""
@@ -124,12 +163,23 @@ def channel_parts(
     w, b, groups = conv.weight, conv.bias, conv.groups
     c_in, c_out = conv.in_channels, conv.out_channels
     cg, og = c_in // groups, c_out // groups
-    if out_idx is not None:  # rows gathered first: columns then come from the smaller copy
+    rows = prefix_length(out_idx) if groups == 1 else None
+    if rows is not None:  # the first rows: a view
+        w = gatherable_weight(conv)[:rows]
+        b = b[:rows] if b is not None else None
+    elif out_idx is not None:  # rows gathered first: columns then come from the smaller copy
         w = gatherable_weight(conv).index_select(0, out_idx.to(w.device))
         b = b.index_select(0, out_idx.to(b.device)) if b is not None else None
     source = w if out_idx is not None else None  # where kept columns are gathered from
 
     def columns(idx: torch.Tensor) -> torch.Tensor:
+        cols = prefix_length(idx)
+        if (
+            cols is not None
+            and (out_idx is None or rows is not None)
+            and not torch.is_grad_enabled()
+        ):
+            return prefix_block(conv, rows if rows is not None else c_out, cols)
         return gather_in_channels(source if source is not None else gatherable_weight(conv), idx)
 
     if held is not None and groups > 1:  # depthwise: the kept channels' outputs only

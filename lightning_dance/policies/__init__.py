@@ -4,6 +4,8 @@
   varies per clip;
 - :class:`TopKPolicy` (``"topk"``, CNN Mixture-of-Depths style): a fixed number per layer, static
   shapes;
+- :class:`WidthPolicy` (``"width"``): the first ``k`` channels, ``k`` per clip (nested widths:
+  the fast path slices instead of gathering);
 - :class:`AttentionPolicy` (``"attention"``, DATE'20 / seed 004): a fixed share per layer, ranked
   by attention on the layer's own input (no controller), trained with targeted dropout.
 
@@ -21,12 +23,14 @@ from lightning_dance.policies.base import (
 )
 from lightning_dance.policies.threshold import ThresholdPolicy
 from lightning_dance.policies.topk import TopKPolicy
+from lightning_dance.policies.width import WidthPolicy
 
 __all__ = [
     "AttentionPolicy",
     "Policy",
     "ThresholdPolicy",
     "TopKPolicy",
+    "WidthPolicy",
     "available_policies",
     "get_policy",
     "register_policy",

@@ -65,6 +65,8 @@ class Policy(ABC):
     #: controller: decisions are made layer by layer as the input arrives, so nothing can look
     #: ahead at a later layer's decision (no output skipping along channel chains, no export)
     needs_layer_input: ClassVar[bool] = False
+    #: the dims it can decide (``None``: all); the pruner refuses others
+    supported_dims: ClassVar[tuple[str, ...] | None] = None
     #: has a controller whose parameters training learns (else the pruner has none, and
     #: :class:`~lightning_dance.wrapper.DANCEWrapper` fine-tunes the backbone by default)
     trains_controller: ClassVar[bool] = True
