@@ -216,6 +216,7 @@ class AdaptivePruner(nn.Module):
         self._chains: dict | None = None
         self._force_dense = False
         self.gate_noise = GateNoise()  # the training gates' noise stream (checkpointed)
+        policy.prepare(self)
 
     def __getstate__(self) -> dict:
         # the last forward's statistics hold autograd graphs: not part of a copy or a pickle

@@ -156,3 +156,29 @@ def test_width_moves_fewer_bytes_than_topk_and_half_of_dense():
         savings[policy] = c.dense.total / c.compact.total
     assert savings["width"] > 2.0
     assert savings["width"] > 1.5 * savings["topk"]
+
+
+def test_building_the_pruner_nests_chain_channels_without_changing_the_model():
+    """R(2+1)D: every spatial -> temporal chain ends up ordered by importance, most important
+    first, and the model computes what it computed before (eval)."""
+    torch.manual_seed(0)
+    net = create_model("r2plus1d_18", num_classes=4, width=0.25).eval()
+    with torch.no_grad():  # non-trivial statistics, so that the order is not the identity
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.2, 2.0)
+    clip = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        before = net(clip)
+        pruner = AdaptivePruner(net, dims=("channel",), policy="width", budget=0.5).eval()
+        torch.testing.assert_close(net(clip), before, atol=1e-4, rtol=1e-4)
+    chains = pruner.output_chains()
+    assert len(chains) >= 8  # two per residual block
+    modules = dict(net.named_modules())
+    for chain in chains.values():
+        w = modules[chain.consumer].weight.transpose(0, 1).flatten(1).norm(dim=1)
+        for name in chain.norms:
+            bn = modules[name]
+            w = w * (bn.weight * torch.rsqrt(bn.running_var + bn.eps)).abs()
+        assert (w[:-1] >= w[1:] - 1e-6).all()  # non-increasing importance

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -90,6 +90,12 @@ class Policy(ABC):
         the fixed count of a :attr:`fixed_counts` policy. At least ``min_keep`` entries per row
         are kept.
         """
+
+    def prepare(self, pruner: Any) -> None:
+        """Called once by the :class:`~lightning_dance.aap.AdaptivePruner` this policy is given
+        to, at the end of its construction (default: nothing). A policy may reparametrize the
+        model there without changing its function (the ``width`` policy orders channels)."""
+        return None
 
     def layer_scores(
         self, x: torch.Tensor, dims: tuple[str, ...], grid: int
