@@ -219,6 +219,8 @@ class DecisionPlan:
                 "channel indices of many layers at once need a policy that takes the "
                 f"controller's scores, not {self.policy.name!r}"
             )
+        if self.dense:  # every mask forced to ones (AdaptivePruner.dense)
+            return dict.fromkeys(widths)
         groups: dict[tuple[int, int | None], list[str]] = {}
         for name, c in widths.items():
             k = self.keep_count(name, "channel", c)

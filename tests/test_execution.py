@@ -835,16 +835,21 @@ def test_compact_pruner_equals_the_masked_model(dims, policy, budget, n, seed, b
     net = SmallNet().eval()
     pruner = _randomized(AdaptivePruner(net, dims=dims, policy=policy, budget=budget), seed)
     clip = torch.randn(n, 3, 6, 16, 16, generator=torch.Generator().manual_seed(seed))
-    fast = CompactPruner(pruner, batch_mode=batch_mode)
-    inputs_only = CompactPruner(pruner, batch_mode=batch_mode, skip_outputs=False)
+    # both the general plan and the batch-1 index plan perform exactly the counted MACs
+    fast = CompactPruner(pruner, batch_mode=batch_mode, index_plan=False)
+    inputs_only = CompactPruner(pruner, batch_mode=batch_mode, skip_outputs=False, index_plan=False)
+    indexed = CompactPruner(pruner, batch_mode=batch_mode)
     with torch.no_grad():
         ref = pruner(clip)
         with count_executed_macs() as macs:
             y = fast(clip)
         with count_executed_macs() as macs_inputs_only:
             y_inputs_only = inputs_only(clip)
+        with count_executed_macs() as macs_indexed:
+            y_indexed = indexed(clip)
     _close(y, ref)
     _close(y_inputs_only, ref)
+    _close(y_indexed, ref)
     # res.0 -> BN -> ReLU -> the depthwise res.3: a chain into a depthwise consumer
     assert sorted(fast.chains) == (["res.0"] if "channel" in dims else [])
     stats = pruner.last_stats
@@ -853,6 +858,8 @@ def test_compact_pruner_equals_the_masked_model(dims, policy, budget, n, seed, b
     if batch_mode == "group":
         assert macs_inputs_only.total == counted  # exactly the pruner's executed count
         assert macs.total == skipped  # minus the outputs res.3 drops
+        if n == 1:
+            assert macs_indexed.total == skipped
     else:
         assert macs_inputs_only.total >= counted and macs.total >= skipped
     assert all("forward" not in m.__dict__ for m in net.modules())
@@ -867,15 +874,20 @@ def test_compact_pruner_on_tiny_c3d(policy):
     net = create_model("tiny_c3d", num_classes=5).eval().to(memory_format=CL)
     pruner = _randomized(AdaptivePruner(net, policy=policy, budget=0.4), 1)
     fast = CompactPruner(pruner)
+    exact = CompactPruner(pruner, index_plan=False)
     clips = [torch.randn(1, 3, 8, 32, 32), torch.randn(2, 3, 8, 32, 32)]
     with torch.no_grad():
         for clip in clips:
             ref = pruner(clip)
             with count_executed_macs() as macs:
-                y = fast(clip)
+                y = exact(clip)
+            with count_executed_macs() as macs_fast:
+                y_fast = fast(clip)  # batch 1: the index plan
             _close(y, ref)
+            _close(y_fast, ref)
             assert len(fast.chains) == 2  # conv2 -> conv3, res.conv1 -> res.conv2
             assert macs.total == _skipped_macs_reference(pruner, fast.chains)
+            assert macs_fast.total == macs.total
         with pruner.dense():  # all kept: the model itself
             _close(fast(clips[0]), net(clips[0]))
     fast.tune(clips[0], repeats=1)

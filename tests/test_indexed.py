@@ -206,8 +206,10 @@ def _spy(monkeypatch) -> list[int]:
     "policy, dims, n, use",
     [("topk", ("channel",), 1, True), ("topk", ("channel",), 2, False),
      ("threshold", ("channel",), 1, True), ("threshold", ("channel",), 2, False),
-     ("width", ("channel",), 1, True), ("threshold", ("channel", "frame"), 1, False),
-     ("topk", ("channel", "frame"), 1, False), ("attention", ("channel",), 1, False)],
+     ("width", ("channel",), 1, True), ("threshold", ("channel", "frame"), 1, True),
+     ("threshold", ("frame", "channel", "feature"), 1, True), ("threshold", ("frame",), 1, True),
+     ("topk", ("channel", "frame"), 1, True), ("topk", ("channel", "frame"), 2, False),
+     ("attention", ("channel",), 1, False)],
 )  # fmt: skip
 def test_index_plan_only_where_it_applies(monkeypatch, policy, dims, n, use):
     calls = _spy(monkeypatch)

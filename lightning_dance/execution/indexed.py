@@ -79,11 +79,11 @@ __all__ = [
 
 
 def index_plan_applies(pruner: AdaptivePruner, clip: torch.Tensor) -> bool:
-    """Whether the index plan can run ``clip``: a pruner of channels only whose policy decides
-    from the controller's scores (``topk``, ``threshold``, ``width``; not ``attention``, which
-    scores each layer's input), one clip."""
-    scored = not pruner.policy.needs_layer_input
-    return scored and pruner.dims == ("channel",) and clip.shape[0] == 1
+    """Whether the index plan can run ``clip``: a pruner whose policy decides from the
+    controller's scores (``topk``, ``threshold``, ``width``; not ``attention``, which scores
+    each layer's input), one clip. Frames and features may be pruned too: a layer whose clip
+    drops some goes through the general compact conv (:class:`IndexedRun`)."""
+    return not pruner.policy.needs_layer_input and clip.shape[0] == 1
 
 
 def _indexable(conv: nn.Conv3d, depthwise: bool = False) -> bool:
@@ -197,6 +197,7 @@ class IndexedRun:
         self.pruner, self.chains = pruner, chains
         self.folds = folds or {}  # conv / BatchNorm name -> the BatchNorm the conv computes
         self.idx: dict[str, torch.Tensor | None] | None = None  # set when the stem ran
+        self.plan: DecisionPlan | None = None  # the clip's decisions, made when the stem ran
         self.held: dict[str, torch.Tensor] = {}  # consumer / norm -> the channels x holds
 
     def __call__(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +209,9 @@ class IndexedRun:
         if name not in p._layers:
             y = conv3d_fast_forward(conv, x)
             if name == p.stem_name and self.idx is None:
-                self.idx = topk_indices(p, p.decide(y))
+                self.plan = p.decide(y)
+                pruned = "channel" in p.dims
+                self.idx = topk_indices(p, self.plan) if pruned else dict.fromkeys(p._layers)
             return y
         if self.idx is None:
             raise RuntimeError(f"instrumented layer {name!r} ran before the stem {p.stem_name!r}")
@@ -220,12 +223,32 @@ class IndexedRun:
             out_idx = self.idx[chain.consumer]
             for key in (chain.consumer, *chain.norms):
                 self.held[key] = out_idx
-        if _indexable(conv):
+        values = self.frames_features(name, conv, x)
+        if not values and _indexable(conv):
             return indexed_conv3d(conv, x, in_idx, out_idx, held is not None)
-        if in_idx is not None and _indexable(conv, depthwise=True):
+        if not values and in_idx is not None and _indexable(conv, depthwise=True):
             return indexed_depthwise(conv, x, in_idx, held is not None)
-        values = {}  # grouped, "same" or non-zero padding: the general plan
+        # frames or features dropped, grouped, "same" or non-zero padding: the general plan
         if in_idx is not None:
             mask = torch.zeros(1, conv.in_channels, dtype=x.dtype, device=x.device)
             values["channel"] = mask.index_fill_(1, in_idx, 1.0)
         return _compact_conv3d(conv, x, values, None, "group", held, out_idx)
+
+    def frames_features(
+        self, name: str, conv: nn.Conv3d, x: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The clip's frame and feature masks of layer ``name`` that the general compact conv
+        must apply: those that drop something, and the frame mask of a conv that would read
+        temporal padding (the executed count leaves taps on padding frames out, so the dense
+        conv would compute more than counted); ``{}``: the layer runs from its indices."""
+        p = self.pruner
+        if not any(d in p.dims for d in ("frame", "feature")):
+            return {}
+        shape = (conv.in_channels, *x.shape[2:])
+        masks = self.plan.masks(name, shape).values
+        out = {d: v for d, v in masks.items() if d != "channel" and not bool((v > 0.5).all())}
+        if "frame" in masks and "frame" not in out:  # every frame kept: still exact if the
+            g = cached_geometry(conv, shape)  # conv reads no temporal padding (the counter
+            if g.kernel[0] > 1 and (g.pad_lo[0] or g.pad_hi[0]):  # skips those taps)
+                out["frame"] = masks["frame"]
+        return out

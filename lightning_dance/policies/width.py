@@ -155,7 +155,9 @@ def nest_channels(model: nn.Module, chains: Mapping[str, ChannelChain]) -> int:
         for bn in norms:
             if bn.running_var is not None:
                 gain = torch.rsqrt(bn.running_var + bn.eps)
-                importance = importance * (gain * bn.weight if bn.weight is not None else gain).abs()
+                importance = (
+                    importance * (gain * bn.weight if bn.weight is not None else gain).abs()
+                )
             elif bn.weight is not None:
                 importance = importance * bn.weight.abs()
         order = importance.argsort(descending=True, stable=True)
