@@ -356,8 +356,8 @@ def test_compile_sparse_warns_when_the_fast_path_is_slower(monkeypatch, speedup)
 
 @pytest.mark.parametrize("tuned_ms, chosen", [(5.0, "tuned"), (9.0, "index plan")])
 def test_compile_sparse_keeps_the_faster_of_tuned_and_index_plan(monkeypatch, tuned_ms, chosen):
-    """Tunings switch a topk channel pruner to the general plan: compile_sparse(tune=True)
-    times the untuned index plan too and keeps whichever is faster."""
+    """Tunings switch a pruner to the general plan: compile_sparse(tune=True) times the untuned
+    index plan too (batch 1) and keeps whichever is faster."""
     from lightning_dance.execution import CompactPruner
 
     def compare(self, clip, repeats=3):
@@ -371,8 +371,10 @@ def test_compile_sparse_keeps_the_faster_of_tuned_and_index_plan(monkeypatch, tu
     assert bool(fast.tunings) == (chosen == "tuned")
     with torch.no_grad():
         torch.testing.assert_close(wrapper(clip), wrapper.pruner(clip), rtol=1e-4, atol=1e-5)
-    other = DANCEWrapper(SmallNet(), budget=0.4, policy="topk").eval()  # all dims: no index plan
-    assert other.compile_sparse(clip, tune=True).tunings
+    other = DANCEWrapper(SmallNet(), budget=0.4, policy="topk").eval()  # all dims: an index
+    assert bool(other.compile_sparse(clip, tune=True).tunings) == (chosen == "tuned")  # plan too
+    batch = torch.randn(2, 3, 8, 16, 16)  # no index plan for a batch: the tuned plan
+    assert other.compile_sparse(batch, tune=True).tunings
 
 
 def test_execution_argument_is_checked():
