@@ -54,7 +54,7 @@ _LAZY = {
 # names that lived at the top level before the API was tiered: they still resolve, with a
 # DeprecationWarning naming their module
 _MOVED = {
-    "ArchitectureMismatchError": "lightning_dance.wrapper",
+    "ArchitectureMismatchError": "lightning_dance.checkpoints",
     "CheckpointError": "lightning_dance.models",
     "CompactExecutor": "lightning_dance.execution",
     "EnergyModel": "lightning_dance.energy",

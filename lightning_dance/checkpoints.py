@@ -37,10 +37,13 @@ from typing import Any
 import lightning as L
 import torch.nn as nn
 
+from lightning_dance.errors import DanceError
 from lightning_dance.models.checkpoint import CheckpointError, load_tensors
 
 __all__ = [
+    "ArchitectureMismatchError",
     "CheckpointError",
+    "check_architecture",
     "check_num_classes",
     "is_dance_checkpoint",
     "load_module",
@@ -211,3 +214,29 @@ def check_num_classes(model: nn.Module, num_classes: int | None, what: str) -> N
             "the command line): train on data with the same classes, or set the data's "
             "num_classes to match"
         )
+
+
+class ArchitectureMismatchError(DanceError, ValueError):
+    """A DANCE checkpoint was made for a different model architecture."""
+
+
+def check_architecture(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise :class:`ArchitectureMismatchError` naming the first differences."""
+    if saved == current:
+        return
+    diffs = []
+    if saved.get("stem") != current.get("stem"):
+        diffs.append(f"stem {saved.get('stem')} != {current.get('stem')}")
+    if saved.get("dims") != current.get("dims"):
+        diffs.append(f"dims {saved.get('dims')} != {current.get('dims')}")
+    s_layers, c_layers = saved.get("layers", {}), current.get("layers", {})
+    for name in list(dict.fromkeys([*s_layers, *c_layers])):
+        if s_layers.get(name) != c_layers.get(name):
+            diffs.append(
+                f"layer {name!r}: saved {s_layers.get(name)} vs model {c_layers.get(name)}"
+            )
+    raise ArchitectureMismatchError(
+        "this DANCE controller was trained for a different architecture: "
+        + "; ".join(diffs[:5])
+        + (" ..." if len(diffs) > 5 else "")
+    )

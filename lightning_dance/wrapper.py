@@ -31,7 +31,12 @@ import torch.nn as nn
 from torchmetrics import MeanMetric
 
 from lightning_dance.aap import AdaptivePruner
-from lightning_dance.checkpoints import check_num_classes, model_from_name
+from lightning_dance.checkpoints import (
+    ArchitectureMismatchError,
+    check_architecture,
+    check_num_classes,
+    model_from_name,
+)
 from lightning_dance.errors import DanceError
 from lightning_dance.layers import LayerSelector
 from lightning_dance.losses import budget_loss, distillation_loss
@@ -45,10 +50,6 @@ __all__ = ["DANCEWrapper", "ArchitectureMismatchError"]
 TASKS = ("labels", "distill", "both")
 EXECUTIONS = ("masked", "compact")
 LR_SCHEDULES = ("constant", "cosine")
-
-
-class ArchitectureMismatchError(DanceError, ValueError):
-    """A DANCE checkpoint was made for a different model architecture."""
 
 
 class DANCEWrapper(L.LightningModule):
@@ -630,28 +631,6 @@ def _same(value: Any, default: Any) -> bool:
         value is default
         or (type(value) is type(default) and value == default)
         or (isinstance(value, (tuple, list)) and tuple(value) == default)
-    )
-
-
-def check_architecture(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise :class:`ArchitectureMismatchError` naming the first differences."""
-    if saved == current:
-        return
-    diffs = []
-    if saved.get("stem") != current.get("stem"):
-        diffs.append(f"stem {saved.get('stem')} != {current.get('stem')}")
-    if saved.get("dims") != current.get("dims"):
-        diffs.append(f"dims {saved.get('dims')} != {current.get('dims')}")
-    s_layers, c_layers = saved.get("layers", {}), current.get("layers", {})
-    for name in list(dict.fromkeys([*s_layers, *c_layers])):
-        if s_layers.get(name) != c_layers.get(name):
-            diffs.append(
-                f"layer {name!r}: saved {s_layers.get(name)} vs model {c_layers.get(name)}"
-            )
-    raise ArchitectureMismatchError(
-        "this DANCE controller was trained for a different architecture: "
-        + "; ".join(diffs[:5])
-        + (" ..." if len(diffs) > 5 else "")
     )
 
 
