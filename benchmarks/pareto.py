@@ -204,6 +204,22 @@ class Context:
             torch.save({"task": asdict(t), "model": module.state_dict()}, path)
         return module.model.eval()
 
+    def trained(self, name: str, budget: float) -> Candidate:
+        """Method ``name`` trained at ``budget`` for this seed; with a cache, the trained
+        candidate is kept there and reused (same task), so that a later run can measure it again
+        (say, on a quiet machine or with more threads) without training it again. The cached
+        file is a pickle of the candidate: load only caches you made."""
+        path = self.cache / f"{name}-{budget}-seed{self.seed}.pt" if self.cache else None
+        if path is not None and path.exists():
+            saved = torch.load(path, weights_only=False)
+            if saved.pop("task", None) == asdict(self.task):
+                return Candidate(**saved)
+        cand = METHODS[name](self, budget, self.seed)
+        if path is not None:  # the fields, not the Candidate (a class of __main__ when run)
+            fields = {f: getattr(cand, f) for f in Candidate.__dataclass_fields__}
+            torch.save({"task": asdict(self.task), **fields}, path)
+        return cand
+
     def _load_or_train_starts(self) -> dict[str, VideoClassifier]:
         t = self.task
         dense, ava = t.classifier(), t.classifier(lr=t.lr * 0.3)
@@ -525,7 +541,7 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
             if name == "dense":
                 cand = Candidate(ctx.reference(), note="the reference")
             else:
-                cand = METHODS[name](ctx, budget, seed)
+                cand = ctx.trained(name, budget)
         except Exception as err:  # a baseline that fails on a model is a result to report
             failed.append({"method": name, "budget": budget, "seed": seed,
                            "error": f"{type(err).__name__}: {err}"})  # fmt: skip

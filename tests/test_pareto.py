@@ -54,8 +54,9 @@ def test_conv_macs_matches_fvcore_on_conv_nets(pareto):
 
 @pytest.mark.slow
 def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
-    result = pareto.main(["--quick", "--model", "tiny_c3d", "--width", "1", "--no-progress",
-                          "--threads", "1", "--out", str(tmp_path)])  # fmt: skip
+    quick = ["--quick", "--model", "tiny_c3d", "--width", "1", "--no-progress", "--threads", "1",
+             "--cache", str(tmp_path / "cache")]  # fmt: skip
+    result = pareto.main([*quick, "--out", str(tmp_path)])
     expected = {(m, b) for m in pareto.METHODS for b in result["budgets"]} | {("dense", 1.0)}
     summary = {(e["method"], e["budget"]): e for e in result["summary"]}
     assert set(summary) == expected
@@ -76,3 +77,17 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
 
     for name in ("pareto_macs.png", "pareto_latency.png"):
         assert imread(tmp_path / name).shape[0] > 100
+    # by clip difficulty: every third of the test clips has its top-1 and MACs
+    assert all(0 <= summary[k]["acc_hard"] <= 1 for k in summary if summary[k]["seeds"])
+
+    # a second run reuses the cached trained candidates (the same top-1, no training) and a
+    # merge of both runs' rows gives one row per method, budget and seed, timed
+    again = pareto.main([*quick, "--methods", "slim", "dance-width", "--out", str(tmp_path / "b")])
+    for e in again["summary"]:
+        assert e["acc"] == summary[(e["method"], e["budget"])]["acc"]
+    assert (tmp_path / "cache" / f"dance-width-{result['budgets'][0]}-seed0.pt").exists()
+    merged = pareto.main(["--merge", str(tmp_path / "rows.jsonl"), str(tmp_path / "b" / "rows.jsonl"),
+                          "--out", str(tmp_path / "m")])  # fmt: skip
+    assert {(e["method"], e["budget"]) for e in merged["summary"]} == expected
+    assert all(e["seeds"] == 1 or e.get("errors") for e in merged["summary"])
+    assert all(math.isfinite(e["speedup"]) for e in merged["summary"] if e["seeds"])
