@@ -471,6 +471,14 @@ def dance(ctx: Context, budget: float, seed: int) -> Candidate:
                   epochs=ctx.task.tune_epochs, **THRESHOLD_RECIPE)  # fmt: skip
 
 
+@method("dance-feedback")
+def dance_feedback(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance`` with ``budget_feedback=1``: the calibration offset follows the training budget
+    (a dual variable), so that training runs at the MACs the model is calibrated to."""
+    return _dance(ctx, budget, start="ava", policy="threshold", dims=ALL_DIMS,
+                  epochs=ctx.task.tune_epochs, budget_feedback=1.0)  # fmt: skip
+
+
 @method("dance-topk")
 def dance_topk(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start="ava", policy="topk", dims=("channel",),
