@@ -130,6 +130,10 @@ def test_user_lightning_module_is_recoverable(tmp_path):
         (dict(calibrate_every=-1), "calibrate_every"),
         (dict(calibrate_every=2.5), "calibrate_every"),
         (dict(calibrate_every=5, budget_range=(0.2, 0.8)), "budget_range"),
+        (dict(budget_feedback=-0.5), "budget_feedback"),
+        (dict(budget_feedback="1"), "budget_feedback"),
+        (dict(budget_feedback=True), "budget_feedback"),
+        (dict(budget_feedback=1.0, budget_range=(0.2, 0.8)), "budget_range"),
     ],
 )
 def test_bad_arguments(kw, match):
@@ -177,6 +181,34 @@ def test_budget_warmup_prunes_gradually(tmp_path):
         wrapper(torch.randn(2, 3, 8, 16, 16))
     assert float(wrapper.last_stats.mac_ratio().mean()) == pytest.approx(rec.ratios[-1])
     assert rec.ratios[-1] < 0.6
+
+
+def test_budget_feedback_moves_the_offset_by_the_budget_error(tmp_path):
+    """Each training batch moves the calibration offset by ``-gain x (batch ratio - budget)``:
+    replayed from the ratios the batches really had; with the feedback the last batches run
+    nearer the budget than without."""
+    ends = {}
+    for gain in (0.0, 2.0):
+        torch.manual_seed(0)
+        wrapper = DANCEWrapper(SmallNet(), budget=0.3, budget_feedback=gain, freeze_backbone=False)
+        ratios = []
+        step = wrapper._step
+
+        def spy(batch, stage, batch_idx=None, wrapper=wrapper, ratios=ratios, step=step):
+            before = float(wrapper.pruner.calibration)
+            out = step(batch, stage, batch_idx)
+            ratios.append((before, float(wrapper.pruner.last_stats.mac_ratio().mean())))
+            return out
+
+        wrapper._step = spy
+        _trainer(tmp_path, max_steps=12, max_epochs=-1).fit(wrapper, _loader(16))
+        offset = 0.0
+        for before, ratio in ratios:
+            assert before == pytest.approx(offset)
+            offset -= gain * (ratio - 0.3)
+        assert float(wrapper.pruner.calibration) == pytest.approx(offset)
+        ends[gain] = abs(sum(r for _, r in ratios[-4:]) / 4 - 0.3)
+    assert ends[2.0] < ends[0.0]
 
 
 def test_calibrate_every_meets_the_training_budget_in_training(tmp_path):
