@@ -15,6 +15,10 @@ conv through per-channel ops only, e.g. R(2+1)D's spatial -> temporal convs) by 
 the pruner is built (:func:`nest_channels`: in place, the model's function unchanged); other
 layers keep their order.
 
+Limits: the blocks' first convs read the residual stream, whose channels keep their arbitrary
+order, so a prefix there drops channels that matter; on the benchmark task (``r2plus1d_18``
+width 0.25, budget 0.5, one seed) it lost far more top-1 than ``topk`` (``docs/policies.md``).
+
 Training: straight-through. The forward keeps exactly the first ``k`` channels; the gradient
 flows to the scores through a soft prefix ``sigmoid((c - j - 0.5) / (tau * multiple / 4))`` of
 the soft count ``c`` (logistic noise on the scores, scaled by ``noise``, explores). Calibration
