@@ -47,7 +47,7 @@ def _both_plans(pruner: AdaptivePruner, clip: torch.Tensor):
     return out[True], out[False], ref
 
 
-@settings(max_examples=20, deadline=None, derandomize=True,
+@settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 @given(
     budget=st.sampled_from([0.05, 0.3, 0.6, 1.0]),
@@ -55,15 +55,17 @@ def _both_plans(pruner: AdaptivePruner, clip: torch.Tensor):
     conditioned=st.booleans(),
     seed=st.integers(0, 100),
     model=st.sampled_from([ChainNet, SmallNet]),  # SmallNet: a chain into a depthwise conv
+    policy=st.sampled_from(["topk", "threshold", "width"]),
 )
 def test_index_plan_equals_the_general_plan_and_the_masked_model(
-    budget, multiple, conditioned, seed, model
+    budget, multiple, conditioned, seed, model, policy
 ):
     torch.manual_seed(seed)
     net = model().eval()
     if seed % 2:
         net = net.to(memory_format=CL)  # weights in either layout
-    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=budget,
+    multiple = multiple if policy == "topk" else 1  # channel_multiple: fixed counts only
+    pruner = AdaptivePruner(net, dims=("channel",), policy=policy, budget=budget,
                             channel_multiple=multiple, budget_conditioned=conditioned)  # fmt: skip
     pruner = _randomized(pruner, seed)
     clip = torch.randn(1, 3, 5, 12, 12, generator=torch.Generator().manual_seed(seed))
