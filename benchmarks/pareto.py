@@ -747,12 +747,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     task = Task(**{f: getattr(args, f) for f in Task.__dataclass_fields__ if hasattr(args, f)})
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    if args.merge:  # the rows of earlier runs, the last row of a (method, budget, seed) counting
+    if args.merge:  # earlier runs' rows: the last of a (method, budget, seed), timed ones first
         merged: dict[tuple[str, float, int], dict[str, Any]] = {}
         for path in args.merge:
             for line in path.read_text().splitlines():
                 row = json.loads(line)
-                merged[(row["method"], row["budget"], row["seed"])] = row
+                key = (row["method"], row["budget"], row["seed"])
+                if "latency_ms" in merged.get(key, {}) and "latency_ms" not in row:
+                    continue  # a timed row is not replaced by an untimed one
+                merged[key] = row
         rows = list(merged.values())
         args.methods = list(dict.fromkeys(r["method"] for r in rows))
         args.budgets = sorted({r["budget"] for r in rows}, reverse=True)
