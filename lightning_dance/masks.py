@@ -121,7 +121,8 @@ def _ensure_min_keep(hard: torch.Tensor, scores: torch.Tensor, min_keep: int) ->
     return hard.scatter(-1, top, 1.0)
 
 
-def _logistic_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def logistic_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard logistic noise shaped like ``like`` (the gates' exploration noise)."""
     if generator is None:
         u = torch.rand_like(like)
     else:
@@ -147,7 +148,7 @@ def threshold_gate(
     At least ``min_keep`` entries per row are kept (the highest logits).
     """
     if training:
-        noisy = logits + float(noise) * _logistic_noise(logits, generator) if noise else logits
+        noisy = logits + float(noise) * logistic_noise(logits, generator) if noise else logits
         soft = torch.sigmoid(noisy / tau)
         hard = _ensure_min_keep((soft > 0.5).to(logits.dtype), noisy, min_keep)
         return hard + (soft - soft.detach())  # exactly 0/1 in value
@@ -174,7 +175,7 @@ def topk_gate(
     if not 1 <= k <= size:
         raise ValueError(f"topk gate needs 1 <= k <= {size}, got k={k}")
     noisy = training and noise
-    scores = logits + float(noise) * _logistic_noise(logits, generator) if noisy else logits
+    scores = logits + float(noise) * logistic_noise(logits, generator) if noisy else logits
     hard = torch.zeros_like(logits).scatter(-1, scores.topk(k, dim=-1).indices, 1.0)
     if not training:
         return hard

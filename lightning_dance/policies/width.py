@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn as nn
 
-from lightning_dance.masks import _logistic_noise
+from lightning_dance.masks import logistic_noise
 from lightning_dance.policies.base import Policy, register_policy
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class WidthPolicy(Policy):
 
     def gate(self, logits, *, training, k=None, tau=1.0, noise=1.0, min_keep=1, generator=None):
         if training and noise:
-            logits = logits + float(noise) * _logistic_noise(logits, generator)
+            logits = logits + float(noise) * logistic_noise(logits, generator)
         counts = self.counts(logits, min_keep)
         j = torch.arange(logits.shape[-1], device=logits.device, dtype=logits.dtype)
         hard = (j < counts[:, None]).to(logits.dtype)
