@@ -51,8 +51,9 @@ NB01 = [
         knows about DANCE) and makes it cheaper to run with the two DANCE steps:
 
         1. **dense baseline**: train the module as you already do;
-        2. **AVA**: fine-tune the *same, unmodified* module with `AVACallback`, an extra loss that
-           concentrates each layer's input activations on fewer frames, channels and positions;
+        2. **AVA** (optional): fine-tune the *same, unmodified* module with `AVACallback`, an
+           extra loss that concentrates each layer's input activations on fewer frames, channels
+           and positions;
         3. **AAP**: wrap it in `DANCEWrapper(model, budget=0.5)`, which trains a small controller
            (backbone frozen) deciding per clip which input frames, channels and spatial blocks of
            every Conv3d to skip;
@@ -220,6 +221,12 @@ NB01 = [
         signal, and AAP can skip the rest). The default weight 2.0 is ramped up over the first
         50 optimizer steps (in the quick run there are fewer steps than that, so AVA barely acts).
         See `docs/ava.md`.
+
+        AVA is optional: where we measured it with the backbone fine-tuned jointly with the
+        controller (the benchmark and the demo, three seeds each), DANCE from the dense model
+        was more accurate than from the AVA model given the same epochs, so the demo skips it.
+        Here the backbone stays frozen (step 3); skip this step by setting
+        `ava_model = copy.deepcopy(model)`, and keep it only if it helps on your task.
 
         Callbacks go to the `Trainer` (`Trainer.fit` takes no `callbacks` argument). We fine-tune
         a copy so the dense model stays available for comparison, with a lower learning rate, as
@@ -887,7 +894,7 @@ NB04 = [
         # The demo's pictures
 
         `lightning-dance demo` runs the recommended DANCE recipe on the built-in synthetic clips
-        (dense training, AVA fine-tuning, then backbone and controller fine-tuned jointly with
+        (dense training, then backbone and controller fine-tuned jointly with
         gradual pruning and a cosine learning rate, toward 60% of the dense MACs), measures it and
         writes an output folder. This notebook runs it from Python (`run_demo`) and shows what
         it wrote: the summary table, the four pictures, and how to reload the DANCE checkpoint.
@@ -935,7 +942,7 @@ NB04 = [
         """
         ## Accuracy against executed MACs
 
-        Dense (and the AVA-tuned dense model) at 1.0; DANCE at its trained budget and the same
+        Dense (and, with `--ava-epochs`, the AVA-tuned dense model) at 1.0; DANCE at its trained budget and the same
         controller recalibrated to other budgets (`pruner.set_budget(b)` + `calibrate`). Error
         bars: the binomial standard error over the test clips.
         """

@@ -44,6 +44,9 @@ def test_folder_contents(demo_out):
     recipe = stored["recipe"]  # the default: the calibrated joint recipe at budget 0.6
     assert recipe["freeze_backbone"] is False and recipe["budget"] == 0.6
     assert recipe["calibrate_every"] == 10 and recipe["budget_warmup"] == 0.3
+    # AVA is off by default (it did not help on the benchmark): DANCE starts from the dense model
+    assert recipe["ava_epochs"] == 0 and stored["ava/test_acc"] is None
+    assert not (out / "ava").exists()
     assert stored["dance/traffic_saving"] > 0  # measured from the executed ops
     assert set(stored["dance/energy_saving"]) >= {"dram", "jetson_nano", "snapdragon_8_gen_1"}
     assert 0.05 < stored["dance/mac_ratio"] < 0.9
@@ -53,6 +56,7 @@ def test_folder_contents(demo_out):
     assert "loadavg" in stored["machine"]
     summary = (out / "summary.md").read_text()
     assert "measured speedup" in summary and all(f"]({p})" in summary for p in PICTURES)
+    assert "top-1 dense" in summary and "top-1 AVA" not in summary
 
 
 def test_pictures_decode(demo_out):
@@ -107,3 +111,34 @@ def test_bad_arguments_name_the_fix():
     assert "calibrate_every" not in _wrapper_kwargs(parse_args(["--frozen"]))
     with pytest.raises(SystemExit):
         parse_args(["--calibrate-every", "-1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--ava-epochs", "-1"])
+
+
+def test_ava_is_opt_in():
+    default = parse_args([])
+    assert (default.ava_epochs, default.dance_epochs) == (0, 6)  # AVA's epoch spent on DANCE
+    assert parse_args(["--ava-epochs", "2"]).ava_epochs == 2
+    assert parse_args(["--ava-epochs", "2", "--quick"]).ava_epochs == 1  # one epoch a stage
+    assert parse_args(["--quick"]).ava_epochs == 0
+
+
+def test_summary_rows_show_ava_only_when_it_ran():
+    from lightning_dance.demo import _summary_rows
+
+    variants = {"dense fast": {"median_ms": 2.0}, "DANCE compact": {"median_ms": 1.0}}
+    results = {
+        "test_clips": 100, "budget": 0.6, "dense/test_acc": 0.8, "ava/test_acc": None,
+        "dance/test_acc": 0.75, "dance/mac_ratio": 0.6, "dance/mac_ratio_p5": 0.5,
+        "dance/mac_ratio_p95": 0.7, "latency": {"variants": variants, "speedup": 2.0},
+        "dance/traffic_saving": 1.5,
+        "dance/energy_saving": {"dram": 1.2, "jetson_nano": 1.3, "snapdragon_8_gen_1": 1.4},
+        "onnx": {"ok": False, "reason": "x"}, "checkpoint": {"reload_max_abs_error": 0.0},
+        "machine": {"loadavg": "0 0 0"}, "demo_seconds": 1.0,
+    }  # fmt: skip
+    names = [name for name, _ in _summary_rows(results)]
+    assert "top-1 AVA (dense)" not in names
+    assert ("DANCE - dense", "-5.0 pp") in _summary_rows(results)
+    results["ava/test_acc"] = 0.81
+    rows = dict(_summary_rows({**results}))
+    assert rows["top-1 AVA (dense)"] == "81.0% ± 3.9"
