@@ -465,6 +465,15 @@ def mod_topk(ctx: Context, budget: float, seed: int) -> Candidate:
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs)  # fmt: skip
 
 
+@method("mod-topk-credit")
+def mod_topk_credit(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``mod-topk`` with ``credit_outputs=True``: the budget is the MACs the compact path runs
+    (a producer computes only the channels its consumer keeps), so at the same budget it keeps
+    more channels per layer than ``mod-topk``, whose budget counts input masks only."""
+    return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True)  # fmt: skip
+
+
 @method("dance")
 def dance(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start="ava", policy="threshold", dims=ALL_DIMS,
@@ -498,6 +507,14 @@ def dance_width(ctx: Context, budget: float, seed: int) -> Candidate:
 def dance_noava(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, **THRESHOLD_RECIPE)  # fmt: skip
+
+
+@method("dance-noava-credit")
+def dance_noava_credit(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance-noava`` with ``credit_outputs=True`` (the budget is what the compact path runs)."""
+    return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
+                  **THRESHOLD_RECIPE)  # fmt: skip
 
 
 @method("attention")

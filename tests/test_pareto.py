@@ -77,6 +77,12 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
 
     for name in ("pareto_macs.png", "pareto_latency.png"):
         assert imread(tmp_path / name).shape[0] > 100
+    # credit_outputs: the counted MACs are those the compact path runs; without it the count
+    # charges every producer in full, above what runs (measured 0.50 counted, 0.39 ran)
+    b = result["budgets"][0]
+    credit, plain = summary[("mod-topk-credit", b)], summary[("mod-topk", b)]
+    assert credit["ran_ratio"] == pytest.approx(credit["mac_ratio"], abs=0.02)
+    assert plain["ran_ratio"] < plain["mac_ratio"] - 0.05
     # by clip difficulty: every third of the test clips has its top-1 and MACs
     assert all(0 <= summary[k]["acc_hard"] <= 1 for k in summary if summary[k]["seeds"])
 
