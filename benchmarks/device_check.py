@@ -66,14 +66,14 @@ def build(gpu: bool):
 def onnx_session(path: Path, want_cuda: bool):
     import onnxruntime as ort
 
+    from lightning_dance.export.onnx import quiet_session
+
     available = ort.get_available_providers()
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if want_cuda and "CUDAExecutionProvider" in available:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    sess = quiet_session(path, providers=providers)
     return sess, sess.get_providers()[0], available
 
 

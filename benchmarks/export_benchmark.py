@@ -43,16 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency_benchmark import MODELS, build, calibrated_pruner, loadavg, p90  # noqa: E402
 
 from lightning_dance.export.modes import build_export_module  # noqa: E402
-from lightning_dance.export.onnx import export_onnx  # noqa: E402
+from lightning_dance.export.onnx import export_onnx, quiet_session  # noqa: E402
 
 
 def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    # spinning off: an idle spinning pool would slow the variant timed after it
+    return quiet_session(path, threads)
 
 
 def bench_model(name: str, args, folder: Path) -> dict:

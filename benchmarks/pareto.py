@@ -31,8 +31,10 @@ Per method, budget and seed: test top-1; counted executed / dense MACs per clip 
 static models: their fvcore count); the MACs the fast form really runs (``ran``: the compact path
 of a DANCE model, counted op by op, plus its dense parts and controller); batch-1 latency of the
 fastest form (DANCE: the compact path; static models: the faster of plain PyTorch and
-:func:`lightning_dance.timing.dense_fast`) against the dense reference in its fastest form,
-interleaved in one process over the same test clips (:func:`lightning_dance.timing.interleaved`);
+:func:`lightning_dance.timing.dense_fast`; and every model that exports, in onnxruntime with its
+pool's spinning off) against the dense reference in its fastest form, interleaved in one
+process over the same test clips (:func:`lightning_dance.timing.interleaved`), and per runtime
+(``speedup_eager``, ``speedup_onnxruntime``: against dense in the same runtime);
 the bytes the fastest form moves, measured from the ops it runs
 (:func:`lightning_dance.bytes.measure_traffic`, controller included), and the energy estimate
 of those MACs and bytes (:class:`lightning_dance.energy.EnergyModel`: every access at DRAM, and
@@ -295,9 +297,49 @@ class Candidate:
         timed in a form slower than it has to be.
         """
         if self.wrapper is None:
-            return {"plain": lambda: self.model(clip), "fast": dense_fast(self.model, clip)}
-        compact = CompactPruner(self.wrapper.pruner)
-        return {"compact": lambda: compact(clip)}
+            forms = {"plain": lambda: self.model(clip), "fast": dense_fast(self.model, clip)}
+        else:
+            compact = CompactPruner(self.wrapper.pruner)
+            forms = {"compact": lambda: compact(clip)}
+        session = self.onnx_session(clip)
+        if session is not None:
+            name, feed = session.get_inputs()[0].name, clip.numpy()
+            forms["onnxruntime"] = lambda: session.run(None, {name: feed})
+        return forms
+
+    def onnx_session(self, clip: torch.Tensor) -> Any:
+        """The model exported to ONNX (static models whole; DANCE models with the ``topk`` or
+        ``threshold`` gates and gathers, :func:`~lightning_dance.export.modes.build_export_module`)
+        in an onnxruntime session that does not spin (made once, its output checked against
+        the eager model on ``clip``); ``None`` where onnxruntime is missing, the policy has no
+        export mode, or the export fails (said once on stderr)."""
+        if "onnx" in self.__dict__:
+            return self.__dict__["onnx"]
+        self.__dict__["onnx"] = None
+        mode = "dense" if self.wrapper is None else self.wrapper.pruner.policy.name
+        if mode not in ("dense", "topk", "threshold") or not ONNX_FORM:
+            return None
+        try:
+            import tempfile
+
+            from lightning_dance.export.modes import build_export_module
+            from lightning_dance.export.onnx import export_onnx, quiet_session
+
+            module, _ = build_export_module(self.wrapper or self.model, mode, clip)
+            with torch.no_grad():
+                want = (self.wrapper or self.model).eval()(clip)
+            path = export_onnx(module, clip, Path(tempfile.mkdtemp()) / "model.onnx")
+            session = quiet_session(path)
+            got = session.run(None, {session.get_inputs()[0].name: clip.numpy()})[0]
+            error = float((torch.from_numpy(got) - want).abs().max())
+            if error > 1e-3 * (1.0 + float(want.abs().max())):
+                raise RuntimeError(f"onnxruntime output differs from the model by {error:.2e}")
+        except Exception as err:  # timing goes on without this form; the failure is reported
+            print(f"onnxruntime form skipped ({mode}): {type(err).__name__}: {err}",
+                  file=sys.stderr)  # fmt: skip
+            return None
+        self.__dict__["onnx"] = session
+        return session
 
     def ran_ratio(self, clips: Sequence[torch.Tensor], dense_macs: int) -> float:
         """MACs the fast form really computes / dense, mean over ``clips`` (batch 1 each)."""
@@ -336,6 +378,9 @@ def energy_figures(own: Sequence[TrafficMeasurement],
         figures[f"energy_saving_{name}"] = mean_pj(model, dense) / mean_pj(model, own)
     return figures
 
+
+#: time an onnxruntime form of every model that exports (``--no-onnx`` turns it off)
+ONNX_FORM = True
 
 #: the energy estimates reported: every access at DRAM, and cache-aware edge targets
 ENERGY_MODELS = {"dram": EnergyModel(), **{name: EnergyModel.for_target(name) for name in TARGETS}}
@@ -598,19 +643,27 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
             runs[f"{name}@{budget}/{form}"] = lambda cycle=cycle: next(cycle)()
     times = interleaved(runs, warmup=args.warmup, repeats=args.repeats)
 
-    def fastest(name: str, budget: float) -> tuple[str, Timing]:
+    def fastest(name: str, budget: float, runtime: str | None = None) -> tuple[str, Timing]:
         own = {
             k.rsplit("/", 1)[1]: t for k, t in times.items() if k.startswith(f"{name}@{budget}/")
         }
-        return min(own.items(), key=lambda kv: kv[1].median_ms)
+        if runtime is not None:  # "eager": the PyTorch forms; "onnxruntime": the exported one
+            own = {f: t for f, t in own.items() if (f == "onnxruntime") == (runtime != "eager")}
+        return min(own.items(), key=lambda kv: kv[1].median_ms) if own else ("", None)
 
     base = fastest("dense", 1.0)[1]
     for (name, budget), row in rows.items():
         form, t = fastest(name, budget)
         row.update(latency_ms=t.median_ms, latency_p90_ms=t.p90_ms, speedup=t.speedup_over(base),
                    latency_form=form)  # fmt: skip
+        for runtime in ("eager", "onnxruntime"):  # each runtime against dense in the same one
+            own, ref = fastest(name, budget, runtime)[1], fastest("dense", 1.0, runtime)[1]
+            if own is not None and ref is not None:
+                row[f"speedup_{runtime}"] = own.speedup_over(ref)
+        per_runtime = ", ".join(f"{r} {row[f'speedup_{r}']:.2f}x" for r in ("eager", "onnxruntime")
+                                if f"speedup_{r}" in row)  # fmt: skip
         print(f"[seed {seed}] {name:>14} @ {budget:.2f}: {t.median_ms:.2f} ms ({form}), speedup "
-              f"{row['speedup']:.2f}x over dense in its fastest form", flush=True)  # fmt: skip
+              f"{row['speedup']:.2f}x over dense in its fastest form ({per_runtime})", flush=True)  # fmt: skip
     if args.out is not None:  # the rows again, now timed (a merge keeps the last of each)
         with open(args.out / "rows.jsonl", "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in [*rows.values(), *failed])
@@ -618,7 +671,7 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
 
 
 FIGURES = ("acc", "mac_ratio", "mac_ratio_p5", "mac_ratio_p95", "ran_ratio", "latency_ms",
-           "speedup", "traffic_saving", *(f"energy_saving_{n}" for n in ENERGY_MODELS),
+           "speedup", "speedup_eager", "speedup_onnxruntime", "traffic_saving", *(f"energy_saving_{n}" for n in ENERGY_MODELS),
            *(f"{k}_{third}" for k in ("acc", "mac") for third in THIRDS))  # fmt: skip
 
 
@@ -641,6 +694,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _times(ratio: float) -> str:
+    return "n/a" if math.isnan(ratio) else f"{ratio:.2f}x"
+
+
 def markdown(summary: Sequence[dict[str, Any]], result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
@@ -652,21 +709,21 @@ def markdown(summary: Sequence[dict[str, Any]], result: dict[str, Any]) -> str:
         "dense-fast median / method median, interleaved.",
         "",
         "| method | budget | seeds | top-1 (mean ± std) | MACs counted (p5-p95) | MACs ran | "
-        "latency ms | speedup | traffic saving | energy saving (est.): "
-        + ", ".join(ENERGY_MODELS)
-        + " |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "latency ms | speedup | speedup eager / onnxruntime | traffic saving | "
+        "energy saving (est.): " + ", ".join(ENERGY_MODELS) + " |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for e in summary:
         if not e["seeds"]:
             lines.append(f"| {e['method']} | {e['budget']} | 0 | failed: {'; '.join(e['errors'])} "
-                         "| | | | | | |")  # fmt: skip
+                         "| | | | | | | |")  # fmt: skip
             continue
         lines.append(
             f"| {e['method']} | {e['budget']} | {e['seeds']} | {100 * e['acc']:.1f} ± "
             f"{100 * e['acc_std']:.1f} | {e['mac_ratio']:.3f} ({e['mac_ratio_p5']:.2f}-"
             f"{e['mac_ratio_p95']:.2f}) | {e['ran_ratio']:.3f} | {e['latency_ms']:.2f} | "
-            f"{e['speedup']:.2f}x ± {e['speedup_std']:.2f} | x{e['traffic_saving']:.2f} | "
+            f"{e['speedup']:.2f}x ± {e['speedup_std']:.2f} | {_times(e['speedup_eager'])} / "
+            f"{_times(e['speedup_onnxruntime'])} | x{e['traffic_saving']:.2f} | "
             + ", ".join(f"x{e['energy_saving_' + n]:.2f}" for n in ENERGY_MODELS)
             + " |"
         )
@@ -733,6 +790,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each model exported to onnxruntime (spinning off)")  # fmt: skip
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stdout.isatty())
     p.add_argument("--cache", type=Path, default=None,
                    help="keep the dense and AVA starts of each seed here (reused if the task matches)")  # fmt: skip
@@ -758,6 +817,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    global ONNX_FORM
+    ONNX_FORM = args.onnx
     torch.set_num_threads(args.threads)
     for name in ("lightning.pytorch", "lightning.fabric"):  # one line a row, not Trainer banners
         logging.getLogger(name).setLevel(logging.WARNING)

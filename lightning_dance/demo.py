@@ -350,14 +350,9 @@ def _export_onnx(model: torch.nn.Module, clip: torch.Tensor, folder: Path) -> di
 
 
 def _onnx_session(path: Path) -> Callable[[torch.Tensor], Any]:
-    import onnxruntime as ort
+    from lightning_dance.export.onnx import quiet_session
 
-    options = ort.SessionOptions()
-    # an idle onnxruntime pool spins and slows whatever is timed next (DESIGN.md)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = torch.get_num_threads()
-    sess = ort.InferenceSession(str(path), sess_options=options,
-                                providers=["CPUExecutionProvider"])  # fmt: skip
+    sess = quiet_session(path)  # no spinning pool to slow whatever is timed next
     name = sess.get_inputs()[0].name
     return lambda clip: sess.run(None, {name: clip.numpy()})[0]
 

@@ -65,10 +65,17 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
             assert entry["errors"], key
             continue
         for figure in pareto.FIGURES:
-            assert math.isfinite(entry[figure]), (key, figure, entry[figure])
+            if figure != "speedup_onnxruntime":  # policies without an export mode have none
+                assert math.isfinite(entry[figure]), (key, figure, entry[figure])
         assert 0 < entry["mac_ratio"] <= 1.05 and entry["speedup"] > 0
         assert 0 <= entry["acc"] <= 1
     assert summary[("dense", 1.0)]["mac_ratio"] == pytest.approx(1.0)
+    # every model that exports is timed in onnxruntime too, against dense in onnxruntime
+    b = result["budgets"][0]
+    for key in [("dense", 1.0), ("torch-pruning", b), ("mod-topk", b), ("dance", b)]:
+        assert math.isfinite(summary[key]["speedup_onnxruntime"]), key
+    assert summary[("dense", 1.0)]["speedup_onnxruntime"] == 1.0
+    assert "onnxruntime" in (tmp_path / "summary.md").read_text()
     assert summary[("slim", result["budgets"][0])]["seeds"] == 1  # the slim family never fails
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["summary"] == json.loads(json.dumps(result["summary"]))

@@ -37,6 +37,7 @@ __all__ = [
     "check_ops",
     "export_onnx",
     "onnx_op_types",
+    "quiet_session",
     "run_onnxruntime",
     "write_trtexec_script",
 ]
@@ -174,6 +175,36 @@ def check_ops(ops: Iterable[str], runtime: str, *, where: str = "") -> None:
             f"{runtime} cannot run ONNX op(s) {bad}{where}: it needs static shapes and no "
             "control flow (export mode='topk' or 'masked' instead of data-dependent gathers)",
         )
+
+
+def quiet_session(
+    path: str | os.PathLike, threads: int | None = None, providers: list[Any] | None = None
+) -> Any:
+    """An onnxruntime ``InferenceSession`` for timing next to other code: ``threads`` intra-op
+    threads (default: torch's), one inter-op thread, and the pool's spinning off. An idle
+    onnxruntime pool spins by default (``session.intra_op.allow_spinning``) and steals the CPU
+    from whatever runs next, so an interleaved benchmark would slow the variant after it.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> net = torch.nn.Conv3d(3, 4, 1)
+        >>> path = export_onnx(net, torch.zeros(1, 3, 2, 4, 4), Path(tempfile.mkdtemp()) / "c.onnx")
+        >>> sess = quiet_session(path, threads=1)
+        >>> sess.run(None, {sess.get_inputs()[0].name: torch.zeros(1, 3, 2, 4, 4).numpy()})[0].shape
+        (1, 4, 2, 4, 4)
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(
+        str(path),
+        sess_options=options,
+        providers=providers if providers is not None else ["CPUExecutionProvider"],
+    )
 
 
 def run_onnxruntime(
