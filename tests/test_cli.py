@@ -43,12 +43,15 @@ def test_cli_rejects_an_unknown_option(capsys):
 
 @pytest.mark.slow
 def test_demo_quick_runs_end_to_end(tmp_path):
-    # the default run and its files: tests/test_demo.py; here the command line dispatch and the
-    # frozen-backbone path
-    main(["demo", "--quick", "--frozen", "--budget", "0.7", "--out", str(tmp_path)])
+    # the default run and its files: tests/test_demo.py; here the command line dispatch, the
+    # frozen-backbone path and the opt-in AVA stage
+    main(["demo", "--quick", "--frozen", "--ava-epochs", "1", "--budget", "0.7",
+          "--out", str(tmp_path)])  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
     for stage in ("dense", "ava", "dance"):
         assert 0.0 <= results[f"{stage}/test_acc"] <= 1.0
+    assert results["recipe"]["ava_epochs"] == 1 and (tmp_path / "ava").is_dir()
+    assert "top-1 AVA" in (tmp_path / "summary.md").read_text()
     assert results["chance"] == pytest.approx(1 / 6)
     assert results["recipe"]["freeze_backbone"] is True and results["recipe"]["budget"] == 0.7
     assert "budget_warmup" not in results["recipe"]
