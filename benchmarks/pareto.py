@@ -137,10 +137,10 @@ class Task:
         )  # fmt: skip
 
     def classifier(self, width: float | None = None, model: nn.Module | None = None,
-                   lr: float | None = None) -> VideoClassifier:  # fmt: skip
+                   lr: float | None = None, teacher: nn.Module | None = None) -> VideoClassifier:  # fmt: skip
         if model is not None:
-            return VideoClassifier(model, self.num_classes, lr=lr or self.lr)
-        return VideoClassifier(self.model, self.num_classes, lr=lr or self.lr,
+            return VideoClassifier(model, self.num_classes, lr=lr or self.lr, teacher=teacher)
+        return VideoClassifier(self.model, self.num_classes, lr=lr or self.lr, teacher=teacher,
                                model_kwargs={"width": width or self.width})  # fmt: skip
 
 
@@ -482,6 +482,18 @@ def torch_pruning(ctx: Context, budget: float, seed: int) -> Candidate:
     return Candidate(module.model.eval(), note=f"Conv3d MACs {ratio:.3f}")
 
 
+@method("torch-pruning-kd")
+def torch_pruning_kd(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``torch-pruning`` fine-tuned with distillation from the dense start (cross-entropy +
+    :func:`~lightning_dance.losses.distillation_loss`, as the ``-kd`` DANCE rows): the static
+    baseline trained as carefully as DANCE."""
+    net, ratio = static_prune(ctx, budget)
+    teacher = ctx.start("dense").model.eval()
+    module = ctx.task.classifier(model=net, lr=ctx.task.tune_lr, teacher=teacher)
+    ctx.fit(module, ctx.task.ava_epochs + ctx.task.tune_epochs, f"tp-kd-{budget}")
+    return Candidate(module.model.eval(), note=f"Conv3d MACs {ratio:.3f}, distilled")
+
+
 def _dance(ctx: Context, budget: float, *, start: str | nn.Module, policy: str,
            dims: tuple[str, ...], epochs: int, **kwargs: Any) -> Candidate:  # fmt: skip
     t = ctx.task
@@ -517,6 +529,15 @@ def mod_topk_credit(ctx: Context, budget: float, seed: int) -> Candidate:
     more channels per layer than ``mod-topk``, whose budget counts input masks only."""
     return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True)  # fmt: skip
+
+
+@method("mod-topk-credit-kd")
+def mod_topk_credit_kd(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``mod-topk-credit`` trained on cross-entropy + distillation from the dense start
+    (``task="both"``; the wrapper's teacher is a frozen copy of the model it wraps)."""
+    return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
+                  task="both")  # fmt: skip
 
 
 @method("dance")
@@ -560,6 +581,14 @@ def dance_noava_credit(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
                   **THRESHOLD_RECIPE)  # fmt: skip
+
+
+@method("dance-noava-credit-kd")
+def dance_noava_credit_kd(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance-noava-credit`` trained on cross-entropy + distillation from the dense start."""
+    return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
+                  task="both", **THRESHOLD_RECIPE)  # fmt: skip
 
 
 @method("attention")

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_dance.losses import distillation_loss
 
 __all__ = ["VideoClassifier"]
 
@@ -40,9 +43,25 @@ class VideoClassifier(L.LightningModule):
         warmup_steps: linear warm-up steps before the cosine decay.
         label_smoothing: cross-entropy label smoothing.
         model_kwargs: extra keyword arguments for ``create_model`` (e.g. ``{"width": 0.5}``).
+        teacher: a trained model to distil from while training (e.g. the dense model a pruned
+            one was cut from): the training loss adds
+            :func:`~lightning_dance.losses.distillation_loss` of the teacher's logits to the
+            cross-entropy, as ``DANCEWrapper(task="both")`` does for DANCE, so that a static
+            baseline can be fine-tuned as carefully as DANCE is. A frozen copy is kept (the
+            teacher you pass is not changed), outside the state dict and the checkpoints;
+            validation and test losses stay plain cross-entropy.
+        distill_temperature: softmax temperature of the distillation loss.
 
     Batches are ``(clip, label)`` pairs. Logs ``train/loss``, ``train/acc``, ``val/loss``,
-    ``val/acc``, ``val/acc_top5`` (and the ``test/`` equivalents).
+    ``val/acc``, ``val/acc_top5`` (and the ``test/`` equivalents; with a teacher also
+    ``train/loss_distill``).
+
+    Example (distilling a slimmed model from a dense one):
+        >>> dense = VideoClassifier("tiny_c3d", num_classes=4).model
+        >>> student = VideoClassifier("tiny_c3d", num_classes=4, teacher=dense,
+        ...                           model_kwargs={"width": 0.5})
+        >>> "teacher" in student.hparams, any("teacher" in k for k in student.state_dict())
+        (False, False)
     """
 
     def __init__(
@@ -54,6 +73,8 @@ class VideoClassifier(L.LightningModule):
         warmup_steps: int = 0,
         label_smoothing: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
+        teacher: nn.Module | None = None,
+        distill_temperature: float = 2.0,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -62,7 +83,15 @@ class VideoClassifier(L.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module (a trained model), got {teacher!r}")
+        if not distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
+        ignore = ["teacher"] + (["model"] if isinstance(model, nn.Module) else [])
+        self.save_hyperparameters(ignore=ignore)
+        # not a submodule: a frozen copy that stays out of the state dict and the optimizer
+        frozen = None if teacher is None else copy.deepcopy(teacher).requires_grad_(False).eval()
+        object.__setattr__(self, "_teacher", frozen)
         if isinstance(model, str):
             from lightning_dance.models import create_model
 
@@ -90,6 +119,13 @@ class VideoClassifier(L.LightningModule):
         logits = self(clip)
         loss = F.cross_entropy(logits, label, label_smoothing=self.hparams.label_smoothing)
         on_step = stage == "train"
+        if on_step and self._teacher is not None:
+            self._teacher.to(clip.device)
+            with torch.no_grad():
+                target = self._teacher(clip)
+            distill = distillation_loss(logits, target, self.hparams.distill_temperature)
+            self.log("train/loss_distill", distill, on_step=True, on_epoch=True)
+            loss = loss + distill
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True)
         for name, metric in self.metrics.items():
             if name.startswith(f"{stage}_"):

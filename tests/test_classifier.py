@@ -126,3 +126,48 @@ def test_baseline_benchmark_quick_mode(tmp_path) -> None:
         assert 0.0 <= row["test_acc"] <= row["test_acc_top5"] <= 1.0
         assert row["macs_per_clip"] > 0 and row["params"] > 0
     assert json.loads(out.read_text())["rows"] == result["rows"]
+
+
+def test_distillation_adds_the_teachers_kl_to_the_training_loss_and_leaves_the_teacher_alone():
+    torch.manual_seed(0)
+    teacher = VideoClassifier("tiny_c3d", num_classes=4).model.eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = VideoClassifier("tiny_c3d", num_classes=4, teacher=teacher, distill_temperature=3.0)
+    clip, label = torch.randn(2, 3, 4, 16, 16), torch.tensor([0, 3])
+    student.log = lambda *a, **k: None  # outside a Trainer
+    student.train()
+    loss = student.training_step((clip, label), 0)
+    # independent reference: cross-entropy + T^2 KL(teacher || student) at T = 3
+    logits = student(clip)
+    with torch.no_grad():
+        target = teacher(clip)
+    kl = torch.nn.functional.kl_div(
+        torch.log_softmax(logits / 3, -1), torch.softmax(target / 3, -1), reduction="batchmean"
+    )
+    want = torch.nn.functional.cross_entropy(logits, label) + 9 * kl
+    assert kl > 1e-4 and float(loss) == pytest.approx(float(want), rel=1e-5)
+    # validation stays plain cross-entropy; the teacher is a frozen copy outside the checkpoint
+    val = student.validation_step((clip, label), 0)
+    assert float(val) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, label)),
+                                       rel=1e-5)  # fmt: skip
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not any(k.startswith("_teacher") or "teacher" in k for k in student.state_dict())
+    assert "teacher" not in student.hparams
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(not p.requires_grad for p in student._teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # the user's module is untouched
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"teacher": "tiny_c3d"}, TypeError, "teacher must be an nn.Module"),
+        ({"distill_temperature": 0.0}, ValueError, "distill_temperature must be > 0"),
+        ({"distill_temperature": float("nan")}, ValueError, "distill_temperature must be > 0"),
+    ],
+)
+def test_distillation_arguments_are_checked(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        VideoClassifier("tiny_c3d", num_classes=4, **kwargs)
