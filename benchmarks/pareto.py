@@ -485,8 +485,8 @@ def torch_pruning(ctx: Context, budget: float, seed: int) -> Candidate:
 @method("torch-pruning-kd")
 def torch_pruning_kd(ctx: Context, budget: float, seed: int) -> Candidate:
     """``torch-pruning`` fine-tuned with distillation from the dense start (cross-entropy +
-    :func:`~lightning_dance.losses.distillation_loss`, as the ``-kd`` DANCE rows): the static
-    baseline trained as carefully as DANCE."""
+    :func:`~lightning_dance.losses.distillation_loss`), as every DANCE row is trained
+    (``DANCEWrapper``'s default ``task="both"``): the static baseline trained as carefully."""
     net, ratio = static_prune(ctx, budget)
     teacher = ctx.start("dense").model.eval()
     module = ctx.task.classifier(model=net, lr=ctx.task.tune_lr, teacher=teacher)
@@ -531,13 +531,14 @@ def mod_topk_credit(ctx: Context, budget: float, seed: int) -> Candidate:
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True)  # fmt: skip
 
 
-@method("mod-topk-credit-kd")
-def mod_topk_credit_kd(ctx: Context, budget: float, seed: int) -> Candidate:
-    """``mod-topk-credit`` trained on cross-entropy + distillation from the dense start
-    (``task="both"``; the wrapper's teacher is a frozen copy of the model it wraps)."""
+@method("mod-topk-credit-ce")
+def mod_topk_credit_ce(ctx: Context, budget: float, seed: int) -> Candidate:
+    """The distillation ablation of ``mod-topk-credit``: cross-entropy only (``task="labels"``),
+    where every other DANCE row trains on cross-entropy + distillation from the dense start
+    (``DANCEWrapper``'s default ``task="both"``)."""
     return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
-                  task="both")  # fmt: skip
+                  task="labels")  # fmt: skip
 
 
 @method("dance")
@@ -581,14 +582,6 @@ def dance_noava_credit(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
                   **THRESHOLD_RECIPE)  # fmt: skip
-
-
-@method("dance-noava-credit-kd")
-def dance_noava_credit_kd(ctx: Context, budget: float, seed: int) -> Candidate:
-    """``dance-noava-credit`` trained on cross-entropy + distillation from the dense start."""
-    return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,
-                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
-                  task="both", **THRESHOLD_RECIPE)  # fmt: skip
 
 
 @method("attention")
