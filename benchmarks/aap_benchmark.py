@@ -88,8 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="gradual pruning: the training budget falls from 1 to the target over "
                         "this fraction of the controller's training steps")  # fmt: skip
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
-    p.add_argument("--credit-outputs", action="store_true",
-                   help="budgets count the output-skipping fast path's MACs (see AdaptivePruner)")  # fmt: skip
+    p.add_argument("--credit-outputs", action=argparse.BooleanOptionalAction, default=None,
+                   help="budgets count the output-skipping fast path's MACs (see AdaptivePruner; "
+                        "default: the library's, on wherever channels are pruned)")  # fmt: skip
     p.add_argument("--channel-multiple", type=int, default=1,
                    help="topk: keep a multiple of this many channels per layer (CPU: 8)")  # fmt: skip
     p.add_argument("--control-epochs", type=int, default=0,

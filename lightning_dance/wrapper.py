@@ -87,8 +87,9 @@ class DANCEWrapper(L.LightningModule):
         bound_weight, min_layer_keep: per-layer lower bound on the kept MAC fraction (so that no
             layer collapses) and its weight.
         grid, hidden, tau, init_keep, min_keep, credit_outputs, channel_multiple: see
-            :class:`~lightning_dance.aap.AdaptivePruner` (``credit_outputs=True``: the budget
-            is the cost of the output-skipping fast path, :meth:`compile_sparse`;
+            :class:`~lightning_dance.aap.AdaptivePruner` (``credit_outputs``, on by default
+            where it applies: the budget is the cost of the output-skipping fast path,
+            :meth:`compile_sparse`; ``False``: every producer counted in full, the earlier default;
             ``channel_multiple=8``: ``topk`` keeps multiples of 8 channels, the sizes the CPU
             fast path is fastest at).
         noise_anneal: the gates' exploration noise falls linearly from 1 to 0 over this fraction
@@ -164,7 +165,7 @@ class DANCEWrapper(L.LightningModule):
         tau: float = 1.0,
         init_keep: float = 0.9,
         min_keep: int = 1,
-        credit_outputs: bool = False,
+        credit_outputs: bool | None = None,
         channel_multiple: int = 1,
         noise_anneal: float = 0.7,
         budget_warmup: float = 0.0,

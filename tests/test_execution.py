@@ -833,7 +833,9 @@ def test_compact_pruner_equals_the_masked_model(dims, policy, budget, n, seed, b
 
     torch.manual_seed(seed)
     net = SmallNet().eval()
-    pruner = _randomized(AdaptivePruner(net, dims=dims, policy=policy, budget=budget), seed)
+    # the full count (credit_outputs=False) is what the inputs-only path runs
+    pruner = _randomized(AdaptivePruner(net, dims=dims, policy=policy, budget=budget,
+                                        credit_outputs=False), seed)  # fmt: skip
     clip = torch.randn(n, 3, 6, 16, 16, generator=torch.Generator().manual_seed(seed))
     # both the general plan and the batch-1 index plan perform exactly the counted MACs
     fast = CompactPruner(pruner, batch_mode=batch_mode, index_plan=False)
@@ -872,7 +874,8 @@ def test_compact_pruner_on_tiny_c3d(policy):
 
     torch.manual_seed(0)
     net = create_model("tiny_c3d", num_classes=5).eval().to(memory_format=CL)
-    pruner = _randomized(AdaptivePruner(net, policy=policy, budget=0.4), 1)
+    # the full count (credit_outputs=False): the reference's input
+    pruner = _randomized(AdaptivePruner(net, policy=policy, budget=0.4, credit_outputs=False), 1)
     fast = CompactPruner(pruner)
     exact = CompactPruner(pruner, index_plan=False)
     clips = [torch.randn(1, 3, 8, 32, 32), torch.randn(2, 3, 8, 32, 32)]
@@ -1128,7 +1131,8 @@ def _skipped_macs_reference(pruner: AdaptivePruner, chains) -> int:
 def test_compact_pruner_skips_outputs_exactly(dims, policy, budget, n, seed):
     torch.manual_seed(seed)
     net = ChainNet().eval()
-    pruner = _randomized(AdaptivePruner(net, dims=dims, policy=policy, budget=budget), seed)
+    pruner = _randomized(AdaptivePruner(net, dims=dims, policy=policy, budget=budget,
+                                        credit_outputs=False), seed)  # fmt: skip
     clip = torch.randn(n, 3, 5, 12, 12, generator=torch.Generator().manual_seed(seed))
     fast, inputs_only = CompactPruner(pruner), CompactPruner(pruner, skip_outputs=False)
     assert sorted(fast.chains) == ["s1", "s2", "t1"] and inputs_only.chains == {}
@@ -1151,7 +1155,8 @@ def test_compact_pruner_output_skipping_on_r2plus1d():
 
     torch.manual_seed(0)
     net = create_model("r2plus1d_18", num_classes=5, width=0.25).eval().to(memory_format=CL)
-    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.4).eval()
+    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.4,
+                            credit_outputs=False).eval()  # fmt: skip
     clip = torch.randn(1, 3, 4, 32, 32)
     fast = CompactPruner(pruner)
     with torch.no_grad():
@@ -1229,7 +1234,8 @@ def test_credited_count_is_what_the_fast_path_runs(dims, policy, budget, seed):
             per_clip.append(macs.total)
     assert counted.tolist() == per_clip
     # the uncredited count of the same masks is the inputs-only path's
-    plain = AdaptivePruner(pruner.model, dims=dims, policy=policy, budget=budget)
+    plain = AdaptivePruner(pruner.model, dims=dims, policy=policy, budget=budget,
+                           credit_outputs=False)  # fmt: skip
     plain.load_state_dict(pruner.state_dict())
     if policy == "threshold":  # same masks (topk keeps more when credited, below)
         with torch.no_grad():
@@ -1279,7 +1285,7 @@ def test_credited_topk_keeps_more_and_meets_the_budget_uncalibrated():
 
 
 def test_credit_outputs_arguments_and_untraceable_models():
-    with pytest.raises(TypeError, match="credit_outputs must be a bool"):
+    with pytest.raises(TypeError, match="credit_outputs must be a bool or None"):
         AdaptivePruner(ChainNet(), credit_outputs=1)
     with pytest.raises(ValueError, match="needs 'channel' in dims"):
         AdaptivePruner(ChainNet(), dims=("frame",), credit_outputs=True)
@@ -1305,3 +1311,28 @@ def test_credit_outputs_arguments_and_untraceable_models():
             pruner(clip)
         counts.append(pruner.last_stats.executed_macs())
     torch.testing.assert_close(counts[0], counts[1])
+
+
+def test_credit_outputs_is_on_by_default_wherever_it_applies():
+    """The default count is what the compact path runs: credited wherever channels are pruned
+    by a policy with a controller; off without channels and for a policy that scores each
+    layer's own input (no look-ahead); a checkpointed wrapper keeps the count it trained with."""
+    from lightning_dance.wrapper import DANCEWrapper
+
+    assert AdaptivePruner(ChainNet()).credit_outputs is True
+    assert AdaptivePruner(ChainNet(), policy="topk", dims=("channel",)).credit_outputs is True
+    assert AdaptivePruner(ChainNet(), dims=("frame", "feature")).credit_outputs is False
+    assert AdaptivePruner(ChainNet(), policy="attention",
+                          dims=("channel", "feature")).credit_outputs is False  # fmt: skip
+    assert AdaptivePruner(ChainNet(), credit_outputs=False).credit_outputs is False
+    old = DANCEWrapper(ChainNet(), dims=("channel",), credit_outputs=False)
+    assert old.hparams.credit_outputs is False and old.pruner.credit_outputs is False
+    assert DANCEWrapper(ChainNet(), dims=("channel",)).pruner.credit_outputs is True
+    # the default count equals the MACs the output-skipping path runs on a clip (batch 1)
+    pruner = _randomized(AdaptivePruner(ChainNet().eval(), dims=("channel",), budget=0.4), 2)
+    clip = torch.randn(1, 3, 5, 12, 12)
+    with torch.no_grad():
+        pruner(clip)
+        with count_executed_macs() as macs:
+            CompactPruner(pruner)(clip)
+    assert sum(int(s.executed_macs) for s in pruner.last_stats.layers.values()) == macs.total

@@ -138,8 +138,14 @@ def test_mode_errors():
 def _r2plus1d_topk(dims, channel_multiple=1):
     torch.manual_seed(0)
     net = create_model("r2plus1d_18", num_classes=5, width=0.25).eval()
+    # the full count (credit_outputs=False): each layer's own input masks, checked below
     return AdaptivePruner(
-        net, dims=dims, policy="topk", budget=0.4, channel_multiple=channel_multiple
+        net,
+        dims=dims,
+        policy="topk",
+        budget=0.4,
+        channel_multiple=channel_multiple,
+        credit_outputs=False,
     ).eval()
 
 

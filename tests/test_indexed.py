@@ -171,7 +171,9 @@ class _DepthwiseTail(nn.Module):
 def test_chain_into_a_depthwise_conv_with_any_padding(mode, dims, n, batch_mode):
     """Both plans (the index plan where it applies: channels, batch 1, zero padding) equal the
     masked model; in ``group`` mode the MACs are the exact output-skipping count."""
-    pruner = AdaptivePruner(_DepthwiseTail(mode).eval(), dims=dims, policy="topk", budget=0.8)
+    # the full count (credit_outputs=False): the reference's input
+    pruner = AdaptivePruner(_DepthwiseTail(mode).eval(), dims=dims, policy="topk", budget=0.8,
+                            credit_outputs=False)  # fmt: skip
     pruner = _randomized(pruner, 1)
     with torch.no_grad():
         for seed in range(20):  # a batch whose samples keep different channels of dw
@@ -361,7 +363,8 @@ def test_x3d_index_plan_runs_depthwise_convs_on_kept_channels(monkeypatch):
             if isinstance(m, nn.BatchNorm3d):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
-    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.4).eval()
+    pruner = AdaptivePruner(net, dims=("channel",), policy="topk", budget=0.4,
+                            credit_outputs=False).eval()  # fmt: skip
     pruner = _randomized(pruner, 3)
     clip = torch.randn(1, 3, 4, 64, 64)
     fast = CompactPruner(pruner)

@@ -99,7 +99,9 @@ def test_calibration_meets_the_budget():
 def test_compact_path_equals_the_masked_model(budget, n, seed, model, multiple):
     torch.manual_seed(seed)
     net = model().eval()
-    pruner = AdaptivePruner(net, dims=("channel",), policy=WidthPolicy(multiple), budget=budget)
+    # the full count (credit_outputs=False): the reference's input
+    pruner = AdaptivePruner(net, dims=("channel",), policy=WidthPolicy(multiple), budget=budget,
+                            credit_outputs=False)  # fmt: skip
     pruner = _randomized(pruner, seed)
     clip = torch.randn(n, 3, 5, 12, 12, generator=torch.Generator().manual_seed(seed))
     fast = CompactPruner(pruner)
@@ -148,7 +150,8 @@ def test_width_moves_fewer_bytes_than_topk_and_half_of_dense():
     savings = {}
     for policy in ("topk", "width"):
         net = create_model("r2plus1d_18", num_classes=4, width=0.25).eval()
-        pruner = AdaptivePruner(net, dims=("channel",), policy=policy, budget=0.35).eval()
+        pruner = AdaptivePruner(net, dims=("channel",), policy=policy, budget=0.35,
+                                credit_outputs=False).eval()  # fmt: skip
         with torch.no_grad():
             pruner.calibrate([torch.randn(4, 3, 4, 32, 32)])
         c = compare_traffic(pruner, clip)
