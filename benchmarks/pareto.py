@@ -18,6 +18,11 @@ Every method gets the same task, the same seeds and the same number of training 
 ``dance-topk``       the same AVA start with the ``topk`` policy on channels
 ``dance-noava``      the ablation: ``dance`` from the dense start (no AVA), the AVA epochs
                      spent on DANCE fine-tuning instead
+``torch-pruning-kd`` ``torch-pruning`` fine-tuned on cross-entropy + distillation from the
+                     dense start, the loss of every DANCE row (the wrapper's ``task="both"``)
+``mod-topk-credit``  ``mod-topk`` charged with what its compact path runs (``credit_outputs``;
+                     the rows without ``-credit`` count every chain producer in full);
+                     ``mod-topk-credit-ce``: on cross-entropy only (no distillation)
 ``attention``        DATE'20 attention pruning (``policy="attention"``: each layer ranks its own
                      input's channels and column blocks; targeted dropout while fine-tuning)
                      from the dense start, channels + features as in the paper
@@ -495,14 +500,18 @@ def torch_pruning_kd(ctx: Context, budget: float, seed: int) -> Candidate:
 
 
 def _dance(ctx: Context, budget: float, *, start: str | nn.Module, policy: str,
-           dims: tuple[str, ...], epochs: int, **kwargs: Any) -> Candidate:  # fmt: skip
+           dims: tuple[str, ...], epochs: int, credit_outputs: bool = False,
+           **kwargs: Any) -> Candidate:  # fmt: skip
+    """DANCE's joint recipe from ``start``. The rows named without ``-credit`` count every
+    channel-chain producer in full (``credit_outputs=False``, the wrapper's earlier default),
+    as they were measured; the ``-credit`` rows count what the compact path runs."""
     t = ctx.task
     L.seed_everything(ctx.seed, verbose=False)
     wrapper = train_controller(
         ctx.start(start) if isinstance(start, str) else start, ctx.dm, budget=budget, policy=policy, dims=dims, epochs=epochs,
         calibrate_batches=len(ctx.dm.val_dataloader()), lr=t.controller_lr,
         freeze_backbone=False, backbone_lr=t.tune_lr, budget_warmup=t.budget_warmup,
-        lr_schedule="cosine", progress=ctx.progress, **kwargs,
+        lr_schedule="cosine", progress=ctx.progress, credit_outputs=credit_outputs, **kwargs,
     )  # fmt: skip
     return Candidate(wrapper.eval(), wrapper=wrapper)
 

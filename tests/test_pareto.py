@@ -93,6 +93,22 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
     # by clip difficulty: every third of the test clips has its top-1 and MACs
     assert all(0 <= summary[k]["acc_hard"] <= 1 for k in summary if summary[k]["seeds"])
 
+    # the confidence cascade (benchmarks/cascade.py) over the cached models: never escalating
+    # is the cheap stage alone, always escalating is the large stage's answers
+    spec = importlib.util.spec_from_file_location("cascade", PATH.with_name("cascade.py"))
+    cascade = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cascade)
+    pairs = [f"torch-pruning@{b}>dense", f"mod-topk-credit@{b}>dense"]
+    cheap_cost = {p: summary[(p.split("@")[0], b)]["mac_ratio"] for p in pairs}
+    for target, share in [(0.0, 0.0), (3.0, 1.0)]:
+        rows = cascade.main([*quick, "--target", str(target), "--pairs", *pairs])
+        for row in rows:
+            assert row["escalated"] == share
+            assert row["acc"] == (row["acc_large"] if share else row["acc_cheap"])
+            assert row["acc_cheap"] == summary[(row["pair"].split("@")[0], b)]["acc"]
+            assert row["cost"] == pytest.approx(cheap_cost[row["pair"]] + share, abs=1e-3)
+        assert rows[0]["acc_large"] == summary[("dense", 1.0)]["acc"]
+
     # a second run reuses the cached trained candidates (the same top-1, no training) and a
     # merge of both runs' rows gives one row per method, budget and seed, timed
     again = pareto.main([*quick, "--methods", "slim", "dance-width", "--out", str(tmp_path / "b")])
