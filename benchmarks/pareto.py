@@ -20,6 +20,7 @@ Every method gets the same task, the same seeds and the same number of training 
                      spent on DANCE fine-tuning instead
 ``torch-pruning-kd`` ``torch-pruning`` fine-tuned on cross-entropy + distillation from the
                      dense start, the loss of every DANCE row (the wrapper's ``task="both"``)
+``hybrid-credit``    ``hybrid`` (Torch-Pruning, then ``topk``) charged with what it runs
 ``mod-topk-credit``  ``mod-topk`` charged with what its compact path runs (``credit_outputs``;
                      the rows without ``-credit`` count every chain producer in full);
                      ``mod-topk-credit-ce``: on cross-entropy only (no distillation)
@@ -609,12 +610,23 @@ def hybrid(ctx: Context, budget: float, seed: int) -> Candidate:
     """Static, then dynamic: Torch-Pruning to ``budget / HYBRID_DYNAMIC`` of the MACs, then the
     ``topk`` channel policy at ``HYBRID_DYNAMIC`` of the pruned model's MACs per clip, backbone
     and controller fine-tuned jointly for the AVA + tune epochs."""
+    return _hybrid(ctx, budget, credit_outputs=False)
+
+
+@method("hybrid-credit")
+def hybrid_credit(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``hybrid`` charged with what its compact path runs (``credit_outputs=True``)."""
+    return _hybrid(ctx, budget, credit_outputs=True)
+
+
+def _hybrid(ctx: Context, budget: float, credit_outputs: bool) -> Candidate:
     static = min(1.0, budget / HYBRID_DYNAMIC)
     net, _ = static_prune(ctx, static)
     scale = count_macs(net, ctx.example).total / ctx.dense_macs()
     start = ctx.task.classifier(model=net, lr=ctx.task.tune_lr)
     cand = _dance(ctx, min(1.0, budget / scale), start=start, policy="topk", dims=("channel",),
-                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs)  # fmt: skip
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs,
+                  credit_outputs=credit_outputs)  # fmt: skip
     cand.scale, cand.note = scale, f"static MACs {scale:.3f}, then topk at {budget / scale:.3f}"
     return cand
 
