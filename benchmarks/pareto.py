@@ -23,7 +23,8 @@ Every method gets the same task, the same seeds and the same number of training 
 ``hybrid-credit``    ``hybrid`` (Torch-Pruning, then ``topk``) charged with what it runs
 ``mod-topk-credit``  ``mod-topk`` charged with what its compact path runs (``credit_outputs``;
                      the rows without ``-credit`` count every chain producer in full);
-                     ``mod-topk-credit-ce``: on cross-entropy only (no distillation)
+                     ``mod-topk-credit-ce``: on cross-entropy only (no distillation);
+                     ``mod-topk-credit-h256``: a 4x wider controller
 ``attention``        DATE'20 attention pruning (``policy="attention"``: each layer ranks its own
                      input's channels and column blocks; targeted dropout while fine-tuning)
                      from the dense start, channels + features as in the paper
@@ -549,6 +550,15 @@ def mod_topk_credit_ce(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
                   task="labels")  # fmt: skip
+
+
+@method("mod-topk-credit-h256")
+def mod_topk_credit_h256(ctx: Context, budget: float, seed: int) -> Candidate:
+    """The controller-capacity lever: ``mod-topk-credit`` with a 4x wider controller
+    (``hidden=256`` instead of 64; its MACs are counted in the budget like the default's)."""
+    return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
+                  hidden=256)  # fmt: skip
 
 
 @method("dance")
