@@ -15,6 +15,12 @@ counted MACs per clip), ``dense`` the dense reference. The expected batch-1 late
 cheap stage's plus the escalated share times the large stage's, each timed side by side
 against dense in its fastest form (``--time``; otherwise not reported).
 
+``--route`` adds the form that pays for one stage only: a router reads the cheap stage's stem
+output (the per-channel mean and standard deviation, what DANCE's controller reads), and a
+logistic regression fitted on the training clips to predict the cheap stage's mistakes sends
+each clip to the cheap or the large stage before either runs (its threshold meets the target
+on validation, as above).
+
     .venv/bin/python benchmarks/cascade.py --cache runs/starts --seeds 0 1 2 --target 0.35 \\
         --out runs/cascade --pairs "torch-pruning@0.25>torch-pruning@0.5" "mod-topk-credit@0.25>mod-topk-credit@0.5"
 
@@ -53,13 +59,14 @@ def threshold_for(conf: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
                   target: float) -> float:  # fmt: skip
     """The largest confidence threshold ``tau`` whose cascade (escalate where ``conf < tau``)
     costs at most ``target`` on average, given each clip's cheap-stage cost ``low`` and
-    large-stage cost ``high``; ``0.0`` (never escalate) when even that is over the target.
+    large-stage cost ``high``; ``-inf`` (never escalate) when even that is over the target,
+    ``inf`` when every clip may escalate (``conf`` is any score: higher is surer).
 
     >>> conf = torch.tensor([0.875, 0.5, 0.75, 0.625])
     >>> threshold_for(conf, torch.full((4,), 0.2), torch.full((4,), 0.4), 0.4)  # half of them
     0.75
     >>> threshold_for(conf, torch.full((4,), 0.2), torch.full((4,), 0.4), 0.1)
-    0.0
+    -inf
     """
     order = conf.argsort()  # escalate the least confident first
     extra = (high[order]).cumsum(0)
@@ -67,7 +74,7 @@ def threshold_for(conf: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
     n = conf.numel()
     k = int(((base + extra) / n <= target + 1e-12).sum())  # how many can escalate
     if k == 0:
-        return 0.0
+        return float("-inf")
     if k == n:
         return float("inf")
     return float(conf[order[k]])  # escalate the k clips strictly below the (k+1)-th confidence
@@ -107,6 +114,83 @@ def stage_outputs(ctx: Any, spec: str, split: str) -> dict[str, torch.Tensor]:
             "candidate": cand}  # fmt: skip
 
 
+def stem_features(model: torch.nn.Module, clips: torch.Tensor) -> torch.Tensor:
+    """What a router may read before spending: the mean and standard deviation of each channel
+    of ``model``'s stem output (the first Conv3d, as DANCE's controller reads it), ``[N, 2C]``."""
+    from lightning_dance.layers import stem_names
+
+    stem = model.get_submodule(stem_names(model)[0])
+    out: list[torch.Tensor] = []
+    handle = stem.register_forward_hook(lambda m, i, o: out.append(o.flatten(2)))
+    try:
+        with torch.no_grad():
+            model(clips)
+    finally:
+        handle.remove()
+    x = out[0]
+    return torch.cat([x.mean(-1), x.std(-1)], 1)
+
+
+def fit_router(features: torch.Tensor, wrong: torch.Tensor, steps: int = 300) -> Any:
+    """A logistic regression on standardized ``features`` predicting ``wrong`` (the cheap
+    stage's mistakes); returns the scoring function (higher: more likely wrong)."""
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    lin = torch.nn.Linear(features.shape[1], 1)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05, weight_decay=1e-3)
+    x, y = (features - mean) / std, wrong.float()[:, None]
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(lin(x), y).backward()
+        opt.step()
+    return lambda f: lin((f - mean) / std).squeeze(1).detach()
+
+
+def _stage_model(cand: Any) -> torch.nn.Module:
+    return cand.wrapper.pruner.model if cand.wrapper is not None else cand.model
+
+
+def router_row(ctx: Any, pair: str, target: float) -> dict[str, Any]:
+    """One seed's stem router over ``cheap>large``: a logistic regression on the cheap stage's
+    stem statistics, fitted on the training clips to predict the cheap stage's mistakes, sends
+    each clip to one stage only (no double pay); its threshold meets ``target`` on validation."""
+    cheap, large = pair.split(">")
+    out = {split: {s: stage_outputs(ctx, s, split) for s in (cheap, large)}
+           for split in ("val", "test")}  # fmt: skip
+    cand = out["val"][cheap]["candidate"]
+    runner = cand.wrapper if cand.wrapper is not None else cand.model
+    model = _stage_model(cand)
+    train = torch.utils.data.DataLoader(ctx.dm.train_dataset, batch_size=64)
+    feats, wrong = [], []
+    with torch.no_grad():
+        for clip, label in train:
+            feats.append(stem_features(model, clip))
+            wrong.append(runner(clip).argmax(-1) != label)
+    score = fit_router(torch.cat(feats), torch.cat(wrong))
+
+    def routed(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = ctx.dm.val_dataloader() if split == "val" else ctx.dm.test_dataloader()
+        s = torch.cat([score(stem_features(model, clip)) for clip, _ in loader])
+        return -s, out[split][large]["cost"] - out[split][cheap]["cost"]
+
+    conf, extra = routed("val")
+    tau = threshold_for(conf, out["val"][cheap]["cost"], extra, target)
+    conf, extra = routed("test")
+    up = conf < tau
+    test = out["test"]
+    hit = torch.where(up, test[large]["hit"], test[cheap]["hit"]).double()
+    cost = torch.where(up, test[large]["cost"], test[cheap]["cost"]).double()
+    row = {"pair": "route " + pair, "seed": ctx.seed, "target": target, "tau": tau,
+           "acc": float(hit.mean()), "cost": float(cost.mean()),
+           "cost_p95": float(torch.quantile(cost, 0.95)), "escalated": float(up.double().mean()),
+           "acc_cheap": float(test[cheap]["hit"].double().mean()),
+           "acc_large": float(test[large]["hit"].double().mean())}  # fmt: skip
+    for third, idx in ctx.difficulty_thirds().items():
+        row[f"acc_{third}"] = float(hit[idx].mean())
+        row[f"cost_{third}"] = float(cost[idx].mean())
+    row["_stages"] = (test[cheap]["candidate"], test[large]["candidate"])
+    return row
+
+
 def cascade_row(ctx: Any, pair: str, target: float) -> dict[str, Any]:
     """One seed's cascade ``cheap>large`` at mean cost ``target``: test top-1, mean and p95
     cost, share escalated, by difficulty third; and each stage alone."""
@@ -129,6 +213,10 @@ def cascade_row(ctx: Any, pair: str, target: float) -> dict[str, Any]:
     return row
 
 
+def _stages(row: dict[str, Any]) -> list[str]:
+    return row["pair"].removeprefix("route ").split(">")
+
+
 def time_stages(ctx: Any, rows: list[dict[str, Any]], clips: int, repeats: int) -> None:
     """Expected batch-1 latency of each cascade against dense in its fastest form: every
     stage's fastest form timed side by side with dense (interleaved, one process); a cascade's
@@ -139,7 +227,7 @@ def time_stages(ctx: Any, rows: list[dict[str, Any]], clips: int, repeats: int) 
     samples = [c[None] for c, _ in itertools.islice(iter(ctx.dm.test_dataset), clips)]
     stages = {"dense": pareto.Candidate(ctx.reference())}
     for row in rows:
-        for spec, cand in zip(row["pair"].split(">"), row["_stages"], strict=True):
+        for spec, cand in zip(_stages(row), row["_stages"], strict=True):
             stages[spec] = cand
     runs = {}
     for spec, cand in stages.items():
@@ -151,8 +239,12 @@ def time_stages(ctx: Any, rows: list[dict[str, Any]], clips: int, repeats: int) 
     times = interleaved(runs, warmup=5, repeats=repeats)
     best = {s: min(t.median_ms for k, t in times.items() if k.startswith(f"{s}/")) for s in stages}
     for row in rows:
-        cheap, large = row["pair"].split(">")
-        row["latency_ms"] = best[cheap] + row["escalated"] * best[large]
+        cheap, large = _stages(row)
+        share = row["escalated"]
+        if row["pair"].startswith("route "):  # one stage per clip (the stem read is not timed)
+            row["latency_ms"] = (1 - share) * best[cheap] + share * best[large]
+        else:
+            row["latency_ms"] = best[cheap] + row["escalated"] * best[large]
         row["speedup"] = best["dense"] / row["latency_ms"]
         row["stage_ms"] = {cheap: best[cheap], large: best[large], "dense": best["dense"]}
 
@@ -165,6 +257,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     p.add_argument("--target", type=float, default=0.35, help="mean MAC ratio of the cascade")
     p.add_argument("--pairs", nargs="+", required=True, help='"cheap@b>large@b" stage pairs')
+    p.add_argument("--route", action="store_true",
+                   help="also route each clip to one stage from its stem statistics")  # fmt: skip
     p.add_argument("--time", action="store_true", help="time the stages (batch 1)")
     p.add_argument("--clips", type=int, default=8, help="test clips cycled in timing")
     p.add_argument("--time-repeats", type=int, default=30)
@@ -181,6 +275,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ctx = pareto.Context(task, seed, task.datamodule(), cache=targs.cache)
         ctx.dm.setup("fit")
         seed_rows = [cascade_row(ctx, pair, args.target) for pair in args.pairs]
+        if args.route:
+            seed_rows += [router_row(ctx, pair, args.target) for pair in args.pairs]
         if args.time:
             time_stages(ctx, seed_rows, args.clips, args.time_repeats)
         for row in seed_rows:
@@ -191,7 +287,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 with open(targs.out / "cascade.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
         rows += seed_rows
-    for pair in args.pairs:
+    for pair in dict.fromkeys(r["pair"] for r in rows):
         own = [r for r in rows if r["pair"] == pair]
         acc = [100 * r["acc"] for r in own]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0

@@ -50,5 +50,6 @@ def test_threshold_escalates_the_most_clips_the_target_allows(cascade, seed):
 def test_threshold_edges(cascade):
     conf = torch.tensor([0.3, 0.9, 0.6])
     ones = torch.ones(3)
-    assert cascade.threshold_for(conf, 0.5 * ones, ones, 0.4) == 0.0  # the cheap stage is over
+    assert cascade.threshold_for(conf, 0.5 * ones, ones, 0.4) == float("-inf")  # cheap is over
+    assert cascade.threshold_for(-conf - 5, 0.5 * ones, ones, 0.4) == float("-inf")  # any score
     assert cascade.threshold_for(conf, 0.5 * ones, ones, 1.5) == float("inf")  # all escalate

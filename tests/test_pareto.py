@@ -94,19 +94,24 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
     assert all(0 <= summary[k]["acc_hard"] <= 1 for k in summary if summary[k]["seeds"])
 
     # the confidence cascade (benchmarks/cascade.py) over the cached models: never escalating
-    # is the cheap stage alone, always escalating is the large stage's answers
+    # is the cheap stage alone, always escalating is the large stage's answers; the stem router
+    # sends a clip to one stage only, so routing every clip costs the large stage alone
     spec = importlib.util.spec_from_file_location("cascade", PATH.with_name("cascade.py"))
     cascade = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cascade)
     pairs = [f"torch-pruning@{b}>dense", f"mod-topk-credit@{b}>dense"]
     cheap_cost = {p: summary[(p.split("@")[0], b)]["mac_ratio"] for p in pairs}
     for target, share in [(0.0, 0.0), (3.0, 1.0)]:
-        rows = cascade.main([*quick, "--target", str(target), "--pairs", *pairs])
+        rows = cascade.main([*quick, "--route", "--target", str(target), "--pairs", *pairs])
+        assert len(rows) == 2 * len(pairs)
         for row in rows:
+            pair = row["pair"].removeprefix("route ")
             assert row["escalated"] == share
             assert row["acc"] == (row["acc_large"] if share else row["acc_cheap"])
-            assert row["acc_cheap"] == summary[(row["pair"].split("@")[0], b)]["acc"]
-            assert row["cost"] == pytest.approx(cheap_cost[row["pair"]] + share, abs=1e-3)
+            assert row["acc_cheap"] == summary[(pair.split("@")[0], b)]["acc"]
+            routed = row["pair"].startswith("route ")
+            cost = 1.0 if routed and share else cheap_cost[pair] + share
+            assert row["cost"] == pytest.approx(cost, abs=1e-3)
         assert rows[0]["acc_large"] == summary[("dense", 1.0)]["acc"]
 
     # a second run reuses the cached trained candidates (the same top-1, no training) and a
