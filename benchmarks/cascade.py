@@ -133,9 +133,12 @@ def stem_features(model: torch.nn.Module, clips: torch.Tensor) -> torch.Tensor:
 
 def fit_router(features: torch.Tensor, wrong: torch.Tensor, steps: int = 300) -> Any:
     """A logistic regression on standardized ``features`` predicting ``wrong`` (the cheap
-    stage's mistakes); returns the scoring function (higher: more likely wrong)."""
+    stage's mistakes); returns the scoring function (higher: more likely wrong). Deterministic:
+    the weights start from a fixed seed (the global generator is left as it was)."""
     mean, std = features.mean(0), features.std(0) + 1e-6
-    lin = torch.nn.Linear(features.shape[1], 1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(features.shape[1], 1)
     opt = torch.optim.Adam(lin.parameters(), lr=0.05, weight_decay=1e-3)
     x, y = (features - mean) / std, wrong.float()[:, None]
     for _ in range(steps):
@@ -177,18 +180,8 @@ def router_row(ctx: Any, pair: str, target: float) -> dict[str, Any]:
     conf, extra = routed("test")
     up = conf < tau
     test = out["test"]
-    hit = torch.where(up, test[large]["hit"], test[cheap]["hit"]).double()
-    cost = torch.where(up, test[large]["cost"], test[cheap]["cost"]).double()
-    row = {"pair": "route " + pair, "seed": ctx.seed, "target": target, "tau": tau,
-           "acc": float(hit.mean()), "cost": float(cost.mean()),
-           "cost_p95": float(torch.quantile(cost, 0.95)), "escalated": float(up.double().mean()),
-           "acc_cheap": float(test[cheap]["hit"].double().mean()),
-           "acc_large": float(test[large]["hit"].double().mean())}  # fmt: skip
-    for third, idx in ctx.difficulty_thirds().items():
-        row[f"acc_{third}"] = float(hit[idx].mean())
-        row[f"cost_{third}"] = float(cost[idx].mean())
-    row["_stages"] = (test[cheap]["candidate"], test[large]["candidate"])
-    return row
+    cost = torch.where(up, test[large]["cost"], test[cheap]["cost"])
+    return _row(ctx, "route " + pair, target, tau, up, test[cheap], test[large], cost)
 
 
 def cascade_row(ctx: Any, pair: str, target: float) -> dict[str, Any]:
@@ -199,17 +192,25 @@ def cascade_row(ctx: Any, pair: str, target: float) -> dict[str, Any]:
     test = {s: stage_outputs(ctx, s, "test") for s in (cheap, large)}
     tau = threshold_for(val[cheap]["conf"], val[cheap]["cost"], val[large]["cost"], target)
     up = test[cheap]["conf"] < tau
-    hit = torch.where(up, test[large]["hit"], test[cheap]["hit"]).double()
-    cost = (test[cheap]["cost"] + up * test[large]["cost"]).double()
+    cost = test[cheap]["cost"] + up * test[large]["cost"]
+    return _row(ctx, pair, target, tau, up, test[cheap], test[large], cost)
+
+
+def _row(ctx: Any, pair: str, target: float, tau: float, up: torch.Tensor,
+         cheap: dict[str, Any], large: dict[str, Any], cost: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+    """The test figures of a two-stage run: each clip takes the large stage's answer where
+    ``up``, and costs ``cost``; overall and by difficulty third."""
+    hit = torch.where(up, large["hit"], cheap["hit"]).double()
+    cost = cost.double()
     row = {"pair": pair, "seed": ctx.seed, "target": target, "tau": tau,
            "acc": float(hit.mean()), "cost": float(cost.mean()),
            "cost_p95": float(torch.quantile(cost, 0.95)), "escalated": float(up.double().mean()),
-           "acc_cheap": float(test[cheap]["hit"].double().mean()),
-           "acc_large": float(test[large]["hit"].double().mean())}  # fmt: skip
+           "acc_cheap": float(cheap["hit"].double().mean()),
+           "acc_large": float(large["hit"].double().mean())}  # fmt: skip
     for third, idx in ctx.difficulty_thirds().items():
         row[f"acc_{third}"] = float(hit[idx].mean())
         row[f"cost_{third}"] = float(cost[idx].mean())
-    row["_stages"] = (test[cheap]["candidate"], test[large]["candidate"])
+    row["_stages"] = (cheap["candidate"], large["candidate"])
     return row
 
 
