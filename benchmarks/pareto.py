@@ -483,10 +483,7 @@ def static_prune(ctx: Context, budget: float) -> tuple[nn.Module, float]:
 
 @method("torch-pruning")
 def torch_pruning(ctx: Context, budget: float, seed: int) -> Candidate:
-    net, ratio = static_prune(ctx, budget)
-    module = ctx.task.classifier(model=net, lr=ctx.task.tune_lr)
-    ctx.fit(module, ctx.task.ava_epochs + ctx.task.tune_epochs, f"tp-{budget}")
-    return Candidate(module.model.eval(), note=f"Conv3d MACs {ratio:.3f}")
+    return _fine_tuned_static(ctx, budget, distil=False)
 
 
 @method("torch-pruning-kd")
@@ -494,11 +491,19 @@ def torch_pruning_kd(ctx: Context, budget: float, seed: int) -> Candidate:
     """``torch-pruning`` fine-tuned with distillation from the dense start (cross-entropy +
     :func:`~lightning_dance.losses.distillation_loss`), as every DANCE row is trained
     (``DANCEWrapper``'s default ``task="both"``): the static baseline trained as carefully."""
+    return _fine_tuned_static(ctx, budget, distil=True)
+
+
+def _fine_tuned_static(ctx: Context, budget: float, distil: bool) -> Candidate:
+    """:func:`static_prune` to ``budget``, then fine-tuned for the AVA + tune epochs (with
+    ``distil``: cross-entropy + distillation from the dense start)."""
     net, ratio = static_prune(ctx, budget)
-    teacher = ctx.start("dense").model.eval()
+    teacher = ctx.start("dense").model.eval() if distil else None
     module = ctx.task.classifier(model=net, lr=ctx.task.tune_lr, teacher=teacher)
-    ctx.fit(module, ctx.task.ava_epochs + ctx.task.tune_epochs, f"tp-kd-{budget}")
-    return Candidate(module.model.eval(), note=f"Conv3d MACs {ratio:.3f}, distilled")
+    ctx.fit(module, ctx.task.ava_epochs + ctx.task.tune_epochs,
+            f"tp-kd-{budget}" if distil else f"tp-{budget}")  # fmt: skip
+    return Candidate(module.model.eval(),
+                     note=f"Conv3d MACs {ratio:.3f}" + (", distilled" if distil else ""))  # fmt: skip
 
 
 def _dance(ctx: Context, budget: float, *, start: str | nn.Module, policy: str,
@@ -527,10 +532,16 @@ THRESHOLD_RECIPE: dict[str, Any] = {}
 ALL_DIMS = ("frame", "channel", "feature")
 
 
+def _mod_topk(ctx: Context, budget: float, **kwargs: Any) -> Candidate:
+    """The ``topk`` policy on channels, fine-tuned jointly from the dense start for the AVA +
+    tune epochs (``kwargs``: what a ``mod-topk`` variant changes)."""
+    return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, **kwargs)  # fmt: skip
+
+
 @method("mod-topk")
 def mod_topk(ctx: Context, budget: float, seed: int) -> Candidate:
-    return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
-                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs)  # fmt: skip
+    return _mod_topk(ctx, budget)
 
 
 @method("mod-topk-credit")
@@ -538,8 +549,7 @@ def mod_topk_credit(ctx: Context, budget: float, seed: int) -> Candidate:
     """``mod-topk`` with ``credit_outputs=True``: the budget is the MACs the compact path runs
     (a producer computes only the channels its consumer keeps), so at the same budget it keeps
     more channels per layer than ``mod-topk``, whose budget counts input masks only."""
-    return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
-                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True)  # fmt: skip
+    return _mod_topk(ctx, budget, credit_outputs=True)
 
 
 @method("mod-topk-credit-ce")
@@ -547,18 +557,14 @@ def mod_topk_credit_ce(ctx: Context, budget: float, seed: int) -> Candidate:
     """The distillation ablation of ``mod-topk-credit``: cross-entropy only (``task="labels"``),
     where every other DANCE row trains on cross-entropy + distillation from the dense start
     (``DANCEWrapper``'s default ``task="both"``)."""
-    return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
-                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
-                  task="labels")  # fmt: skip
+    return _mod_topk(ctx, budget, credit_outputs=True, task="labels")
 
 
 @method("mod-topk-credit-h256")
 def mod_topk_credit_h256(ctx: Context, budget: float, seed: int) -> Candidate:
     """The controller-capacity lever: ``mod-topk-credit`` with a 4x wider controller
     (``hidden=256`` instead of 64; its MACs are counted in the budget like the default's)."""
-    return _dance(ctx, budget, start="dense", policy="topk", dims=("channel",),
-                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
-                  hidden=256)  # fmt: skip
+    return _mod_topk(ctx, budget, credit_outputs=True, hidden=256)
 
 
 @method("dance")
