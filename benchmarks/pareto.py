@@ -94,6 +94,7 @@ from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.macs import count_macs
 from lightning_dance.models import create_model
 from lightning_dance.plots import accuracy_vs_cost
+from lightning_dance.priors import apply_channel_prior
 from lightning_dance.recipes import fit, train_controller
 from lightning_dance.timing import Timing, dense_fast, interleaved, machine
 from lightning_dance.wrapper import DANCEWrapper
@@ -565,6 +566,22 @@ def mod_topk_credit_h256(ctx: Context, budget: float, seed: int) -> Candidate:
     """The controller-capacity lever: ``mod-topk-credit`` with a 4x wider controller
     (``hidden=256`` instead of 64; its MACs are counted in the budget like the default's)."""
     return _mod_topk(ctx, budget, credit_outputs=True, hidden=256)
+
+
+@method("mod-topk-credit-prior")
+def mod_topk_credit_prior(ctx: Context, budget: float, seed: int) -> Candidate:
+    """The static-prior lever: ``mod-topk-credit`` whose controller starts from the channels a
+    magnitude ranking keeps (:func:`lightning_dance.priors.apply_channel_prior`, the L2
+    criterion Torch-Pruning uses), instead of a near-random subset that changes per clip."""
+    return _mod_topk(ctx, budget, credit_outputs=True, prepare=apply_channel_prior)
+
+
+@method("mod-topk-credit-explore3")
+def mod_topk_credit_explore3(ctx: Context, budget: float, seed: int) -> Candidate:
+    """The schedule lever: ``mod-topk-credit`` with the gates' exploration noise gone after 30%
+    of the steps (``noise_anneal=0.3``, default 0.7), when the budget reaches its target, so
+    the backbone fine-tunes on the controller's own decisions for the rest."""
+    return _mod_topk(ctx, budget, credit_outputs=True, noise_anneal=0.3)
 
 
 @method("dance")

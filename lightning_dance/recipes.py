@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +93,18 @@ def train_controller(
     out: str | Path | None = None,
     name: str = "dance",
     progress: bool = False,
+    prepare: Callable[[DANCEWrapper], None] | None = None,
     **wrapper_kwargs: Any,
 ) -> DANCEWrapper:
     """Wrap ``model`` in a :class:`DANCEWrapper`, train its controller, calibrate on val batches.
 
     ``calibrate_batches=0`` skips the calibration (a budget-conditioned controller is calibrated
-    per budget by the caller, see :meth:`AdaptivePruner.calibrate`).
+    per budget by the caller, see :meth:`AdaptivePruner.calibrate`). ``prepare(wrapper)`` runs
+    before training (e.g. :func:`lightning_dance.priors.apply_channel_prior`).
     """
     wrapper = DANCEWrapper(model, **wrapper_kwargs)
+    if prepare is not None:
+        prepare(wrapper)
     fit(wrapper, datamodule, epochs=epochs, max_steps=max_steps, out=out, name=name,
         progress=progress, validate=False)  # fmt: skip
     if calibrate_batches:
