@@ -311,6 +311,14 @@ class Controller(nn.Module):
             return logits
         return logits + self._budget_shift(ctx, self.layer_index[layer], "channel")
 
+    def channel_bias(self, layer: str) -> torch.Tensor:
+        """``[C_in]``: the channel head's bias for ``layer``, a view (a static prior is added
+        to it in place: :func:`lightning_dance.priors.apply_channel_prior`)."""
+        if self.channel_head is None:
+            raise ValueError("this controller does not score channels ('channel' not in dims)")
+        start, stop = self._channel_slices[layer]
+        return self.channel_head.bias[start:stop]
+
     @_no_autocast
     def stacked_channel_logits(self, ctx: ControllerContext, layers: Sequence[str]) -> torch.Tensor:
         """``[N, len(layers), C]``: :meth:`channel_logits` of layers with the same ``C_in``,

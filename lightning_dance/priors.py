@@ -63,13 +63,13 @@ def apply_channel_prior(
     modules = dict(pruner.model.named_modules())
     with torch.no_grad():
         for name in ctrl.layer_names:
-            score = importance(modules[name]).to(head.bias)
-            start, stop = ctrl._channel_slices[name]
-            if score.shape != (stop - start,):
+            bias = ctrl.channel_bias(name)
+            score = importance(modules[name]).to(bias)
+            if score.shape != bias.shape:
                 raise ValueError(
                     f"importance of {name!r} has shape {tuple(score.shape)}, expected "
-                    f"({stop - start},): one score per input channel"
+                    f"{tuple(bias.shape)}: one score per input channel"
                 )
             log = score.clamp_min(1e-12).log()
             z = (log - log.mean()) / log.std(unbiased=False).clamp_min(1e-6)
-            head.bias[start:stop] += scale * z
+            bias += scale * z

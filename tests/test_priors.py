@@ -1,0 +1,105 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import SmallNet
+from lightning_dance.aap import AdaptivePruner
+from lightning_dance.priors import apply_channel_prior, magnitude_importance
+
+
+def _reference_importance(conv: nn.Conv3d) -> torch.Tensor:
+    """Per input channel, the L2 norm of the weights that read it, one channel at a time."""
+    w, groups = conv.weight.detach(), conv.groups
+    og, cg = conv.out_channels // groups, conv.in_channels // groups
+    out = []
+    for c in range(conv.in_channels):
+        g, j = divmod(c, cg)
+        out.append(w[g * og : (g + 1) * og, j].pow(2).sum().sqrt())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_magnitude_importance_matches_a_per_channel_loop(groups):
+    torch.manual_seed(0)
+    conv = nn.Conv3d(8, 16, (3, 1, 3), groups=groups)
+    torch.testing.assert_close(magnitude_importance(conv), _reference_importance(conv))
+
+
+def _kept(pruner, clip):
+    pruner.eval()  # no exploration noise
+    with torch.no_grad():
+        pruner(clip)
+    return {n: s.masks["channel"].bool() for n, s in pruner.last_stats.layers.items()}
+
+
+def _static_top(pruner, name, k):
+    score = magnitude_importance(pruner._layers[name])
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    keep[score.topk(k).indices] = True
+    return keep
+
+
+def test_the_prior_makes_topk_keep_the_magnitude_ranking_for_every_clip():
+    torch.manual_seed(0)
+    clips = torch.randn(3, 3, 8, 16, 16)
+    pruner = AdaptivePruner(SmallNet().eval(), dims=("channel",), policy="topk", budget=0.5)
+    before = _kept(pruner, clips)
+    static = {n: _static_top(pruner, n, int(m[0].sum())) for n, m in before.items()}
+    # the untrained controller's choice is not the ranking (so the test below can fail)
+    assert any(not torch.equal(m[i], static[n]) for n, m in before.items() for i in range(3))
+    head_weight = pruner.controller.channel_head.weight.clone()
+    apply_channel_prior(pruner)
+    after = _kept(pruner, clips)
+    for name, masks in after.items():
+        for i in range(len(clips)):
+            assert torch.equal(masks[i], static[name]), name
+    # only the channel biases moved
+    assert torch.equal(pruner.controller.channel_head.weight, head_weight)
+
+
+def test_the_prior_keeps_the_controller_input_dependent():
+    torch.manual_seed(0)
+    pruner = AdaptivePruner(SmallNet().eval(), dims=("channel",), policy="topk")
+    apply_channel_prior(pruner, scale=0.0)  # scale 0: no change at all
+    bias = pruner.controller.channel_head.bias.clone()
+    apply_channel_prior(pruner, scale=1.0)
+    moved = pruner.controller.channel_head.bias - bias
+    first = pruner.controller.channel_bias(pruner.layer_names[0])
+    z = moved[: len(first)]
+    assert abs(float(z.mean())) < 1e-5 and abs(float(z.std(unbiased=False)) - 1.0) < 1e-4
+
+
+def test_bad_uses_are_refused():
+    pruner = AdaptivePruner(SmallNet().eval(), dims=("channel",), policy="topk")
+    with pytest.raises(ValueError, match="scale must be >= 0"):
+        apply_channel_prior(pruner, scale=-1.0)
+    with pytest.raises(ValueError, match="one score per input channel"):
+        apply_channel_prior(pruner, importance=lambda conv: torch.ones(3))
+    frames_only = AdaptivePruner(SmallNet().eval(), dims=("frame",), policy="topk")
+    with pytest.raises(ValueError, match="'channel' in dims"):
+        apply_channel_prior(frames_only)
+    attention = AdaptivePruner(SmallNet().eval(), dims=("channel",), policy="attention")
+    with pytest.raises(ValueError, match="a policy with a controller"):
+        apply_channel_prior(attention)
+
+
+def test_train_controller_prepares_the_wrapper_before_training():
+    from lightning_dance.data import SyntheticVideoDataModule
+    from lightning_dance.models import create_model
+    from lightning_dance.recipes import train_controller
+
+    torch.manual_seed(0)
+    dm = SyntheticVideoDataModule(num_classes=4, frames=4, size=16, train_size=8, val_size=8,
+                                  test_size=8, batch_size=8)  # fmt: skip
+    seen = []
+
+    def prepare(wrapper):
+        seen.append((wrapper.global_step, wrapper.pruner.controller.channel_head.bias.clone()))
+        apply_channel_prior(wrapper)
+
+    wrapper = train_controller(create_model("tiny_c3d", num_classes=4), dm, budget=0.5,
+                               policy="topk", dims=("channel",), epochs=None, max_steps=1,
+                               calibrate_batches=0, prepare=prepare)  # fmt: skip
+    assert len(seen) == 1 and seen[0][0] == 0
+    assert wrapper.global_step == 1
+    assert not torch.equal(seen[0][1], wrapper.pruner.controller.channel_head.bias)
