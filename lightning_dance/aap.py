@@ -38,15 +38,11 @@ import torch.nn as nn
 from lightning_dance.clips import check_clip
 from lightning_dance.controller import Controller, NoController, check_controller
 from lightning_dance.decision import DecisionPlan
-from lightning_dance.executed import (
-    conv3d_executed_macs,
-    conv3d_executed_macs_batch,
-    conv3d_expected_macs,
-)
+from lightning_dance.instrument import ForwardState, MaskHook, StemHook
 from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
 from lightning_dance.losses import budget_loss, distillation_loss  # noqa: F401 (re-exported)
 from lightning_dance.macs import count_macs
-from lightning_dance.masks import DIMS, apply_masks, check_dims, keep_count, multiple_options
+from lightning_dance.masks import DIMS, check_dims, keep_count, multiple_options
 from lightning_dance.noise import GateNoise
 from lightning_dance.policies import Policy, available_policies, get_policy
 from lightning_dance.stats import LayerStats, PruningStats
@@ -321,7 +317,7 @@ class AdaptivePruner(nn.Module):
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
         dense_total, layer_dense = self.prepare(clip)
-        state = _ForwardState()
+        state = ForwardState()
         with self._hooks(state):
             out = self.model(clip)
         if state.plan is None:
@@ -349,7 +345,7 @@ class AdaptivePruner(nn.Module):
         )
         return int(self.controller.macs(tuple(stem_shape))) + int(scoring)
 
-    def _credit_skipped_outputs(self, state: _ForwardState) -> None:
+    def _credit_skipped_outputs(self, state: ForwardState) -> None:
         """Scale each chain producer's MACs by its consumer's kept-channel fraction (per clip;
         a ``groups == 1`` conv spends the same MACs on every output channel)."""
         for name, chain in self.output_chains().items():
@@ -378,10 +374,10 @@ class AdaptivePruner(nn.Module):
         return self._dense_cache[key]
 
     @contextlib.contextmanager
-    def _hooks(self, state: _ForwardState) -> Iterator[None]:
-        handles = [self._stem.register_forward_hook(_StemHook(self, state))]
+    def _hooks(self, state: ForwardState) -> Iterator[None]:
+        handles = [self._stem.register_forward_hook(StemHook(self, state))]
         for name, module in self._layers.items():
-            handles.append(module.register_forward_pre_hook(_MaskHook(self, state, name)))
+            handles.append(module.register_forward_pre_hook(MaskHook(self, state, name)))
         try:
             yield
         finally:
@@ -594,63 +590,3 @@ def _no_controller(
             f"controller and without looking ahead at later layers: drop {given}"
         )
     return NoController(grid=grid, policy=policy.name)
-
-
-class _ForwardState:
-    """Per-forward scratch space shared by the hooks of one call."""
-
-    def __init__(self) -> None:
-        self.plan: DecisionPlan | None = None
-        self.stem_shape: tuple[int, int, int, int] = (0, 0, 0, 0)
-        self.layers: dict[str, LayerStats] = {}
-        self.channel_probs: dict[str, torch.Tensor] = {}  # differentiable channel keep [N, C]
-
-
-class _StemHook:
-    """Forward hook on the stem: makes the batch's decision plan from the stem output."""
-
-    def __init__(self, pruner: AdaptivePruner, state: _ForwardState) -> None:
-        self.pruner, self.state = pruner, state
-
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.state.plan is None:  # a stem reused later in the network does not re-plan
-            self.state.plan = self.pruner.decide(output)
-            self.state.stem_shape = tuple(output.shape[1:])
-
-
-class _MaskHook:
-    """Forward pre-hook on an instrumented conv: masks its input and records statistics."""
-
-    def __init__(self, pruner: AdaptivePruner, state: _ForwardState, name: str) -> None:
-        self.pruner, self.state, self.name = pruner, state, name
-
-    def __call__(self, module: nn.Conv3d, args: tuple) -> tuple:
-        if self.state.plan is None:
-            raise RuntimeError(
-                f"instrumented layer {self.name!r} ran before the stem "
-                f"{self.pruner.stem_name!r}: the controller has no statistics yet. Exclude it "
-                "with `layers=` or check which conv reads the clip first."
-            )
-        x = args[0]
-        shape = tuple(x.shape[1:])
-        masks = self.state.plan.masks(self.name, shape, inputs=x)
-        hard = {d: v.detach() for d, v in masks.values.items()}
-        executed = conv3d_executed_macs_batch(module, shape, **hard)
-        # the straight-through mask values are 0/1 forward and carry the gates' gradients, so
-        # the "expected" count equals the executed one in value and is differentiable
-        probs = dict(masks.probs)
-        blocks = probs.pop("feature", None)
-        expected = conv3d_expected_macs(
-            module,
-            shape,
-            **{f"{d}_p": p for d, p in probs.items()},
-            feature_blocks_p=blocks,
-            batch_size=x.shape[0],
-        )
-        dense = conv3d_executed_macs(module, shape)
-        if "channel" in masks.probs:
-            self.state.channel_probs[self.name] = masks.probs["channel"]
-        self.state.layers[self.name] = LayerStats(
-            shape, dense, executed, expected, masks.kept_fraction(), hard
-        )
-        return (apply_masks(x, masks.values),) + tuple(args[1:])
