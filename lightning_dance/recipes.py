@@ -94,19 +94,21 @@ def train_controller(
     name: str = "dance",
     progress: bool = False,
     prepare: Callable[[DANCEWrapper], None] | None = None,
+    callbacks: Sequence[L.Callback] = (),
     **wrapper_kwargs: Any,
 ) -> DANCEWrapper:
     """Wrap ``model`` in a :class:`DANCEWrapper`, train its controller, calibrate on val batches.
 
     ``calibrate_batches=0`` skips the calibration (a budget-conditioned controller is calibrated
     per budget by the caller, see :meth:`AdaptivePruner.calibrate`). ``prepare(wrapper)`` runs
-    before training (e.g. :func:`lightning_dance.priors.apply_channel_prior`).
+    before training (e.g. :func:`lightning_dance.priors.apply_channel_prior`); ``callbacks``
+    go to the Trainer.
     """
     wrapper = DANCEWrapper(model, **wrapper_kwargs)
     if prepare is not None:
         prepare(wrapper)
-    fit(wrapper, datamodule, epochs=epochs, max_steps=max_steps, out=out, name=name,
-        progress=progress, validate=False)  # fmt: skip
+    fit(wrapper, datamodule, epochs=epochs, max_steps=max_steps, callbacks=callbacks, out=out,
+        name=name, progress=progress, validate=False)  # fmt: skip
     if calibrate_batches:
         calibrate(wrapper, datamodule, calibrate_batches)
     return wrapper
