@@ -80,18 +80,22 @@ def threshold_for(conf: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
     return float(conf[order[k]])  # escalate the k clips strictly below the (k+1)-th confidence
 
 
+def cached(ctx: Any, spec: str) -> Any:
+    """The cached :class:`pareto.Candidate` ``spec`` (``method@budget``, or ``dense``: the
+    reference) of ``ctx``'s seed; never trains (FileNotFoundError if it is not cached)."""
+    if spec == "dense":
+        return load_pareto().Candidate(ctx.reference())
+    name, budget = spec.rsplit("@", 1)
+    path = ctx.cache / f"{name}-{float(budget)}-seed{ctx.seed}.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is not cached: train it with pareto.py first")
+    return ctx.trained(name, float(budget))
+
+
 def stage_outputs(ctx: Any, spec: str, split: str) -> dict[str, torch.Tensor]:
     """Softmax confidence, correctness and per-clip MAC ratio (of the task's dense model) of the
     cached model ``spec`` (``method@budget`` or ``dense``) on the ``split`` clips, in order."""
-    pareto = load_pareto()
-    if spec == "dense":
-        cand = pareto.Candidate(ctx.reference())
-    else:
-        name, budget = spec.rsplit("@", 1)
-        path = ctx.cache / f"{name}-{float(budget)}-seed{ctx.seed}.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is not cached: train it with pareto.py first")
-        cand = ctx.trained(name, float(budget))
+    cand = cached(ctx, spec)
     model = cand.wrapper if cand.wrapper is not None else cand.model
     model.eval()
     loader = ctx.dm.val_dataloader() if split == "val" else ctx.dm.test_dataloader()
@@ -250,6 +254,26 @@ def time_stages(ctx: Any, rows: list[dict[str, Any]], clips: int, repeats: int) 
         row["stage_ms"] = {cheap: best[cheap], large: best[large], "dense": best["dense"]}
 
 
+def cached_contexts(p: argparse.ArgumentParser, rest: list[str]) -> tuple[Any, Any]:
+    """pareto.py's options in ``rest`` (the task, seeds, threads, cache, out) and a generator of
+    one :class:`pareto.Context` per seed over its cache (``--cache`` is required)."""
+    pareto = load_pareto()
+    targs = pareto.parse_args(rest)
+    if targs.cache is None:
+        p.error("--cache is required: the models come from pareto.py's cache")
+    torch.set_num_threads(targs.threads)
+    fields = pareto.Task.__dataclass_fields__
+    task = pareto.Task(**{f: getattr(targs, f) for f in fields if hasattr(targs, f)})
+
+    def contexts() -> Any:
+        for seed in targs.seeds:
+            ctx = pareto.Context(task, seed, task.datamodule(), cache=targs.cache)
+            ctx.dm.setup("fit")
+            yield ctx
+
+    return targs, contexts()
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -264,17 +288,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--clips", type=int, default=8, help="test clips cycled in timing")
     p.add_argument("--time-repeats", type=int, default=30)
     args, rest = p.parse_known_args(argv)
-    pareto = load_pareto()
-    targs = pareto.parse_args(rest)  # the task, seeds, threads, cache and out of pareto.py
-    if targs.cache is None:
-        p.error("--cache is required: the models come from pareto.py's cache")
-    torch.set_num_threads(targs.threads)
-    fields = pareto.Task.__dataclass_fields__
-    task = pareto.Task(**{f: getattr(targs, f) for f in fields if hasattr(targs, f)})
+    targs, contexts = cached_contexts(p, rest)
     rows = []
-    for seed in targs.seeds:
-        ctx = pareto.Context(task, seed, task.datamodule(), cache=targs.cache)
-        ctx.dm.setup("fit")
+    for ctx in contexts:
         seed_rows = [cascade_row(ctx, pair, args.target) for pair in args.pairs]
         if args.route:
             seed_rows += [router_row(ctx, pair, args.target) for pair in args.pairs]

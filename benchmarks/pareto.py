@@ -624,6 +624,14 @@ def mod_topk_credit_static_first(ctx: Context, budget: float, seed: int) -> Cand
                      noise_anneal=0.0, callbacks=[StaticFirst(0.5)])  # fmt: skip
 
 
+@method("mod-topk-credit-static-first-ce")
+def mod_topk_credit_static_first_ce(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``mod-topk-credit-static-first`` on cross-entropy only (``task="labels"``), the loss the
+    static baselines train with."""
+    return _mod_topk(ctx, budget, credit_outputs=True, prepare=apply_channel_prior,
+                     noise_anneal=0.0, callbacks=[StaticFirst(0.5)], task="labels")  # fmt: skip
+
+
 @method("dance")
 def dance(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start="ava", policy="threshold", dims=ALL_DIMS,

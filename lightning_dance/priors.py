@@ -1,5 +1,7 @@
-"""A static prior for the controller's channel scores: start from the channels a magnitude
-ranking keeps (what static pruning would keep), let training learn the per-clip deviations.
+"""Static channel decisions for a DANCE controller, both ways: a static prior to start from
+(the channels a magnitude ranking keeps, what static pruning would keep), and a trained
+controller frozen to the channels it keeps most often (its static projection: how much of its
+accuracy comes from choosing per clip).
 
 An untrained controller scores every channel alike (its head's biases are equal and its
 weights small), so at the start of fine-tuning ``topk`` keeps a near-random subset that also
@@ -7,7 +9,9 @@ changes from clip to clip. :func:`apply_channel_prior` adds ``scale * z`` to the
 instrumented layer's channel logits, ``z`` the standardized log importance of its input
 channels (:func:`magnitude_importance`: the L2 norm of the weights that read the channel, the
 criterion of Torch-Pruning's ``MagnitudeImportance``), so the first decisions are the static
-ranking's for every clip.
+ranking's for every clip. :func:`channel_frequencies` measures how often a trained pruner keeps
+each channel over clips, and :func:`freeze_channels` makes its channel decisions those most
+frequent channels for every clip (input-independent), at the same kept counts.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -20,13 +24,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["apply_channel_prior", "magnitude_importance"]
+__all__ = ["apply_channel_prior", "channel_frequencies", "freeze_channels", "magnitude_importance"]
 
 
 def magnitude_importance(conv: nn.Conv3d) -> torch.Tensor:
@@ -73,3 +77,68 @@ def apply_channel_prior(
             log = score.clamp_min(1e-12).log()
             z = (log - log.mean()) / log.std(unbiased=False).clamp_min(1e-6)
             bias += scale * z
+
+
+def _channel_head(pruner: Any) -> nn.Linear:
+    head = getattr(pruner.controller, "channel_head", None)
+    if head is None:
+        raise ValueError(
+            "this needs a controller that scores channels: build the pruner with 'channel' in "
+            "dims and a policy with a controller (topk, threshold, width)"
+        )
+    return head
+
+
+@torch.no_grad()
+def channel_frequencies(target: Any, clips: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{layer: [C_in]}``: the fraction of ``clips`` (batches ``[N, 3, T, H, W]``) on which
+    ``target`` (a pruner or wrapper, run in eval mode) keeps each input channel."""
+    pruner = getattr(target, "pruner", target)
+    _channel_head(pruner)
+    was_training = pruner.training
+    pruner.eval()
+    kept: dict[str, torch.Tensor] = {}
+    n = 0
+    try:
+        for clip in clips:
+            pruner(clip)
+            n += clip.shape[0]
+            for name, stats in pruner.last_stats.layers.items():
+                counts = stats.masks["channel"].double().sum(0)
+                kept[name] = kept[name] + counts if name in kept else counts
+    finally:
+        pruner.train(was_training)
+    if n == 0:
+        raise ValueError("channel_frequencies needs at least one clip")
+    return {name: counts / n for name, counts in kept.items()}
+
+
+def freeze_channels(target: Any, frequencies: dict[str, torch.Tensor]) -> None:
+    """Make the channel decisions of ``target`` (a ``topk`` pruner or wrapper) the same for every
+    clip: the channels most often kept (:func:`channel_frequencies`; ties broken by
+    :func:`magnitude_importance`), as many as before. The channel head's input weights are
+    zeroed, its biases set to the ranking; frames and features (if pruned) stay per clip."""
+    pruner = getattr(target, "pruner", target)
+    head = _channel_head(pruner)
+    if not pruner.policy.fixed_counts or pruner.policy.name != "topk":
+        raise ValueError(
+            f"freeze_channels keeps the kept counts of the 'topk' policy, not of "
+            f"{pruner.policy.name!r}: a thresholded policy's counts depend on the scores"
+        )
+    ctrl = pruner.controller
+    modules = dict(pruner.model.named_modules())
+    with torch.no_grad():
+        head.weight.zero_()
+        for name in ctrl.layer_names:
+            bias = ctrl.channel_bias(name)
+            freq = frequencies[name].to(bias)
+            if freq.shape != bias.shape:
+                raise ValueError(
+                    f"frequencies of {name!r} have shape {tuple(freq.shape)}, expected "
+                    f"{tuple(bias.shape)}"
+                )
+            tie = magnitude_importance(modules[name]).tolist()
+            order = sorted(range(len(tie)), key=lambda c: (float(freq[c]), tie[c]))
+            rank = torch.empty_like(bias)
+            rank[order] = torch.arange(len(order), dtype=bias.dtype, device=bias.device)
+            bias.copy_(rank / len(order))  # the most frequent channel scores highest

@@ -114,6 +114,25 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
             assert row["cost"] == pytest.approx(cost, abs=1e-3)
         assert rows[0]["acc_large"] == summary[("dense", 1.0)]["acc"]
 
+    # the static projection (benchmarks/adaptivity.py): the cached dynamic model gives its own
+    # top-1 back; its projection keeps one channel set per layer for every clip, at its MACs
+    sys.modules["cascade"] = cascade
+    try:
+        spec = importlib.util.spec_from_file_location("adaptivity",
+                                                      PATH.with_name("adaptivity.py"))  # fmt: skip
+        adaptivity = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(adaptivity)
+        (row,) = adaptivity.main([*quick, "--specs", f"mod-topk-credit@{b}"])
+        with pytest.raises(ValueError, match="static model"):
+            adaptivity.main([*quick, "--specs", f"torch-pruning@{b}"])
+    finally:
+        sys.modules.pop("cascade", None)
+    assert row["dynamic"]["acc"] == summary[("mod-topk-credit", b)]["acc"]
+    projection = row["static_projection"]
+    assert projection["mac_ratio"] == pytest.approx(row["dynamic"]["mac_ratio"], abs=1e-6)
+    assert projection["distinct_sets_median"] == 1 and projection["most_common_set_share"] == 1
+    assert row["gain_of_per_clip_choice"] == row["dynamic"]["acc"] - projection["acc"]
+
     # a second run reuses the cached trained candidates (the same top-1, no training) and a
     # merge of both runs' rows gives one row per method, budget and seed, timed
     again = pareto.main([*quick, "--methods", "slim", "dance-width", "--out", str(tmp_path / "b")])

@@ -103,3 +103,43 @@ def test_train_controller_prepares_the_wrapper_before_training():
     assert len(seen) == 1 and seen[0][0] == 0
     assert wrapper.global_step == 1
     assert not torch.equal(seen[0][1], wrapper.pruner.controller.channel_head.bias)
+
+
+def test_freeze_channels_keeps_the_most_frequent_channels_for_every_clip():
+    from lightning_dance.priors import channel_frequencies, freeze_channels
+
+    torch.manual_seed(0)
+    pruner = AdaptivePruner(SmallNet(), dims=("channel",), policy="topk", budget=0.5)
+    with torch.no_grad():  # a controller whose choice varies from clip to clip
+        for p in pruner.controller.parameters():
+            p.normal_(std=0.5)
+    clips = [torch.randn(4, 3, 8, 16, 16) for _ in range(3)]
+    before = [_kept(pruner, c) for c in clips]
+    freq = channel_frequencies(pruner, clips)
+    for name, f in freq.items():  # the mean of the masks, counted independently
+        masks = torch.cat([b[name] for b in before]).double()
+        torch.testing.assert_close(f, masks.mean(0))
+    assert any(len({tuple(r.tolist()) for r in torch.cat([b[n] for b in before])}) > 1
+               for n in freq)  # fmt: skip
+    freeze_channels(pruner, freq)
+    after = _kept(pruner, torch.cat(clips))
+    for name, masks in after.items():
+        k = int(masks[0].sum())
+        assert k == int(before[0][name][0].sum())  # the same kept count
+        assert (masks == masks[0]).all()  # the same channels for every clip
+        dropped = freq[name][~masks[0]]
+        if len(dropped):
+            assert float(freq[name][masks[0]].min()) >= float(dropped.max())
+
+
+def test_freeze_channels_refuses_what_it_cannot_freeze():
+    from lightning_dance.priors import channel_frequencies, freeze_channels
+
+    threshold = AdaptivePruner(SmallNet(), dims=("channel",), policy="threshold")
+    with pytest.raises(ValueError, match="'topk' policy"):
+        freeze_channels(threshold, {})
+    topk = AdaptivePruner(SmallNet(), dims=("channel",), policy="topk")
+    with pytest.raises(ValueError, match="at least one clip"):
+        channel_frequencies(topk, [])
+    with pytest.raises(ValueError, match="expected"):
+        freeze_channels(topk, {n: torch.ones(2) for n in topk.layer_names})
