@@ -96,6 +96,7 @@ from lightning_dance.models import create_model
 from lightning_dance.plots import accuracy_vs_cost
 from lightning_dance.priors import apply_channel_prior
 from lightning_dance.recipes import fit, train_controller
+from lightning_dance.static_first import StaticFirst
 from lightning_dance.timing import Timing, dense_fast, interleaved, machine
 from lightning_dance.wrapper import DANCEWrapper
 
@@ -584,52 +585,21 @@ def mod_topk_credit_explore3(ctx: Context, budget: float, seed: int) -> Candidat
     return _mod_topk(ctx, budget, credit_outputs=True, noise_anneal=0.3)
 
 
-class StaticFirst(L.Callback):
-    """Train a ``topk`` channel controller as a static pruner first: until ``until`` of the
-    steps its decisions are its channel biases alone (the head's input weights zeroed and, with
-    the trunk, frozen), so the backbone fine-tunes on one structure, as a statically pruned
-    model does; then the input-dependent part starts from zero and trains jointly."""
-
-    def __init__(self, until: float = 0.5) -> None:
-        if not 0.0 < until < 1.0:
-            raise ValueError(f"until must be in (0, 1), got {until}")
-        self.until, self.frozen = until, False
-
-    def _input_part(self, wrapper: DANCEWrapper) -> list[nn.Parameter]:
-        ctrl = wrapper.pruner.controller
-        return [*ctrl.trunk.parameters(), ctrl.channel_head.weight]
-
-    def on_train_start(self, trainer: L.Trainer, wrapper: DANCEWrapper) -> None:
-        with torch.no_grad():
-            wrapper.pruner.controller.channel_head.weight.zero_()
-        for p in self._input_part(wrapper):
-            p.requires_grad_(False)
-        self.frozen = True
-
-    def on_train_batch_start(self, trainer: L.Trainer, wrapper: DANCEWrapper, *args: Any) -> None:
-        done = trainer.global_step / max(1, trainer.estimated_stepping_batches)
-        if self.frozen and done >= self.until:
-            for p in self._input_part(wrapper):
-                p.requires_grad_(True)
-            self.frozen = False
-
-
 @method("mod-topk-credit-static-first")
 def mod_topk_credit_static_first(ctx: Context, budget: float, seed: int) -> Candidate:
-    """The static-then-dynamic schedule: ``mod-topk-credit`` from the magnitude prior
-    (:func:`~lightning_dance.priors.apply_channel_prior`), without exploration noise, trained
-    as a static pruner for the first half of the steps (:class:`StaticFirst`), then with the
-    per-clip decisions for the second half."""
-    return _mod_topk(ctx, budget, credit_outputs=True, prepare=apply_channel_prior,
-                     noise_anneal=0.0, callbacks=[StaticFirst(0.5)])  # fmt: skip
+    """The static-then-dynamic schedule: ``mod-topk-credit`` from the magnitude prior, without
+    exploration noise, trained as a static pruner for the first half of the steps, then with
+    the per-clip decisions for the second half (:class:`lightning_dance.static_first.StaticFirst`)."""
+    return _mod_topk(ctx, budget, credit_outputs=True, noise_anneal=0.0,
+                     callbacks=[StaticFirst(0.5)])  # fmt: skip
 
 
 @method("mod-topk-credit-static-first-ce")
 def mod_topk_credit_static_first_ce(ctx: Context, budget: float, seed: int) -> Candidate:
     """``mod-topk-credit-static-first`` on cross-entropy only (``task="labels"``), the loss the
     static baselines train with."""
-    return _mod_topk(ctx, budget, credit_outputs=True, prepare=apply_channel_prior,
-                     noise_anneal=0.0, callbacks=[StaticFirst(0.5)], task="labels")  # fmt: skip
+    return _mod_topk(ctx, budget, credit_outputs=True, noise_anneal=0.0,
+                     callbacks=[StaticFirst(0.5)], task="labels")  # fmt: skip
 
 
 @method("dance")

@@ -145,34 +145,3 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
     assert all(e["seeds"] == 1 or e.get("errors") for e in merged["summary"])
     assert all(math.isfinite(e["speedup"]) for e in merged["summary"] if e["seeds"])
 
-
-def test_static_first_trains_a_static_pruner_then_a_dynamic_one(pareto):
-    import lightning as L
-
-    from lightning_dance.data import SyntheticVideoDataModule
-    from lightning_dance.priors import apply_channel_prior
-    from lightning_dance.recipes import train_controller
-
-    class Watch(L.Callback):
-        def __init__(self):
-            self.seen = []
-
-        def on_train_batch_end(self, trainer, wrapper, *args):
-            ctrl = wrapper.pruner.controller
-            self.seen.append((trainer.global_step, float(ctrl.channel_head.weight.detach().abs().sum())))
-
-    torch.manual_seed(0)
-    dm = pareto.SyntheticVideoDataModule(num_classes=4, frames=4, size=16, train_size=8,
-                                         val_size=8, test_size=8, batch_size=2)  # fmt: skip
-    assert pareto.SyntheticVideoDataModule is SyntheticVideoDataModule
-    watch = Watch()
-    train_controller(create_model("tiny_c3d", num_classes=4), dm, budget=0.5, policy="topk",
-                     dims=("channel",), epochs=None, max_steps=8, calibrate_batches=0,
-                     prepare=apply_channel_prior, noise_anneal=0.0,
-                     callbacks=[pareto.StaticFirst(0.5), watch])  # fmt: skip
-    static = [w for step, w in watch.seen if step <= 4]
-    dynamic = [w for step, w in watch.seen if step > 5]
-    assert static and all(w == 0.0 for w in static)  # input-independent decisions
-    assert dynamic and all(w > 0.0 for w in dynamic)  # then the per-clip part trains
-    with pytest.raises(ValueError, match="until must be in"):
-        pareto.StaticFirst(1.0)
