@@ -144,4 +144,3 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
     assert {(e["method"], e["budget"]) for e in merged["summary"]} == expected
     assert all(e["seeds"] == 1 or e.get("errors") for e in merged["summary"])
     assert all(math.isfinite(e["speedup"]) for e in merged["summary"] if e["seeds"])
-

@@ -1,8 +1,8 @@
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import SmallNet
+
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.priors import apply_channel_prior, magnitude_importance
 
