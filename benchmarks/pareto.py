@@ -24,7 +24,12 @@ Every method gets the same task, the same seeds and the same number of training 
 ``mod-topk-credit``  ``mod-topk`` charged with what its compact path runs (``credit_outputs``;
                      the rows without ``-credit`` count every chain producer in full);
                      ``mod-topk-credit-ce``: on cross-entropy only (no distillation);
-                     ``mod-topk-credit-h256``: a 4x wider controller
+                     ``mod-topk-credit-h256``: a 4x wider controller;
+                     ``-prior``: the controller starts from a magnitude prior;
+                     ``-explore3``: exploration noise gone after 30% of the steps;
+                     ``-static-first``: static decisions for the first half of
+                     the steps, then per clip (``StaticFirst``); ``-static-first-ce``:
+                     the same on cross-entropy only
 ``attention``        DATE'20 attention pruning (``policy="attention"``: each layer ranks its own
                      input's channels and column blocks; targeted dropout while fine-tuning)
                      from the dense start, channels + features as in the paper
@@ -368,9 +373,14 @@ class Candidate:
     def traffic(self, clips: Sequence[torch.Tensor]) -> list[TrafficMeasurement]:
         """Bytes moved and MACs run by the fast form on each clip, measured from the executed
         op stream (:func:`lightning_dance.bytes.measure_traffic`; static models on the dense
-        fast kernels, DANCE models on the compact path, controller included)."""
+        fast kernels, DANCE models on the compact path, controller included), as a stream:
+        each clip after the one before it (the first after the last), so that weight blocks
+        of channel sets that recur from clip to clip are reused as they are when deployed."""
         target = self.model if self.wrapper is None else CompactPruner(self.wrapper.pruner)
-        return [measure_traffic(target, clip) for clip in clips]
+        return [
+            measure_traffic(target, clip, warmup=[clips[i - 1]] if len(clips) > 1 else None)
+            for i, clip in enumerate(clips)
+        ]
 
 
 def energy_figures(own: Sequence[TrafficMeasurement],

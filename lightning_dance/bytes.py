@@ -52,7 +52,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -323,6 +323,7 @@ def measure_traffic(
     *,
     fast: bool = True,
     fold_norms: bool = False,
+    warmup: Sequence[torch.Tensor] | None = None,
 ) -> TrafficMeasurement:
     """Bytes moved by one forward on ``clip``, measured from the ops that run.
 
@@ -340,14 +341,25 @@ def measure_traffic(
             (:func:`~lightning_dance.execution.accelerate_dense`), the baseline of a
             ``CompactPruner(fold_norms=True)``; a ``CompactPruner`` folds as configured.
 
-    Steady state: one warm-up forward runs first, uncounted, so that what the fast paths cache
+    Steady state: warm-up forwards run first, uncounted, so that what the fast paths cache
     across clips (weights in another layout, per-shape set-up) is not charged to every clip.
-    Both runs are in eval mode under ``torch.no_grad()`` (training flags restored). Per-layer
-    names are the model's module names.
+    ``warmup``: the clips run before ``clip``, as in a stream (the compact path then reuses
+    the weight blocks of channel sets that recur, see
+    :func:`~lightning_dance.execution.weights.recurring_block`); by default one warm-up on
+    ``clip`` itself, after which those blocks are dropped, so that ``clip`` pays for its
+    gathers as a clip with new channel sets does. All runs are in eval mode under
+    ``torch.no_grad()`` (training flags restored). Per-layer names are the model's module names.
     """
+    from lightning_dance.execution.weights import forget_recurring_blocks
+
     model, extra, run, root = _runner(target, clip, fast, fold_norms)
     with eval_no_grad(root):
-        run()
+        if warmup is None:
+            run()
+            forget_recurring_blocks(model)
+        else:
+            for other in warmup:
+                _runner(target, other, fast, fold_norms)[2]()
         with count_bytes(model, extra) as result:
             run()
     return result

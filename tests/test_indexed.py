@@ -429,3 +429,63 @@ def test_both_plans_in_other_dtypes(dtype, rtol):
             assert y.dtype == dtype
             _close(y.double(), ref.double(), rtol)
         _close(ref.double(), ref32.double(), max(rtol, 1e-5) * 3)
+
+
+def test_recurring_channel_sets_gather_their_weights_once():
+    from lightning_dance.execution.weights import (
+        RECURRING_BLOCKS,
+        _derived,
+        forget_recurring_blocks,
+    )
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d(16, 12, (1, 3, 3)).eval()
+    in_idx, out_idx = torch.tensor([1, 4, 7, 9]), torch.tensor([0, 5, 6])
+    with torch.no_grad():
+        block = kept_weight(conv, in_idx, out_idx)
+        torch.testing.assert_close(block, conv.weight[out_idx][:, in_idx])
+        # the same sets again (other tensors, same content): the kept block, no gather
+        assert kept_weight(conv, in_idx.clone(), out_idx.clone()) is block
+        other = kept_weight(conv, in_idx[:3], out_idx)
+        assert other is not block
+        torch.testing.assert_close(other, conv.weight[out_idx][:, in_idx[:3]])
+        conv.weight.mul_(2.0)  # an update makes it again, from the new weight
+        again = kept_weight(conv, in_idx, out_idx)
+        torch.testing.assert_close(again, conv.weight[out_idx][:, in_idx])
+        for k in range(2, 13):  # more sets than are kept (not prefixes): the oldest go
+            kept_weight(conv, torch.arange(1, k), None)
+        family = [k for k in _derived[conv] if isinstance(k, tuple) and k[0] == "kept"]
+        assert len(family) == RECURRING_BLOCKS
+        last = kept_weight(conv, torch.arange(1, 12), None)
+        assert kept_weight(conv, torch.arange(1, 12), None) is last
+        forget_recurring_blocks(nn.Sequential(conv))
+        assert kept_weight(conv, torch.arange(1, 12), None) is not last
+    # training: never cached (autograd must see the gather)
+    w1 = kept_weight(conv, in_idx, out_idx)
+    assert w1.requires_grad and kept_weight(conv, in_idx, out_idx) is not w1
+
+
+def test_a_stream_of_clips_with_recurring_channels_moves_fewer_bytes():
+    """A topk pruner frozen to one channel set per layer (its static projection): measured as a
+    stream (the clip after another one), it gathers no weights; measured alone (the default),
+    it pays for them as a clip with new sets does. Outputs are the masked model's either way."""
+    from lightning_dance.bytes import measure_traffic
+    from lightning_dance.models import create_model
+    from lightning_dance.priors import channel_frequencies, freeze_channels
+
+    torch.manual_seed(0)
+    clips = [torch.randn(1, 3, 4, 32, 32) for _ in range(3)]
+    net = create_model("r2plus1d_18", num_classes=6, width=0.25).eval()
+    pruner = AdaptivePruner(net, policy="topk", dims=("channel",), budget=0.35).eval()
+    freeze_channels(pruner, channel_frequencies(pruner, clips))
+    fast = CompactPruner(pruner)
+    alone = measure_traffic(fast, clips[0])
+    stream = measure_traffic(fast, clips[0], warmup=[clips[1]])
+    dense = measure_traffic(net, clips[0])
+    gathered = sum(alone.by_kind.get("index_select", (0, 0)))
+    assert gathered > 0.3 * alone.total  # alone: weight blocks gathered on the call
+    assert sum(stream.by_kind.get("index_select", (0, 0))) < 0.05 * gathered
+    assert stream.total < alone.total - 0.9 * gathered
+    assert stream.total < dense.total / 1.3  # when written: 10.0 vs 16.3 MB (x1.6)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(clips[2]), pruner(clips[2]), atol=1e-4, rtol=1e-4)

@@ -77,6 +77,7 @@ from lightning_dance.execution.weights import (
     gatherable_weight,
     prefix_block,
     prefix_length,
+    recurring_block,
 )
 from lightning_dance.execution.weights import depthwise_rows as depthwise_rows  # old import path
 from lightning_dance.execution.weights import derived_tensor as derived_tensor  # old import path
@@ -137,8 +138,18 @@ def kept_weight(
     cols = conv.in_channels if in_idx is None else prefix_length(in_idx)
     if rows is not None and cols is not None and not torch.is_grad_enabled():
         return prefix_block(conv, rows, cols)  # first rows and columns: kept, no copy per call
+    if in_idx is None and out_idx is None:
+        return w
+    # channel sets that recur from clip to clip are gathered once (recurring_block)
+    return recurring_block(conv, in_idx, out_idx, lambda: _gather_kept(conv, w, in_idx, out_idx))
+
+
+def _gather_kept(
+    conv: nn.Conv3d, w: torch.Tensor, in_idx: torch.Tensor | None, out_idx: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`kept_weight`'s gather (no cache)."""
     if in_idx is None:
-        return w if out_idx is None else w.index_select(0, out_idx)
+        return w.index_select(0, out_idx)
     if w.numel() < CHANNELS_LAST_GATHER_MIN:
         return (w if out_idx is None else w.index_select(0, out_idx)).index_select(1, in_idx)
     c_out, c_in, *kernel = w.shape

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,8 @@ __all__ = [
     "gatherable_weight",
     "prefix_block",
     "prefix_length",
+    "forget_recurring_blocks",
+    "recurring_block",
 ]
 
 _CL = torch.channels_last_3d
@@ -61,7 +63,7 @@ _derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def derived_tensor(
     module: nn.Module,
-    kind: str,
+    kind: Hashable,
     sources: tuple[torch.Tensor | None, ...],
     make: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
@@ -128,14 +130,46 @@ def prefix_block(conv: nn.Conv3d, rows: int, cols: int) -> torch.Tensor:
     w = gatherable_weight(conv)
     if cols == conv.in_channels:
         return w[:rows]
-    kind = f"prefix:{rows}:{cols}"
+    return _lru_block(conv, ("prefix", rows, cols), PREFIX_BLOCKS,
+                      lambda: w[:rows, :cols].contiguous())  # fmt: skip
+
+
+def _lru_block(
+    conv: nn.Conv3d, key: tuple, limit: int, make: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """``make()`` cached per conv under ``key`` (:func:`derived_tensor`), at most ``limit``
+    blocks of ``key[0]``'s family per conv, the least recently used dropped."""
     per_module = _derived.setdefault(conv, {})
-    blocks = [k for k in per_module if k.startswith("prefix:")]
-    if kind not in per_module and len(blocks) >= PREFIX_BLOCKS:
-        del per_module[blocks[0]]  # dicts keep insertion order: the oldest first
-    block = derived_tensor(conv, kind, (conv.weight,), lambda: w[:rows, :cols].contiguous())
-    per_module[kind] = per_module.pop(kind)  # most recently used last
+    family = [k for k in per_module if isinstance(k, tuple) and k[0] == key[0]]
+    if key not in per_module and len(family) >= limit:
+        del per_module[family[0]]  # dicts keep insertion order: the oldest first
+    block = derived_tensor(conv, key, (conv.weight,), make)
+    per_module[key] = per_module.pop(key)  # most recently used last
     return block
+
+
+#: gathered weight blocks kept per conv by :func:`recurring_block` (the least recently used go):
+#: a model whose channel choices recur from clip to clip reads its kept weights in place
+RECURRING_BLOCKS = 4
+
+
+def recurring_block(
+    conv: nn.Conv3d,
+    in_idx: torch.Tensor | None,
+    out_idx: torch.Tensor | None,
+    make: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """``make()``, the kept weight block of ``conv`` for the input channels ``in_idx`` and output
+    channels ``out_idx``, cached per conv and index *content* (up to :data:`RECURRING_BLOCKS`
+    sets per conv, the least recently used dropped; renewed when the weight changes): a clip
+    that keeps the same channels as a recent one gathers no weights. Inference on CPU indices
+    only (with autograd, or indices on an accelerator, it calls ``make()``: reading the indices
+    back would synchronize)."""
+    idx = [i for i in (in_idx, out_idx) if i is not None]
+    if torch.is_grad_enabled() or any(i.device.type != "cpu" for i in idx):
+        return make()
+    key = ("kept",) + tuple(None if i is None else i.numpy().tobytes() for i in (in_idx, out_idx))
+    return _lru_block(conv, key, RECURRING_BLOCKS, make)
 
 
 def depthwise_rows(channels: torch.Tensor, multiplier: int) -> torch.Tensor:
@@ -231,3 +265,15 @@ def channel_parts(
             return [ChannelPart(None, w, b, None, groups)]
         parts.append(ChannelPart(in_idx, weight, bias, out_idx, len(sel)))
     return parts
+
+
+def forget_recurring_blocks(model: nn.Module) -> None:
+    """Drop the blocks :func:`recurring_block` keeps for the convs of ``model``: the next clip
+    gathers its kept weights as a clip with new channel sets does (what a measurement of one
+    clip should charge unless it measures a stream, see
+    :func:`lightning_dance.bytes.measure_traffic`)."""
+    for module in model.modules():
+        per_module = _derived.get(module)
+        if per_module:
+            for key in [k for k in per_module if isinstance(k, tuple) and k[0] == "kept"]:
+                del per_module[key]
