@@ -29,7 +29,9 @@ Every method gets the same task, the same seeds and the same number of training 
                      ``-explore3``: exploration noise gone after 30% of the steps;
                      ``-static-first``: static decisions for the first half of
                      the steps, then per clip (``StaticFirst``); ``-static-first-ce``:
-                     the same on cross-entropy only
+                     the same on cross-entropy only; ``static-first-projection``:
+                     the latter's static projection (the channels it keeps most often,
+                     for every clip, no controller)
 ``attention``        DATE'20 attention pruning (``policy="attention"``: each layer ranks its own
                      input's channels and column blocks; targeted dropout while fine-tuning)
                      from the dense start, channels + features as in the paper
@@ -99,7 +101,7 @@ from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.macs import count_macs
 from lightning_dance.models import create_model
 from lightning_dance.plots import accuracy_vs_cost
-from lightning_dance.priors import apply_channel_prior
+from lightning_dance.priors import apply_channel_prior, channel_frequencies, freeze_channels
 from lightning_dance.recipes import fit, train_controller
 from lightning_dance.static_first import StaticFirst
 from lightning_dance.timing import Timing, dense_fast, interleaved, machine
@@ -610,6 +612,19 @@ def mod_topk_credit_static_first_ce(ctx: Context, budget: float, seed: int) -> C
     static baselines train with."""
     return _mod_topk(ctx, budget, credit_outputs=True, noise_anneal=0.0,
                      callbacks=[StaticFirst(0.5)], task="labels")  # fmt: skip
+
+
+@method("static-first-projection")
+def static_first_projection(ctx: Context, budget: float, seed: int) -> Candidate:
+    """The static projection of ``mod-topk-credit-static-first-ce`` (trained or taken from the
+    cache, nothing retrained): for every clip, the channels it keeps most often on the
+    validation clips (:func:`lightning_dance.priors.freeze_channels`, ``standalone=True``: no
+    controller statistics, constant indices in the export), at the same kept counts."""
+    source = ctx.trained("mod-topk-credit-static-first-ce", budget)
+    wrapper = copy.deepcopy(source.wrapper).eval()
+    clips = (clip for clip, _ in ctx.dm.val_dataloader())
+    freeze_channels(wrapper, channel_frequencies(wrapper, clips), standalone=True)
+    return Candidate(wrapper, wrapper=wrapper, note="static projection, from the cache")
 
 
 @method("dance")

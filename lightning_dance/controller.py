@@ -42,7 +42,14 @@ import torch.nn.functional as F
 
 from lightning_dance.masks import DIMS, check_dims
 
-__all__ = ["Controller", "ControllerContext", "ControllerLike", "NoController", "check_controller"]
+__all__ = [
+    "Controller",
+    "ControllerContext",
+    "ControllerLike",
+    "NoController",
+    "StaticController",
+    "check_controller",
+]
 
 _FRAME_BINS = 8
 _EPS = 1e-6
@@ -452,3 +459,55 @@ class NoController(nn.Module):
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, policy={self.policy!r}"
+
+
+class StaticController(nn.Module):
+    """Fixed channel scores per layer, the same for every clip: a controller that reads nothing
+    (no statistics, no trunk, 0 multiply-adds). What
+    :func:`lightning_dance.priors.freeze_channels` puts in place of a trained controller with
+    ``standalone=True``: the compact path then skips the statistics, and an export holds the
+    kept indices as constants.
+
+    Example:
+        >>> ctrl = StaticController({"conv2": torch.tensor([0.1, 0.9, 0.5])})
+        >>> ctrl.layer_logits(ctrl(torch.randn(2, 8, 4, 6, 6)), "conv2", (3, 4, 6, 6))["channel"]
+        tensor([[0.1000, 0.9000, 0.5000],
+                [0.1000, 0.9000, 0.5000]])
+        >>> ctrl.macs((8, 4, 6, 6))
+        0
+    """
+
+    budget_conditioned = False
+
+    def __init__(self, logits: dict[str, torch.Tensor], grid: int = 4) -> None:
+        super().__init__()
+        if not logits:
+            raise ValueError("a static controller needs the channel scores of at least one layer")
+        self.layer_names = list(logits)
+        self.layer_channels = {name: int(v.numel()) for name, v in logits.items()}
+        self.layer_index = {name: i for i, name in enumerate(self.layer_names)}
+        self.dims, self.grid = ("channel",), grid
+        for i, v in enumerate(logits.values()):
+            self.register_buffer(f"logits_{i}", v.detach().flatten().float().clone())
+
+    def channel_bias(self, layer: str) -> torch.Tensor:
+        """``[C_in]``: the fixed scores of ``layer``."""
+        return getattr(self, f"logits_{self.layer_index[layer]}")
+
+    def forward(self, stem_out: torch.Tensor, budget: torch.Tensor | None = None) -> int:
+        return stem_out.shape[0]  # the context: the batch size
+
+    def layer_logits(
+        self, ctx: int, layer: str, shape: tuple[int, int, int, int]
+    ) -> dict[str, torch.Tensor]:
+        return {"channel": self.channel_bias(layer).unsqueeze(0).expand(ctx, -1)}
+
+    def stacked_channel_logits(self, ctx: int, layers: Sequence[str]) -> torch.Tensor:
+        rows = torch.stack([self.channel_bias(n) for n in layers])
+        return rows.unsqueeze(0).expand(ctx, -1, -1)
+
+    def architecture(self) -> dict[str, int]:
+        return dict(self.layer_channels)
+
+    def macs(self, stem_shape: tuple[int, int, int, int]) -> int:
+        return 0

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_dance.controller import StaticController
+
 __all__ = ["apply_channel_prior", "channel_frequencies", "freeze_channels", "magnitude_importance"]
 
 
@@ -113,13 +115,26 @@ def channel_frequencies(target: Any, clips: Iterable[torch.Tensor]) -> dict[str,
     return {name: counts / n for name, counts in kept.items()}
 
 
-def freeze_channels(target: Any, frequencies: dict[str, torch.Tensor]) -> None:
+def freeze_channels(
+    target: Any, frequencies: dict[str, torch.Tensor], *, standalone: bool = False
+) -> None:
     """Make the channel decisions of ``target`` (a ``topk`` pruner or wrapper) the same for every
     clip: the channels most often kept (:func:`channel_frequencies`; ties broken by
     :func:`magnitude_importance`), as many as before. The channel head's input weights are
-    zeroed, its biases set to the ranking; frames and features (if pruned) stay per clip."""
+    zeroed, its biases set to the ranking; frames and features (if pruned) stay per clip.
+
+    ``standalone=True`` (channels only) replaces the controller by a
+    :class:`~lightning_dance.controller.StaticController` holding the ranking: no statistics of
+    the stem output are computed any more (0 controller MACs), and an export holds the kept
+    indices as constants; a checkpoint of the wrapper then no longer loads into a wrapper with
+    DANCE's controller (the architecture differs)."""
     pruner = getattr(target, "pruner", target)
     head = _channel_head(pruner)
+    if standalone and tuple(pruner.dims) != ("channel",):
+        raise ValueError(
+            "freeze_channels(standalone=True) replaces the whole controller, which also decides "
+            f"{[d for d in pruner.dims if d != 'channel']}: use it with dims=('channel',)"
+        )
     if not pruner.policy.fixed_counts or pruner.policy.name != "topk":
         raise ValueError(
             f"freeze_channels keeps the kept counts of the 'topk' policy, not of "
@@ -142,3 +157,7 @@ def freeze_channels(target: Any, frequencies: dict[str, torch.Tensor]) -> None:
             rank = torch.empty_like(bias)
             rank[order] = torch.arange(len(order), dtype=bias.dtype, device=bias.device)
             bias.copy_(rank / len(order))  # the most frequent channel scores highest
+    if standalone:
+        pruner.controller = StaticController(
+            {name: ctrl.channel_bias(name).detach() for name in ctrl.layer_names}, grid=ctrl.grid
+        )

@@ -143,3 +143,38 @@ def test_freeze_channels_refuses_what_it_cannot_freeze():
         channel_frequencies(topk, [])
     with pytest.raises(ValueError, match="expected"):
         freeze_channels(topk, {n: torch.ones(2) for n in topk.layer_names})
+
+
+def test_a_standalone_projection_reads_nothing_and_runs_the_same_channels():
+    from lightning_dance.controller import StaticController
+    from lightning_dance.execution import CompactPruner
+    from lightning_dance.export.modes import build_export_module
+    from lightning_dance.priors import channel_frequencies, freeze_channels
+
+    torch.manual_seed(0)
+    pruner = AdaptivePruner(SmallNet(), dims=("channel",), policy="topk", budget=0.5)
+    with torch.no_grad():
+        for p in pruner.controller.parameters():
+            p.normal_(std=0.5)
+    clips = [torch.randn(2, 3, 8, 16, 16) for _ in range(2)]
+    freq = channel_frequencies(pruner, clips)
+    freeze_channels(pruner, freq)
+    frozen = _kept(pruner, clips[1])
+    macs_with_controller = pruner.last_stats.mac_ratio()
+    freeze_channels(pruner, freq, standalone=True)
+    assert isinstance(pruner.controller, StaticController)
+    standalone = _kept(pruner, clips[1])
+    for name in frozen:
+        assert torch.equal(standalone[name], frozen[name])  # the same channels
+    assert pruner.last_stats.controller_macs == 0  # nothing computed to decide
+    assert (pruner.last_stats.mac_ratio() < macs_with_controller).all()
+    with torch.no_grad():
+        masked = pruner(clips[1])
+        torch.testing.assert_close(CompactPruner(pruner)(clips[1]), masked, atol=1e-4, rtol=1e-4)
+        module, _ = build_export_module(pruner, "topk", clips[1][:1])
+        torch.testing.assert_close(module(clips[1][:1]), masked[:1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="dims=\\('channel',\\)"):
+        mixed = AdaptivePruner(SmallNet(), dims=("channel", "frame"), policy="topk")
+        freeze_channels(mixed, channel_frequencies(mixed, clips), standalone=True)
+    with pytest.raises(ValueError, match="at least one layer"):
+        StaticController({})
