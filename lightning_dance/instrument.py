@@ -8,7 +8,7 @@ kept fractions).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,9 +21,6 @@ from lightning_dance.executed import (
 )
 from lightning_dance.masks import apply_masks
 from lightning_dance.stats import LayerStats
-
-if TYPE_CHECKING:
-    from lightning_dance.aap import AdaptivePruner
 
 __all__ = ["ForwardState", "MaskHook", "StemHook"]
 
@@ -41,7 +38,7 @@ class ForwardState:
 class StemHook:
     """Forward hook on the stem: makes the batch's decision plan from the stem output."""
 
-    def __init__(self, pruner: AdaptivePruner, state: ForwardState) -> None:
+    def __init__(self, pruner: Any, state: ForwardState) -> None:  # an AdaptivePruner
         self.pruner, self.state = pruner, state
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -53,7 +50,7 @@ class StemHook:
 class MaskHook:
     """Forward pre-hook on an instrumented conv: masks its input and records statistics."""
 
-    def __init__(self, pruner: AdaptivePruner, state: ForwardState, name: str) -> None:
+    def __init__(self, pruner: Any, state: ForwardState, name: str) -> None:  # an AdaptivePruner
         self.pruner, self.state, self.name = pruner, state, name
 
     def __call__(self, module: nn.Conv3d, args: tuple) -> tuple:
