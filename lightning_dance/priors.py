@@ -67,8 +67,9 @@ def apply_channel_prior(
     if not scale >= 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
     modules = dict(pruner.model.named_modules())
+    shifts = {}
     with torch.no_grad():
-        for name in ctrl.layer_names:
+        for name in ctrl.layer_names:  # all scored and checked before any bias changes
             bias = ctrl.channel_bias(name)
             score = importance(modules[name]).to(bias)
             if score.shape != bias.shape:
@@ -77,8 +78,9 @@ def apply_channel_prior(
                     f"{tuple(bias.shape)}: one score per input channel"
                 )
             log = score.clamp_min(1e-12).log()
-            z = (log - log.mean()) / log.std(unbiased=False).clamp_min(1e-6)
-            bias += scale * z
+            shifts[name] = scale * (log - log.mean()) / log.std(unbiased=False).clamp_min(1e-6)
+        for name, shift in shifts.items():
+            ctrl.channel_bias(name).add_(shift)
 
 
 def _channel_head(pruner: Any) -> nn.Linear:
@@ -142,16 +144,19 @@ def freeze_channels(
         )
     ctrl = pruner.controller
     modules = dict(pruner.model.named_modules())
+    for name in ctrl.layer_names:  # all checked before anything changes
+        expected = tuple(ctrl.channel_bias(name).shape)
+        got = tuple(frequencies[name].shape) if name in frequencies else None
+        if got != expected:
+            raise ValueError(
+                f"frequencies of {name!r} have shape {got}, expected {expected}: pass "
+                "channel_frequencies(target, clips) of this pruner"
+            )
     with torch.no_grad():
         head.weight.zero_()
         for name in ctrl.layer_names:
             bias = ctrl.channel_bias(name)
             freq = frequencies[name].to(bias)
-            if freq.shape != bias.shape:
-                raise ValueError(
-                    f"frequencies of {name!r} have shape {tuple(freq.shape)}, expected "
-                    f"{tuple(bias.shape)}"
-                )
             tie = magnitude_importance(modules[name]).tolist()
             order = sorted(range(len(tie)), key=lambda c: (float(freq[c]), tie[c]))
             rank = torch.empty_like(bias)

@@ -139,6 +139,12 @@ class StaticFirst(Callback):
         if self.frozen:  # a run shorter than ``until``: leave the controller trainable
             self._set_frozen(pl_module, False)
 
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if self.frozen:  # an interrupted fit leaves the controller as it found it: trainable
+            self._set_frozen(pl_module, False)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"prepared": self.prepared, "until": self.until, "prior_scale": self.prior_scale}

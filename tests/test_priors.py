@@ -73,8 +73,14 @@ def test_bad_uses_are_refused():
     pruner = AdaptivePruner(SmallNet().eval(), dims=("channel",), policy="topk")
     with pytest.raises(ValueError, match="scale must be >= 0"):
         apply_channel_prior(pruner, scale=-1.0)
+    bias = pruner.controller.channel_head.bias.clone()
     with pytest.raises(ValueError, match="one score per input channel"):
         apply_channel_prior(pruner, importance=lambda conv: torch.ones(3))
+    last = pruner.layer_names[-1]  # only the last layer's scores are wrong: nothing changes
+    with pytest.raises(ValueError, match="one score per input channel"):
+        apply_channel_prior(pruner, importance=lambda conv: torch.ones(
+            3 if conv is pruner._layers[last] else conv.in_channels))  # fmt: skip
+    assert torch.equal(pruner.controller.channel_head.bias, bias)
     frames_only = AdaptivePruner(SmallNet().eval(), dims=("frame",), policy="topk")
     with pytest.raises(ValueError, match="'channel' in dims"):
         apply_channel_prior(frames_only)
@@ -141,8 +147,13 @@ def test_freeze_channels_refuses_what_it_cannot_freeze():
     topk = AdaptivePruner(SmallNet(), dims=("channel",), policy="topk")
     with pytest.raises(ValueError, match="at least one clip"):
         channel_frequencies(topk, [])
+    state = {k: v.clone() for k, v in topk.controller.state_dict().items()}
     with pytest.raises(ValueError, match="expected"):
         freeze_channels(topk, {n: torch.ones(2) for n in topk.layer_names})
+    with pytest.raises(ValueError, match="have shape None"):
+        freeze_channels(topk, {})
+    for k, v in topk.controller.state_dict().items():  # a refused call changes nothing
+        assert torch.equal(v, state[k]), k
 
 
 def test_a_standalone_projection_reads_nothing_and_runs_the_same_channels():

@@ -109,3 +109,15 @@ def test_bad_arguments_and_modules():
         StaticFirst(prior_scale=-1.0)
     with pytest.raises(TypeError, match="DANCEWrapper"):
         _fit(VideoClassifier(create_model("tiny_c3d", num_classes=4)), [StaticFirst()], steps=1)
+
+
+def test_an_interrupted_fit_leaves_the_controller_trainable():
+    class Stop(L.Callback):
+        def on_train_batch_end(self, trainer, wrapper, *args):
+            assert not wrapper.pruner.controller.channel_head.weight.requires_grad  # static
+            raise RuntimeError("stopped")
+
+    wrapper = _wrapper()
+    with pytest.raises(RuntimeError, match="stopped"):
+        _fit(wrapper, [StaticFirst(until=0.5), Stop()], steps=8)
+    assert all(p.requires_grad for p in wrapper.pruner.controller.parameters())
