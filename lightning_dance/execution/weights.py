@@ -148,9 +148,29 @@ def _lru_block(
     return block
 
 
-#: gathered weight blocks kept per conv by :func:`recurring_block` (the least recently used go):
-#: a model whose channel choices recur from clip to clip reads its kept weights in place
+#: gathered weight blocks kept per conv by :func:`recurring_block` (the least seen go): a model
+#: whose channel choices recur from clip to clip reads its kept weights in place (0: off)
 RECURRING_BLOCKS = 4
+#: channel sets remembered per conv (keys and sighting counts only) to decide which to keep
+SEEN_SETS = 32
+#: calls per conv between two looks at its hit rate: below 1 in 8, the bookkeeping (a few
+#: microseconds a call) is skipped until the next look
+RECURRING_WINDOW = 64
+
+
+class _Recurring:
+    """:func:`recurring_block`'s state for one conv."""
+
+    __slots__ = ("blocks", "calls", "hits", "seen", "skip")
+
+    def __init__(self) -> None:
+        self.blocks: dict[tuple, tuple[tuple, torch.Tensor]] = {}  # key -> (weight version, block)
+        self.seen: dict[tuple, int] = {}  # key -> sightings, most recent last
+        self.calls = self.hits = 0
+        self.skip = False
+
+
+_recurring: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def recurring_block(
@@ -161,15 +181,56 @@ def recurring_block(
 ) -> torch.Tensor:
     """``make()``, the kept weight block of ``conv`` for the input channels ``in_idx`` and output
     channels ``out_idx``, cached per conv and index *content* (up to :data:`RECURRING_BLOCKS`
-    sets per conv, the least recently used dropped; renewed when the weight changes): a clip
-    that keeps the same channels as a recent one gathers no weights. Inference on CPU indices
-    only (with autograd, or indices on an accelerator, it calls ``make()``: reading the indices
-    back would synchronize)."""
-    idx = [i for i in (in_idx, out_idx) if i is not None]
-    if torch.is_grad_enabled() or any(i.device.type != "cpu" for i in idx):
+    sets per conv; renewed when the weight changes): a clip that keeps the same channels as
+    recent ones gathers no weights. Which sets are kept: one seen at least twice among the
+    last :data:`SEEN_SETS` sightings, in place of the least seen kept one if seen more often.
+    Where fewer than 1 call in 8 hits (a controller that really chooses per clip), the
+    bookkeeping is skipped for the next :data:`RECURRING_WINDOW` calls, then looked at again.
+    Inference on CPU indices only (with autograd, or indices on an accelerator, it calls
+    ``make()``: reading the indices back would synchronize)."""
+    if RECURRING_BLOCKS < 1 or torch.is_grad_enabled():
         return make()
-    key = ("kept",) + tuple(None if i is None else i.numpy().tobytes() for i in (in_idx, out_idx))
-    return _lru_block(conv, key, RECURRING_BLOCKS, make)
+    if (in_idx is not None and in_idx.device.type != "cpu") or (
+        out_idx is not None and out_idx.device.type != "cpu"
+    ):
+        return make()
+    state = _recurring.get(conv)
+    if state is None:
+        state = _recurring[conv] = _Recurring()
+    state.calls += 1
+    if state.calls >= RECURRING_WINDOW:  # a new window: after a skipped one, look again
+        state.skip = not state.skip and state.hits * 8 < state.calls
+        state.calls = state.hits = 0
+    if state.skip:
+        return make()
+    key = (
+        None if in_idx is None else in_idx.numpy().tobytes(),
+        None if out_idx is None else out_idx.numpy().tobytes(),
+    )
+    seen = state.seen
+    count = seen[key] = seen.pop(key, 0) + 1  # most recent last
+    if len(seen) > SEEN_SETS:
+        del seen[next(iter(seen))]  # the oldest sighting goes
+    w = conv.weight
+    version = (w.data_ptr(), w._version, w.dtype, w.device)
+    hit = state.blocks.get(key)
+    if hit is not None and hit[0] == version:
+        state.hits += 1
+        return hit[1]
+    if hit is None:
+        if count < 2:  # seen once: sets that never recur cost a lookup, not a kept block
+            return make()
+        if len(state.blocks) >= RECURRING_BLOCKS:
+            # a set replaces the least seen kept one only if seen more often (sets cycling
+            # through more slots than there are keep some hits instead of none)
+            victim = min(state.blocks, key=lambda k: seen.get(k, 0))
+            if seen.get(victim, 0) >= count:
+                return make()
+            del state.blocks[victim]
+    with torch.no_grad():
+        block = make()
+    state.blocks[key] = (version, block)
+    return block
 
 
 def depthwise_rows(channels: torch.Tensor, multiplier: int) -> torch.Tensor:
@@ -273,7 +334,4 @@ def forget_recurring_blocks(model: nn.Module) -> None:
     clip should charge unless it measures a stream, see
     :func:`lightning_dance.bytes.measure_traffic`)."""
     for module in model.modules():
-        per_module = _derived.get(module)
-        if per_module:
-            for key in [k for k in per_module if isinstance(k, tuple) and k[0] == "kept"]:
-                del per_module[key]
+        _recurring.pop(module, None)
