@@ -67,7 +67,6 @@ from lightning_dance.macs import eval_no_grad, module_stack
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_dance.aap import AdaptivePruner
-    from lightning_dance.energy import EnergyModel
     from lightning_dance.execution import CompactPruner
 
 __all__ = [
@@ -377,7 +376,7 @@ class TrafficComparison:
         """Dense / compact bytes (> 1: the compact path moves less)."""
         return self.dense.total / max(self.compact.total, 1)
 
-    def energy_saving(self, model: EnergyModel) -> float:
+    def energy_saving(self, model: Any) -> float:  # an EnergyModel (energy imports bytes)
         """Estimated energy dense / compact under ``model`` (e.g.
         :meth:`EnergyModel.for_target <lightning_dance.energy.EnergyModel.for_target>`): each
         run's executed MACs (:attr:`TrafficMeasurement.macs`) and measured bytes, priced by
