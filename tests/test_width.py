@@ -136,7 +136,7 @@ def test_prefix_blocks_are_views_or_kept_copies_and_bounded():
             prefix_block(conv, 12, cols)
     from lightning_dance.execution.weights import _derived
 
-    kept = [k for k in _derived[conv] if isinstance(k, tuple) and k[0] == "prefix"]
+    kept = [k for k in _derived[conv] if k.startswith("prefix:")]
     assert len(kept) == PREFIX_BLOCKS
     assert prefix_length(torch.arange(4)) == 4 and prefix_length(torch.tensor([1, 2])) is None
 

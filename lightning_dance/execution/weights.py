@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +63,7 @@ _derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def derived_tensor(
     module: nn.Module,
-    kind: Hashable,
+    kind: str,
     sources: tuple[torch.Tensor | None, ...],
     make: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
@@ -130,21 +130,13 @@ def prefix_block(conv: nn.Conv3d, rows: int, cols: int) -> torch.Tensor:
     w = gatherable_weight(conv)
     if cols == conv.in_channels:
         return w[:rows]
-    return _lru_block(conv, ("prefix", rows, cols), PREFIX_BLOCKS,
-                      lambda: w[:rows, :cols].contiguous())  # fmt: skip
-
-
-def _lru_block(
-    conv: nn.Conv3d, key: tuple, limit: int, make: Callable[[], torch.Tensor]
-) -> torch.Tensor:
-    """``make()`` cached per conv under ``key`` (:func:`derived_tensor`), at most ``limit``
-    blocks of ``key[0]``'s family per conv, the least recently used dropped."""
+    kind = f"prefix:{rows}:{cols}"
     per_module = _derived.setdefault(conv, {})
-    family = [k for k in per_module if isinstance(k, tuple) and k[0] == key[0]]
-    if key not in per_module and len(family) >= limit:
-        del per_module[family[0]]  # dicts keep insertion order: the oldest first
-    block = derived_tensor(conv, key, (conv.weight,), make)
-    per_module[key] = per_module.pop(key)  # most recently used last
+    blocks = [k for k in per_module if k.startswith("prefix:")]
+    if kind not in per_module and len(blocks) >= PREFIX_BLOCKS:
+        del per_module[blocks[0]]  # dicts keep insertion order: the oldest first
+    block = derived_tensor(conv, kind, (conv.weight,), lambda: w[:rows, :cols].contiguous())
+    per_module[kind] = per_module.pop(kind)  # most recently used last
     return block
 
 
