@@ -31,7 +31,8 @@ Every method gets the same task, the same seeds and the same number of training 
                      the steps, then per clip (``StaticFirst``); ``-static-first-ce``:
                      the same on cross-entropy only; ``static-first-projection``:
                      the latter's static projection (the channels it keeps most often,
-                     for every clip, no controller)
+                     for every clip, no controller); ``static-first-materialized``: the
+                     projection with the dropped channels removed from the weights
 ``attention``        DATE'20 attention pruning (``policy="attention"``: each layer ranks its own
                      input's channels and column blocks; targeted dropout while fine-tuning)
                      from the dense start, channels + features as in the paper
@@ -99,6 +100,7 @@ from lightning_dance.energy import TARGETS, EnergyModel
 from lightning_dance.execution import CompactPruner, count_executed_macs
 from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.macs import count_macs
+from lightning_dance.materialize import materialize
 from lightning_dance.models import create_model
 from lightning_dance.plots import accuracy_vs_cost
 from lightning_dance.priors import apply_channel_prior, channel_frequencies, freeze_channels
@@ -625,6 +627,16 @@ def static_first_projection(ctx: Context, budget: float, seed: int) -> Candidate
     clips = (clip for clip, _ in ctx.dm.val_dataloader())
     freeze_channels(wrapper, channel_frequencies(wrapper, clips), standalone=True)
     return Candidate(wrapper, wrapper=wrapper, note="static projection, from the cache")
+
+
+@method("static-first-materialized")
+def static_first_materialized(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``static-first-projection`` made physical (:func:`lightning_dance.materialize.materialize`):
+    the same outputs and counted MACs, as a plain model with the dropped channels removed from
+    its weights (no gathers along channel chains, no controller), timed like the static models."""
+    source = ctx.trained("static-first-projection", budget)
+    model = materialize(source.wrapper, ctx.example)
+    return Candidate(model, note="the projection, materialized")
 
 
 @method("dance")

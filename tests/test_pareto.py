@@ -77,6 +77,12 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
     assert summary[("dense", 1.0)]["speedup_onnxruntime"] == 1.0
     assert "onnxruntime" in (tmp_path / "summary.md").read_text()
     assert summary[("slim", result["budgets"][0])]["seeds"] == 1  # the slim family never fails
+    # the materialized projection: the projection's predictions, as a plain model
+    made = summary[("static-first-materialized", b)]
+    projected = summary[("static-first-projection", b)]
+    assert made["seeds"] == projected["seeds"] == 1
+    assert made["acc"] == projected["acc"]
+    assert made["mac_ratio"] <= projected["mac_ratio"] + 1e-9
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["summary"] == json.loads(json.dumps(result["summary"]))
     assert "| dance |" in (tmp_path / "summary.md").read_text()
