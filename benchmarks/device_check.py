@@ -10,10 +10,13 @@ Run by ``benchmarks/device_check.sh`` (see there). With CUDA (and not ``--cpu``)
   provider if installed, else the CPU provider, said so in the JSON) vs the masked model;
 - batch-1 latency, interleaved, medians: dense (cuDNN), compact, exported topk (onnxruntime
   CUDA provider only; without it ``"onnx_cuda": "CUDAExecutionProvider not available"``);
+- the static projection of the pruner made physical (:mod:`lightning_dance.materialize`): its
+  parity on the device against the frozen pruner on the CPU, and its latency (``materialized``);
 - measured traffic (:func:`lightning_dance.bytes.compare_traffic`) of dense vs compact.
 
 Without CUDA (or with ``--cpu``): the CPU part only, tiny sizes (``tiny_c3d``, 1x3x8x32x32):
-parity of the compact path and of the ONNX export (onnxruntime CPU), no timings: what
+parity of the compact path, of the ONNX export (onnxruntime CPU) and of the materialized
+projection, no timings: what
 ``tests/test_device_check.py`` runs in CI. Relative errors above ``--tol`` fail (exit 1).
 
 Example:
@@ -61,6 +64,20 @@ def build(gpu: bool):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         pruner.calibrate(clip, iters=8)
     return pruner, clip
+
+
+def materialized(pruner, clip: torch.Tensor):
+    """A copy of ``pruner`` frozen to the channels it keeps on ``clip`` (its static projection)
+    made physical (:func:`~lightning_dance.materialize.materialize`), with its output on
+    ``clip`` (the reference of the copy)."""
+    import copy
+
+    from lightning_dance.materialize import materialize
+    from lightning_dance.priors import channel_frequencies, freeze_channels
+
+    frozen = copy.deepcopy(pruner).cpu()
+    freeze_channels(frozen, channel_frequencies(frozen, [clip]), standalone=True)
+    return materialize(frozen, clip), frozen(clip)
 
 
 def onnx_session(path: Path, want_cuda: bool):
@@ -123,10 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
             out["onnx_provider"] = provider
             out["onnx_rel_err"] = rel_err(sess.run(None, feed)[0], ref)
             out["onnx_mac_ratio"] = plan.executed_macs / plan.dense_macs
+            small = materialized(pruner, clip)  # the static projection, made physical
+            out["materialized_rel_err"] = rel_err(small[0].to(device)(x), small[1])
             if gpu:
                 pruner.to(device)
                 model = pruner.unwrap()
-                fns = {"dense": lambda: model(x), "compact": lambda: compact(x)}
+                fns = {"dense": lambda: model(x), "compact": lambda: compact(x),
+                       "materialized": lambda: small[0](x)}  # fmt: skip
                 if provider == "CUDAExecutionProvider":
                     fns["onnx_topk"] = lambda: sess.run(None, feed)
                 else:

@@ -98,6 +98,13 @@ class ChannelScatter(nn.Module):
         return f"{self.index.numel()} of {self.fill.numel()} channels"
 
 
+def _depthwise_rows(conv: nn.Conv3d, inputs: torch.Tensor) -> torch.Tensor:
+    """The output channels of depthwise ``conv`` that read the kept ``inputs``: channel ``c``
+    feeds outputs ``c*m .. c*m + m - 1`` (``m`` the channel multiplier)."""
+    m = conv.out_channels // conv.in_channels
+    return (inputs.view(-1, 1) * m + torch.arange(m, device=inputs.device)).flatten()
+
+
 def _sliced_conv(conv: nn.Conv3d, inputs: torch.Tensor | None,
                  outputs: torch.Tensor | None) -> nn.Conv3d:  # fmt: skip
     """``conv`` reading only ``inputs`` and computing only ``outputs`` (``None``: all)."""
@@ -107,8 +114,7 @@ def _sliced_conv(conv: nn.Conv3d, inputs: torch.Tensor | None,
     if depthwise:  # a kept input channel c is computed by output rows c*m .. c*m + m - 1
         assert outputs is None, "a depthwise conv is never a chain producer"
         if inputs is not None:
-            m = conv.out_channels // conv.in_channels
-            rows = (inputs.view(-1, 1) * m + torch.arange(m, device=inputs.device)).flatten()
+            rows = _depthwise_rows(conv, inputs)
             w, b = w.index_select(0, rows), None if b is None else b.index_select(0, rows)
             groups = inputs.numel()
     else:
@@ -205,9 +211,7 @@ def materialize(target: Any, clip: torch.Tensor, *, atol: float = 1e-4) -> nn.Mo
         if conv.groups == conv.in_channels > 1 and name in inputs:
             fill = conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(
                 conv.out_channels)  # fmt: skip
-            m = conv.out_channels // conv.in_channels
-            rows = (inputs[name].view(-1, 1) * m + torch.arange(m)).flatten()
-            new = nn.Sequential(new, ChannelScatter(rows, fill))
+            new = nn.Sequential(new, ChannelScatter(_depthwise_rows(conv, inputs[name]), fill))
         if name in gathered:
             new = nn.Sequential(ChannelGather(inputs[name]), new)
         model.set_submodule(name, new)

@@ -22,6 +22,7 @@ def test_device_check_cpu_part(tmp_path):
     out = json.loads((tmp_path / "device_check.json").read_text())
     assert out["ok"] and out["device"] == "cpu" and "median_ms" not in out
     assert out["compact_rel_err"] < 1e-3 and out["onnx_rel_err"] < 1e-3
+    assert out["materialized_rel_err"] < 1e-3
     assert out["onnx_provider"] == "CPUExecutionProvider"
     assert 0 < out["onnx_mac_ratio"] < 0.5
     assert out["traffic"]["dense_bytes"] > 0
