@@ -18,7 +18,11 @@ For each model (random init, eval, ``channels_last_3d``):
   output-skipping path really runs, so it keeps more channels than ``compact`` at the same
   budget) and, for ``topk``, ``multiple-8`` (``compact`` with a pruner built with
   ``channel_multiple=8``: every layer keeps a multiple of 8 channels, oneDNN's fast sizes).
-  With ``topk`` and channels only, ``compact`` runs the index plan
+  With ``topk`` and channels only, ``materialized`` is the ``credited`` pruner frozen to the
+  channels it keeps on the clip (its static projection,
+  :func:`~lightning_dance.priors.freeze_channels`) and made physical
+  (:func:`~lightning_dance.materialize.materialize`: a plain model, run dense fast), and
+  ``compact`` runs the index plan
   (:mod:`lightning_dance.execution.indexed`) and ``general plan`` is the same pruner on the
   mask-based plan (``index_plan=False``), for comparison.
 
@@ -73,6 +77,7 @@ from lightning_dance.execution import (
     profitable_layers,
     tune_layers,
 )
+from lightning_dance.macs import count_macs
 from lightning_dance.models import create_model
 from lightning_dance.timing import Timing, dense_fast, interleaved, loadavg
 
@@ -166,6 +171,27 @@ def dance_variants(
     return Variant(name, lambda: fast(clip), counted, ran), err
 
 
+def materialized_variant(name: str, pruner: AdaptivePruner,
+                         clip: torch.Tensor) -> tuple[Variant, float]:  # fmt: skip
+    """A copy of ``pruner`` frozen to the channels it keeps on ``clip`` (its static projection),
+    made physical (:func:`lightning_dance.materialize.materialize`) and run dense fast; its MAC
+    ratio is fvcore's count of the copy over the model's; also its error against the frozen
+    pruner (max relative)."""
+    import copy
+
+    from lightning_dance.materialize import materialize
+    from lightning_dance.priors import channel_frequencies, freeze_channels
+
+    frozen = copy.deepcopy(pruner)
+    freeze_channels(frozen, channel_frequencies(frozen, [clip]), standalone=True)
+    small = materialize(frozen, clip)
+    with torch.no_grad():
+        ref, out = frozen(clip), small(clip)
+    err = float((out - ref).abs().max() / (ref.abs().max() + 1e-12))
+    ratio = count_macs(small, clip).total / count_macs(pruner.model, clip).total
+    return Variant(name, dense_fast(small, clip), ratio, ratio), err
+
+
 def rows_of(variants: list[Variant], times: dict[str, list[float]], base: str) -> list[dict]:
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
@@ -218,6 +244,10 @@ def bench_model(name: str, args) -> dict:
             if "channel" in dims:
                 credited = calibrated_pruner(model, dims, budget, clip, args, credit_outputs=True)
                 v, errors[label + " cr"] = dance_variants(f"{label} credited", credited, clip, None)
+                variants.append(v)
+            if dims == ("channel",) and args.policy == "topk":
+                v, errors[label + " mat"] = materialized_variant(f"{label} materialized",
+                                                                 credited, clip)  # fmt: skip
                 variants.append(v)
             if "channel" in dims and args.policy == "topk":
                 rounded = calibrated_pruner(model, dims, budget, clip, args, channel_multiple=8)

@@ -657,6 +657,14 @@ def test_latency_benchmark_smoke(tmp_path):
         "compact union",
     }
     assert result["clip_length"][0]["T"] == 8
+    # the materialized static projection (channel-only topk configs)
+    from lightning_dance.models import create_model
+
+    model = create_model("tiny_c3d", num_classes=4).eval()
+    pruner = AdaptivePruner(model, dims=("channel",), policy="topk", budget=0.5).eval()
+    variant, err = bench.materialized_variant("m", pruner, torch.randn(1, 3, 8, 32, 32))
+    assert err < 1e-4 and 0.2 < variant.mac_ratio == variant.ran_ratio < 0.6
+    variant.run()
 
 
 # ----------------------------------------------------------------------------- tuning
