@@ -14,7 +14,7 @@ same sub-network on every clip. :func:`materialize` builds that sub-network once
 - a layer whose input is read elsewhere too (a block input, which the shortcut reads) keeps its
   input channels through a :class:`ChannelGather` (one ``index_select``) before a narrower conv;
 - a depthwise layer computes only its kept channels and writes them into a full-width output
-  whose dropped channels hold the bias (:class:`ChannelScatter`), as the masked model computes;
+  whose dropped channels hold the bias (:class:`~lightning_dance.channel_maps.ChannelScatter`), as the masked model computes;
   in pytorchvideo's bottleneck blocks (X3D) the tail after the depthwise conv (BatchNorm,
   squeeze-excitation, Swish, the 1x1x1 ``conv_c``) runs on the kept channels instead, the
   dropped ones as one value per clip and channel
@@ -53,57 +53,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_dance.channel_maps import ChannelGather, ChannelScatter
 from lightning_dance.controller import StaticController
 from lightning_dance.errors import DanceError
+from lightning_dance.models.bottleneck_tail import narrow_bottleneck_tails
 
-__all__ = ["ChannelGather", "ChannelScatter", "MaterializeError", "materialize"]
+__all__ = ["MaterializeError", "materialize"]
 
 
 class MaterializeError(DanceError, ValueError):
     """A pruner whose decisions cannot be made physical (they vary per clip, or a layer is of a
     kind the copy cannot slice), or a copy that does not compute what the pruner computes."""
-
-
-class ChannelGather(nn.Module):
-    """``x[:, index]`` of a clip batch ``[N, C, T, H, W]``: the input channels a narrower conv
-    reads (``index`` a buffer), returned in ``channels_last_3d``."""
-
-    def __init__(self, index: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("index", index.detach().long().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():  # one Gather on the channel axis (no transposes)
-            return x.index_select(1, self.index)
-        # gathered from the rows of a [positions, C] view in channels_last_3d order (twice as
-        # fast as along the last dim of the 5-d view): the result is channels_last_3d (the
-        # fast kernels' layout), so the conv reading it needs no layout copy; no branch on
-        # the tensor, so that torch.fx traces it
-        n, c, t, h, w = x.shape
-        rows = x.permute(0, 2, 3, 4, 1).reshape(-1, c).index_select(1, self.index)
-        return rows.view(n, t, h, w, -1).permute(0, 4, 1, 2, 3)
-
-    def extra_repr(self) -> str:
-        return f"keeps {self.index.numel()} channels"
-
-
-class ChannelScatter(nn.Module):
-    """A full-width output ``[N, C, ...]`` holding ``fill[c]`` in every channel but ``index``,
-    which hold the input's channels (a depthwise conv's dropped channels are its bias)."""
-
-    def __init__(self, index: torch.Tensor, fill: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("index", index.detach().long().clone())
-        self.register_buffer("fill", fill.detach().clone())
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        shape = (y.shape[0], self.fill.numel(), *y.shape[2:])
-        view = (1, -1) + (1,) * (y.dim() - 2)
-        base = self.fill.to(y.dtype).view(view).expand(shape)
-        return base.index_copy(1, self.index, y)
-
-    def extra_repr(self) -> str:
-        return f"{self.index.numel()} of {self.fill.numel()} channels"
 
 
 def _depthwise_rows(conv: nn.Conv3d, inputs: torch.Tensor) -> torch.Tensor:
@@ -223,8 +183,6 @@ def materialize(target: Any, clip: torch.Tensor, *, atol: float = 1e-4) -> nn.Mo
         if name in gathered:
             new = nn.Sequential(ChannelGather(inputs[name]), new)
         model.set_submodule(name, new)
-
-    from lightning_dance.models.bottleneck_tail import narrow_bottleneck_tails  # imports this
 
     narrow_bottleneck_tails(model)
     got = model(clip)

@@ -4,9 +4,10 @@ import torch.nn as nn
 from conftest import SmallNet
 
 from lightning_dance.aap import AdaptivePruner
+from lightning_dance.channel_maps import ChannelGather, ChannelScatter
 from lightning_dance.errors import DanceError
 from lightning_dance.macs import count_macs
-from lightning_dance.materialize import ChannelGather, ChannelScatter, MaterializeError, materialize
+from lightning_dance.materialize import MaterializeError, materialize
 from lightning_dance.models import create_model
 from lightning_dance.priors import channel_frequencies, freeze_channels
 

@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_dance.channel_maps import ChannelGather, ChannelScatter
 from lightning_dance.execution.chains import PER_CHANNEL_MODULES
-from lightning_dance.materialize import ChannelGather, ChannelScatter
 
 __all__ = ["NarrowTail", "narrow_bottleneck_tails"]
 
