@@ -29,8 +29,12 @@ class ChannelGather(nn.Module):
         self.register_buffer("index", index.detach().long().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():  # one Gather on the channel axis (no transposes)
-            return x.index_select(1, self.index)
+        if (
+            torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+        ):
+            return x.index_select(1, self.index)  # in a graph: one gather on the channel axis
         # gathered from the rows of a [positions, C] view in channels_last_3d order (twice as
         # fast as along the last dim of the 5-d view): the result is channels_last_3d (the
         # fast kernels' layout), so the conv reading it needs no layout copy; no branch on

@@ -201,3 +201,21 @@ def test_x3d_bottleneck_tails_run_on_the_kept_channels():
     r21d = materialize(_frozen(create_model("r2plus1d_18", num_classes=5, width=0.25), shape),
                        torch.randn(1, *shape))  # fmt: skip
     assert not any(isinstance(m, NarrowTail) for m in r21d.modules())
+
+
+def test_the_copy_exports_for_jetson_and_snapdragon(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from lightning_dance.export import export_model
+
+    shape = (3, 4, 32, 32)
+    pruner = _frozen(create_model("r2plus1d_18", num_classes=5, width=0.25), shape)
+    clip = torch.randn(1, *shape)
+    small = materialize(pruner, clip)
+    result = export_model(small, clip, targets=("jetson", "snapdragon"), formats=("onnx", "qnn"),
+                          out_dir=tmp_path / "export")  # fmt: skip
+    artifacts = {(a["target"], a["format"]): a for a in result.manifest["artifacts"]}
+    for key in [("jetson", "onnx"), ("snapdragon", "qnn")]:
+        artifact = artifacts[key]
+        assert artifact["status"] == "ok", (key, artifact["reason"])
+        assert artifact["parity_max_abs_error"] <= artifact["parity_tolerance"]
+        assert artifact["ops"].get("Gather", 0) > 0  # the block inputs' channel gathers
