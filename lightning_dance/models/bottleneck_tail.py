@@ -62,9 +62,9 @@ class NarrowTail(nn.Module):
                  se: nn.Module | None, act: nn.Module, conv_c: nn.Conv3d,
                  read: torch.Tensor | None) -> None:  # fmt: skip
         super().__init__()
-        width = fill.numel()
-        kept = kept.long()
-        read = torch.arange(width) if read is None else read.long()
+        width, device = fill.numel(), fill.device
+        kept = kept.long().cpu()  # index bookkeeping on the CPU; the buffers on fill's device
+        read = torch.arange(width) if read is None else read.long().cpu()
         dropped = torch.ones(width, dtype=torch.bool)
         dropped[kept] = False
         position = torch.full((width,), -1, dtype=torch.long)
@@ -74,23 +74,26 @@ class NarrowTail(nn.Module):
         with torch.no_grad():
             scale = norm.weight / (norm.running_var + norm.eps).sqrt()
             const = (fill - norm.running_mean) * scale + norm.bias  # the bias through BN
-        self.register_buffer("kept", kept)
+        if not narrow_read.numel():
+            raise ValueError("conv_c reads none of the kept channels: nothing to narrow")
+        self.register_buffer("kept", kept.to(device))
         self.register_buffer("const", const.detach().clone())
-        self.register_buffer("norm_mean", norm.running_mean[kept].clone())
-        self.register_buffer("norm_var", norm.running_var[kept].clone())
-        self.register_buffer("norm_weight", norm.weight.detach()[kept].clone())
-        self.register_buffer("norm_bias", norm.bias.detach()[kept].clone())
+        on = kept.to(device)
+        self.register_buffer("norm_mean", norm.running_mean[on].clone())
+        self.register_buffer("norm_var", norm.running_var[on].clone())
+        self.register_buffer("norm_weight", norm.weight.detach()[on].clone())
+        self.register_buffer("norm_bias", norm.bias.detach()[on].clone())
         self.eps = norm.eps
         self.se, self.act = se, act
         pick = position[narrow_read]  # into the narrow tensor
         everything = pick.numel() == kept.numel() and torch.equal(pick, torch.arange(kept.numel()))
-        self.pick = None if everything else ChannelGather(pick)
-        self.register_buffer("const_read", const_read)
+        self.pick = None if everything else ChannelGather(pick.to(device))
+        self.register_buffer("const_read", const_read.to(device))
         w = conv_c.weight.detach()
-        self.register_buffer("const_weight", w[:, const_read].flatten(1).clone())  # [C_out, q]
+        self.register_buffer("const_weight", w[:, const_read.to(w.device)].flatten(1).clone())
         self.conv = nn.Conv3d(narrow_read.numel(), conv_c.out_channels, 1, stride=conv_c.stride,
                               bias=conv_c.bias is not None)  # fmt: skip
-        self.conv.weight = nn.Parameter(w[:, narrow_read].clone(), requires_grad=False)
+        self.conv.weight = nn.Parameter(w[:, narrow_read.to(w.device)].clone(), requires_grad=False)
         if conv_c.bias is not None:
             self.conv.bias = nn.Parameter(conv_c.bias.detach().clone(), requires_grad=False)
 
@@ -183,6 +186,8 @@ def narrow_bottleneck_tails(model: nn.Module) -> list[str]:
             if conv_c.bias is not None:
                 wide.bias = nn.Parameter(conv_c.bias.detach().clone(), requires_grad=False)
             conv_c = wide
+        if read is not None and not bool(torch.isin(read.cpu(), scatter.index.cpu()).any()):
+            continue  # conv_c reads only dropped channels: left as it is
         tail = NarrowTail(scatter.index, scatter.fill, norm, se, act, conv_c, read)
         model.set_submodule(name, NarrowBottleneck(block, conv_b, tail))
         done.append(name)
