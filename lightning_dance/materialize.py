@@ -27,7 +27,8 @@ against fvcore; fewer in narrowed bottleneck tails), so ``count_macs``,
 treat it as any static model. The target is not changed.
 
 Limits: channels only (frames and features vary per clip); groups of 1 and depthwise convs;
-eval mode (BatchNorm running statistics are sliced, not recomputed).
+an inference copy: BatchNorm running statistics are sliced, not recomputed, and a narrowed
+bottleneck tail normalizes with frozen statistics even in training mode.
 
 Example:
     >>> import torch
