@@ -28,7 +28,7 @@ treat it as any static model. The target is not changed.
 
 Limits: channels only (frames and features vary per clip); groups of 1 and depthwise convs;
 an inference copy: BatchNorm running statistics are sliced, not recomputed, and a narrowed
-bottleneck tail normalizes with frozen statistics even in training mode.
+bottleneck tail has its BatchNorm folded into the depthwise conv.
 
 Example:
     >>> import torch

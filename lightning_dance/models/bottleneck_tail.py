@@ -9,8 +9,8 @@ stays constant over positions up to ``conv_c``, whose 1x1x1 kernel turns it into
 bias. :class:`NarrowTail` computes the tail on the kept channels only, and the dropped
 channels as one value per clip and channel:
 
-- BatchNorm: the kept channels through the sliced statistics; the dropped ones' constants
-  (the bias through BatchNorm) are fixed when the copy is built;
+- BatchNorm: folded into the narrow depthwise conv (inference statistics); the dropped
+  channels' constants (the bias through BatchNorm) are fixed when the copy is built;
 - SE: its excitation reads the mean of every channel: the kept channels' means, the dropped
   channels' constants; the kept channels are scaled by their scales, the constants by theirs;
 - the activation: on both;
@@ -24,17 +24,19 @@ the pattern holds and leaves the others as they are.
 
 Example:
     >>> import torch, torch.nn as nn
-    >>> tail = NarrowTail(torch.tensor([0, 2]), torch.tensor([0.0, 0.5, 0.0]),
-    ...                   nn.BatchNorm3d(3).eval(), None, nn.ReLU(), nn.Conv3d(3, 4, 1), None)
+    >>> tail = NarrowTail(torch.tensor([0, 2]), torch.tensor([0.0, 0.5, 0.0]), None, nn.ReLU(),
+    ...                   nn.Conv3d(3, 4, 1), None)
     >>> tail(torch.randn(1, 2, 2, 4, 4)).shape
     torch.Size([1, 4, 2, 4, 4])
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lightning_dance.channel_maps import ChannelGather, ChannelScatter
 from lightning_dance.execution.chains import PER_CHANNEL_MODULES
@@ -52,17 +54,17 @@ def _per_channel(m: nn.Module) -> bool:
 
 
 class NarrowTail(nn.Module):
-    """The tail ``BatchNorm -> [SE] -> activation -> conv_c`` of a bottleneck block on the
-    ``kept`` channels of the depthwise conv's output ``[N, k, T, H, W]`` (see the module
-    docstring). ``fill``: the value of each of the ``E`` channels where the depthwise conv was
-    not computed (its bias); ``conv_c``: the full 1x1x1 conv; ``read``: the input channels
-    ``conv_c`` reads (``None``: all)."""
+    """The tail ``[SE] -> activation -> conv_c`` of a bottleneck block on the ``kept``
+    channels of the normalized depthwise output ``[N, k, T, H, W]`` (the BatchNorm folded into
+    the narrow depthwise conv, see the module docstring). ``const``: the value of each of the
+    ``E`` channels where the depthwise conv was not computed (its bias through the BatchNorm);
+    ``conv_c``: the full 1x1x1 conv; ``read``: the input channels ``conv_c`` reads (``None``:
+    all)."""
 
-    def __init__(self, kept: torch.Tensor, fill: torch.Tensor, norm: nn.BatchNorm3d,
-                 se: nn.Module | None, act: nn.Module, conv_c: nn.Conv3d,
-                 read: torch.Tensor | None) -> None:  # fmt: skip
+    def __init__(self, kept: torch.Tensor, const: torch.Tensor, se: nn.Module | None,
+                 act: nn.Module, conv_c: nn.Conv3d, read: torch.Tensor | None) -> None:  # fmt: skip
         super().__init__()
-        width, device = fill.numel(), fill.device
+        width, device = const.numel(), const.device
         kept = kept.long().cpu()  # index bookkeeping on the CPU; the buffers on fill's device
         read = torch.arange(width) if read is None else read.long().cpu()
         dropped = torch.ones(width, dtype=torch.bool)
@@ -71,19 +73,10 @@ class NarrowTail(nn.Module):
         position[kept] = torch.arange(kept.numel())
         narrow_read = read[~dropped[read]]  # kept channels conv_c reads
         const_read = read[dropped[read]]  # dropped channels conv_c reads
-        with torch.no_grad():
-            scale = norm.weight / (norm.running_var + norm.eps).sqrt()
-            const = (fill - norm.running_mean) * scale + norm.bias  # the bias through BN
         if not narrow_read.numel():
             raise ValueError("conv_c reads none of the kept channels: nothing to narrow")
         self.register_buffer("kept", kept.to(device))
         self.register_buffer("const", const.detach().clone())
-        on = kept.to(device)
-        self.register_buffer("norm_mean", norm.running_mean[on].clone())
-        self.register_buffer("norm_var", norm.running_var[on].clone())
-        self.register_buffer("norm_weight", norm.weight.detach()[on].clone())
-        self.register_buffer("norm_bias", norm.bias.detach()[on].clone())
-        self.eps = norm.eps
         self.se, self.act = se, act
         pick = position[narrow_read]  # into the narrow tensor
         everything = pick.numel() == kept.numel() and torch.equal(pick, torch.arange(kept.numel()))
@@ -98,8 +91,6 @@ class NarrowTail(nn.Module):
             self.conv.bias = nn.Parameter(conv_c.bias.detach().clone(), requires_grad=False)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        y = F.batch_norm(y, self.norm_mean, self.norm_var, self.norm_weight, self.norm_bias,
-                         False, 0.0, self.eps)  # fmt: skip
         values = self.const.view(1, -1, 1, 1, 1)  # [1 or N, E, 1, 1, 1]
         if self.se is not None:
             means = values.expand(y.shape[0], -1, -1, -1, -1).index_copy(
@@ -188,7 +179,19 @@ def narrow_bottleneck_tails(model: nn.Module) -> list[str]:
             conv_c = wide
         if read is not None and not bool(torch.isin(read.cpu(), scatter.index.cpu()).any()):
             continue  # conv_c reads only dropped channels: left as it is
-        tail = NarrowTail(scatter.index, scatter.fill, norm, se, act, conv_c, read)
-        model.set_submodule(name, NarrowBottleneck(block, conv_b, tail))
+        kept = scatter.index
+        with torch.no_grad():  # the BatchNorm: into the narrow depthwise conv; the constants
+            scale = norm.weight / (norm.running_var + norm.eps).sqrt()
+            const = (scatter.fill - norm.running_mean) * scale + norm.bias
+            w, b = fuse_conv_bn_weights(conv_b.weight, conv_b.bias, norm.running_mean[kept],
+                                        norm.running_var[kept], norm.eps, norm.weight[kept],
+                                        norm.bias[kept])  # fmt: skip
+        folded = copy.deepcopy(conv_b)
+        folded.weight, folded.bias = (
+            nn.Parameter(w.detach(), False),
+            nn.Parameter(b.detach(), False),
+        )
+        tail = NarrowTail(kept, const, se, act, conv_c, read)
+        model.set_submodule(name, NarrowBottleneck(block, folded, tail))
         done.append(name)
     return done
