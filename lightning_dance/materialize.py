@@ -57,6 +57,7 @@ import torch.nn as nn
 from lightning_dance.channel_maps import ChannelGather, ChannelScatter
 from lightning_dance.controller import StaticController
 from lightning_dance.errors import DanceError
+from lightning_dance.execution.indexed import topk_indices
 from lightning_dance.models.bottleneck_tail import narrow_bottleneck_tails
 
 __all__ = ["MaterializeError", "materialize"]
@@ -124,7 +125,8 @@ def _check(pruner: Any) -> None:
             f"dims=('channel',) (this one: dims={tuple(pruner.dims)}, controller "
             f"{type(pruner.controller).__name__})"
         )
-    for name, conv in pruner._layers.items():
+    for name in pruner.layer_names:
+        conv = pruner.model.get_submodule(name)
         if conv.groups not in (1, conv.in_channels):
             raise MaterializeError(
                 f"{name!r} is a grouped conv (groups={conv.groups} of {conv.in_channels} "
@@ -150,7 +152,7 @@ def materialize(target: Any, clip: torch.Tensor, *, atol: float = 1e-4) -> nn.Mo
         pruner.prepare(clip)  # validates the clip; fixes the counts for its shape
         stem = pruner.model.get_submodule(pruner.stem_name)
         plan = pruner.decide(stem(clip[:1]))
-        kept = plan.channel_indices({n: m.in_channels for n, m in pruner._layers.items()})
+        kept = topk_indices(pruner, plan)  # the index plan's kept channels, one clip
         want = pruner(clip)
     finally:
         pruner.train(was_training)

@@ -76,8 +76,8 @@ def test_chains_are_narrowed_without_gathers_and_block_inputs_are_gathered():
         assert consumer not in gathers  # the producer computes only what the consumer reads
         producer = modules[chain.producer]
         producer = producer[1] if isinstance(producer, nn.Sequential) else producer
-        narrow = modules[consumer]
-        assert producer.out_channels == narrow.in_channels < pruner._layers[consumer].in_channels
+        narrow, full = modules[consumer], pruner.model.get_submodule(consumer)
+        assert producer.out_channels == narrow.in_channels < full.in_channels
         for norm in chain.norms:
             assert modules[norm].num_features == producer.out_channels
     # every gathered layer is a pruned layer that no chain feeds
