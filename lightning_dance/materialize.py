@@ -188,7 +188,13 @@ def materialize(target: Any, clip: torch.Tensor, *, atol: float = 1e-4) -> nn.Mo
         model.set_submodule(name, new)
 
     narrow_bottleneck_tails(model)
-    got = model(clip)
+    try:
+        got = model(clip)
+    except RuntimeError as err:  # e.g. a channel count that no longer fits
+        raise MaterializeError(
+            f"the materialized copy does not run on the clip ({err}): a layer between a "
+            "chain's convs that mixes channels? please report it"
+        ) from err
     error = float((got - want).abs().max()) if got.shape == want.shape else float("inf")
     if not error <= atol * (1.0 + float(want.abs().max())):
         raise MaterializeError(

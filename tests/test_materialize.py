@@ -219,3 +219,12 @@ def test_the_copy_exports_for_jetson_and_snapdragon(tmp_path):
         assert artifact["status"] == "ok", (key, artifact["reason"])
         assert artifact["parity_max_abs_error"] <= artifact["parity_tolerance"]
         assert artifact["ops"].get("Gather", 0) > 0  # the block inputs' channel gathers
+
+
+def test_a_copy_that_does_not_run_is_refused_with_a_clear_error(monkeypatch):
+    import lightning_dance.materialize as mod
+
+    pruner = _frozen(SmallNet(), (3, 8, 16, 16))
+    monkeypatch.setattr(mod, "_slice_norm", lambda bn, keep: None)  # BatchNorms left wide
+    with pytest.raises(MaterializeError, match="does not run on the clip"):
+        materialize(pruner, torch.randn(1, 3, 8, 16, 16))
