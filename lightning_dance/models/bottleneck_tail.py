@@ -58,21 +58,23 @@ class NarrowTail(nn.Module):
     channels of the normalized depthwise output ``[N, k, T, H, W]`` (the BatchNorm folded into
     the narrow depthwise conv, see the module docstring). ``const``: the value of each of the
     ``E`` channels where the depthwise conv was not computed (its bias through the BatchNorm);
-    ``conv_c``: the full 1x1x1 conv; ``read``: the input channels ``conv_c`` reads (``None``:
-    all)."""
+    ``conv_c``: the 1x1x1 conv over the channels ``read`` (in that order; ``None``: all)."""
 
     def __init__(self, kept: torch.Tensor, const: torch.Tensor, se: nn.Module | None,
                  act: nn.Module, conv_c: nn.Conv3d, read: torch.Tensor | None) -> None:  # fmt: skip
         super().__init__()
         width, device = const.numel(), const.device
-        kept = kept.long().cpu()  # index bookkeeping on the CPU; the buffers on fill's device
+        kept = kept.long().cpu()  # index bookkeeping on the CPU; the buffers on const's device
         read = torch.arange(width) if read is None else read.long().cpu()
+        if conv_c.in_channels != read.numel():
+            raise ValueError(f"conv_c reads {conv_c.in_channels} channels, read has {read.numel()}")
         dropped = torch.ones(width, dtype=torch.bool)
         dropped[kept] = False
         position = torch.full((width,), -1, dtype=torch.long)
         position[kept] = torch.arange(kept.numel())
-        narrow_read = read[~dropped[read]]  # kept channels conv_c reads
-        const_read = read[dropped[read]]  # dropped channels conv_c reads
+        column = torch.arange(read.numel())  # conv_c's input columns, in the order of read
+        narrow_read, narrow_cols = read[~dropped[read]], column[~dropped[read]]
+        const_read, const_cols = read[dropped[read]], column[dropped[read]]
         if not narrow_read.numel():
             raise ValueError("conv_c reads none of the kept channels: nothing to narrow")
         self.register_buffer("kept", kept.to(device))
@@ -83,10 +85,10 @@ class NarrowTail(nn.Module):
         self.pick = None if everything else ChannelGather(pick.to(device))
         self.register_buffer("const_read", const_read.to(device))
         w = conv_c.weight.detach()
-        self.register_buffer("const_weight", w[:, const_read.to(w.device)].flatten(1).clone())
+        self.register_buffer("const_weight", w[:, const_cols.to(w.device)].flatten(1).clone())
         self.conv = nn.Conv3d(narrow_read.numel(), conv_c.out_channels, 1, stride=conv_c.stride,
                               bias=conv_c.bias is not None)  # fmt: skip
-        self.conv.weight = nn.Parameter(w[:, narrow_read.to(w.device)].clone(), requires_grad=False)
+        self.conv.weight = nn.Parameter(w[:, narrow_cols.to(w.device)].clone(), requires_grad=False)
         if conv_c.bias is not None:
             self.conv.bias = nn.Parameter(conv_c.bias.detach().clone(), requires_grad=False)
 
@@ -168,15 +170,6 @@ def narrow_bottleneck_tails(model: nn.Module) -> list[str]:
         conv_b, scatter, norm, se, act, conv_c, read = parts
         if conv_b.out_channels != conv_b.in_channels:  # a channel multiplier: not X3D's
             continue
-        if conv_c.in_channels != scatter.fill.numel():  # conv_c read a gathered subset
-            full = torch.zeros(conv_c.out_channels, scatter.fill.numel(), 1, 1, 1)
-            full[:, read] = conv_c.weight.detach().to(full)
-            wide = nn.Conv3d(full.shape[1], conv_c.out_channels, 1, stride=conv_c.stride,
-                             bias=conv_c.bias is not None)  # fmt: skip
-            wide.weight = nn.Parameter(full, requires_grad=False)
-            if conv_c.bias is not None:
-                wide.bias = nn.Parameter(conv_c.bias.detach().clone(), requires_grad=False)
-            conv_c = wide
         if read is not None and not bool(torch.isin(read.cpu(), scatter.index.cpu()).any()):
             continue  # conv_c reads only dropped channels: left as it is
         kept = scatter.index
