@@ -38,6 +38,7 @@ import torch.nn as nn
 from lightning_dance.clips import check_clip
 from lightning_dance.controller import Controller, NoController, check_controller
 from lightning_dance.decision import DecisionPlan
+from lightning_dance.feature_sites import FeatureSite, get_feature_site
 from lightning_dance.instrument import ForwardState, MaskHook, StemHook
 from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
 from lightning_dance.losses import budget_loss, distillation_loss  # noqa: F401 (re-exported)
@@ -123,6 +124,11 @@ class AdaptivePruner(nn.Module):
             :meth:`topk_count`); the MAC count and training use the rounded counts, and
             :meth:`calibrate` brings the total to the budget. Small layers cannot keep fewer
             than one multiple, which raises the lowest budget reachable.
+        feature_site: where feature masks act (:mod:`lightning_dance.feature_sites`):
+            ``"inputs"`` (default: a layer's input positions are zeroed; an output is skipped
+            only when its whole receptive field is masked) or ``"outputs"`` (the mask selects
+            the output positions computed, as spatially sparse convolutions do: every dropped
+            block is skipped work; masks are decided on the output's block grid).
     """
 
     def __init__(
@@ -143,9 +149,11 @@ class AdaptivePruner(nn.Module):
         credit_outputs: bool | None = None,
         channel_multiple: int = 1,
         controller: nn.Module | None = None,
+        feature_site: str | FeatureSite = "inputs",
     ) -> None:
         super().__init__()
         policy = get_policy(policy)
+        self.feature_site = get_feature_site(feature_site)
         if min_keep < 1:
             raise ValueError(f"min_keep must be >= 1 (no empty layer input), got {min_keep}")
         if tau <= 0:
@@ -180,6 +188,11 @@ class AdaptivePruner(nn.Module):
             raise ValueError(
                 f"the {policy.name!r} policy decides {list(policy.supported_dims or ())} only, "
                 f"not {unsupported}: pass dims={policy.supported_dims}"
+            )
+        if self.feature_site.at_outputs and "feature" in self.dims and policy.needs_layer_input:
+            raise ValueError(
+                f"the {policy.name!r} policy scores each layer's input, so it decides features "
+                "on the input's positions: use feature_site='inputs' with it"
             )
         self.policy, self.min_keep, self.tau = policy, min_keep, tau
         self.model = model
@@ -373,11 +386,25 @@ class AdaptivePruner(nn.Module):
             self._dense_cache[key] = (int(count.total), layer_dense)
         return self._dense_cache[key]
 
+    def mask_shape(self, layer: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape ``(C, T, H, W)`` on which ``layer``'s masks are decided when its input is
+        ``input_shape``: the input's, with the output's ``(H_out, W_out)`` when feature masks
+        select outputs (:meth:`FeatureSite.decision_shape
+        <lightning_dance.feature_sites.FeatureSite.decision_shape>`). Every runtime asks the
+        decision plan for this shape, so that all of them read the same decisions."""
+        if not (self.feature_site.at_outputs and "feature" in self.dims):
+            return tuple(input_shape)
+        return self.feature_site.decision_shape(self._layers[layer], tuple(input_shape))
+
     @contextlib.contextmanager
     def _hooks(self, state: ForwardState) -> Iterator[None]:
         handles = [self._stem.register_forward_hook(StemHook(self, state))]
+        outputs = self.feature_site.at_outputs and "feature" in self.dims
         for name, module in self._layers.items():
-            handles.append(module.register_forward_pre_hook(MaskHook(self, state, name)))
+            hook = MaskHook(self, state, name)
+            handles.append(module.register_forward_pre_hook(hook))
+            if outputs:
+                handles.append(module.register_forward_hook(hook.mask_output))
         try:
             yield
         finally:
@@ -411,7 +438,8 @@ class AdaptivePruner(nn.Module):
         ratio = self.keep_ratio()
         grid = self.controller.grid
         counts = {}
-        for name, (c, t, h, w) in shapes.items():
+        for name, shape in shapes.items():
+            c, t, h, w = self.mask_shape(name, shape)  # features: the grid they decide on
             sizes = {"frame": t, "channel": c, "feature": min(grid, h) * min(grid, w)}
             counts[name] = {d: self.topk_count(d, sizes[d], name, ratio) for d in self.dims}
         return counts

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dance.geometry import ConvGeometry, pad_hw, temporal_reads
-from lightning_dance.masks import DIMS
+from lightning_dance.masks import DIMS, expand_blocks
 
 __all__ = [
     "HardTerms",
@@ -111,6 +111,7 @@ def _hard_terms(
     feature: torch.Tensor | None,
     n: int,
     device: torch.device,
+    feature_at_output: bool = False,
 ) -> HardTerms:
     c, t, h, w = g.input
     t_out, h_out, w_out = g.output
@@ -135,7 +136,10 @@ def _hard_terms(
         kept_t = m_t.sum(1).round().long()
     else:
         pairs, taps, kept_t = full(t_out * kt), full(kt), full(t)
-    if feature is not None:
+    if feature is not None and feature_at_output:  # the mask is the computed positions
+        act = (feature.detach() > 0.5).flatten(1).sum(1)
+        kept_p = full(h * w)  # the kept outputs' fields: read in full
+    elif feature is not None:
         m_f = (feature.detach() > 0.5).to(torch.float32).unsqueeze(1)  # [N, 1, H, W]
         active = F.max_pool2d(
             pad_hw(m_f, g), g.kernel[1:], stride=g.stride[1:], dilation=g.dilation[1:]
@@ -154,16 +158,22 @@ def mask_terms(
     channel: torch.Tensor | None,
     feature: torch.Tensor | None,
     batch_size: int | None = None,
+    feature_at_output: bool = False,
 ) -> tuple[ConvGeometry, HardTerms, set[str]]:
-    """Validate the layer, its input shape and masks; the hard terms and the masked dims."""
+    """Validate the layer, its input shape and masks; the hard terms and the masked dims.
+    ``feature_at_output``: ``feature`` selects output positions ``[N, H_out, W_out]``
+    (:data:`lightning_dance.feature_sites.OUTPUTS`) instead of masking input positions."""
     g = ConvGeometry.of(conv, input_shape)
     c, t, h, w = g.input
     frame = _check_mask("frame", frame, (t,), "T")
     channel = _check_mask("channel", channel, (c,), "C")
-    feature = _check_mask("feature", feature, (h, w), "H, W")
+    if feature_at_output:
+        feature = _check_mask("output feature", feature, g.output[1:], "H_out, W_out")
+    else:
+        feature = _check_mask("feature", feature, (h, w), "H, W")
     masks = [frame, channel, feature]
     n = common_batch_size(masks, batch_size)
-    terms = _hard_terms(g, frame, channel, feature, n, _device(masks))
+    terms = _hard_terms(g, frame, channel, feature, n, _device(masks), feature_at_output)
     return g, terms, {d for d, m in zip(DIMS, masks, strict=True) if m is not None}
 
 
@@ -175,6 +185,7 @@ def conv3d_executed_macs_batch(
     channel: torch.Tensor | None = None,
     feature: torch.Tensor | None = None,
     batch_size: int | None = None,
+    feature_at_output: bool = False,
 ) -> torch.Tensor:
     """Executed MACs ``[N]`` (int64) of ``conv`` for each sample's input masks.
 
@@ -185,10 +196,14 @@ def conv3d_executed_macs_batch(
             count as kept), or ``None`` where the dim is not masked for this layer. Straight-
             through masks are fine (they are detached).
         batch_size: ``N`` when all masks are ``None`` (default 1).
+        feature_at_output: ``feature`` is ``[N, H_out, W_out]`` and selects the output
+            positions to compute (:data:`lightning_dance.feature_sites.OUTPUTS`): each kept
+            one costs all ``kh * kw`` taps, the others nothing.
 
     Vectorized (a matmul for frames, a max-pool for features): cheap enough for every forward.
     """
-    g, terms, _ = mask_terms(conv, input_shape, frame, channel, feature, batch_size)
+    g, terms, _ = mask_terms(conv, input_shape, frame, channel, feature, batch_size,
+                             feature_at_output)  # fmt: skip
     per_out = (g.out_channels // g.groups) * g.kernel[1] * g.kernel[2]
     return per_out * terms.kept_channels * terms.temporal_pairs * terms.active_positions
 
@@ -281,6 +296,18 @@ def _expected_active(
     return torch.full((n,), float(h_out * w_out), dtype=torch.float64)
 
 
+def _expected_outputs(
+    g: ConvGeometry, feature_p: torch.Tensor | None, blocks_p: torch.Tensor | None, n: int
+) -> torch.Tensor:
+    """Expected computed output positions when the feature mask selects outputs."""
+    h_out, w_out = g.output[1:]
+    if feature_p is not None:
+        return feature_p.to(torch.float64).flatten(1).sum(1)
+    if blocks_p is not None:
+        return expand_blocks(blocks_p.to(torch.float64), (h_out, w_out)).flatten(1).sum(1)
+    return torch.full((n,), float(h_out * w_out), dtype=torch.float64)
+
+
 def conv3d_expected_macs(
     conv: nn.Conv3d,
     input_shape: tuple[int, int, int, int],
@@ -290,6 +317,7 @@ def conv3d_expected_macs(
     feature_p: torch.Tensor | None = None,
     feature_blocks_p: torch.Tensor | None = None,
     batch_size: int | None = None,
+    feature_at_output: bool = False,
 ) -> torch.Tensor:
     """Differentiable expected executed MACs ``[N]`` (float64) from keep probabilities.
 
@@ -304,6 +332,10 @@ def conv3d_expected_macs(
       expanded to ``H x W`` like :func:`lightning_dance.masks.expand_blocks`) instead: the
       probability is then ``1 - prod`` over the distinct blocks the field touches (exact).
 
+    ``feature_at_output``: the feature probabilities are over output positions
+    (``[N, H_out, W_out]``, or blocks of them): the expected count of computed positions is
+    their sum (exact).
+
     It equals :func:`conv3d_executed_macs_batch` when probabilities are exactly 0/1 and has
     non-zero gradients for probabilities strictly inside (0, 1) that can change the count.
     """
@@ -311,6 +343,8 @@ def conv3d_expected_macs(
         raise ValueError("pass feature_p (per position) or feature_blocks_p (per block), not both")
     g = ConvGeometry.of(conv, input_shape)
     c, t, h, w = g.input
+    if feature_at_output:  # checked against the output's positions
+        h, w = g.output[1:]
     frame_p = _check_mask("frame probability", frame_p, (t,), "T")
     channel_p = _check_mask("channel probability", channel_p, (c,), "C")
     feature_p = _check_mask("feature probability", feature_p, (h, w), "H, W")
@@ -337,6 +371,9 @@ def conv3d_expected_macs(
         pairs = frame_p.to(torch.float64) @ temporal_reads(g, device).sum(0)
     else:
         pairs = torch.full((n,), float(t_out * g.kernel[0]), dtype=torch.float64, device=device)
-    active = _expected_active(g, feature_p, feature_blocks_p, n).to(device)
+    if feature_at_output:
+        active = _expected_outputs(g, feature_p, feature_blocks_p, n).to(device)
+    else:
+        active = _expected_active(g, feature_p, feature_blocks_p, n).to(device)
     per_out = (g.out_channels // g.groups) * g.kernel[1] * g.kernel[2]
     return per_out * chans * pairs * active

@@ -52,6 +52,7 @@ class MaskHook:
 
     def __init__(self, pruner: Any, state: ForwardState, name: str) -> None:  # an AdaptivePruner
         self.pruner, self.state, self.name = pruner, state, name
+        self.output_mask: torch.Tensor | None = None  # set by __call__ when masks act on outputs
 
     def __call__(self, module: nn.Conv3d, args: tuple) -> tuple:
         if self.state.plan is None:
@@ -62,9 +63,11 @@ class MaskHook:
             )
         x = args[0]
         shape = tuple(x.shape[1:])
-        masks = self.state.plan.masks(self.name, shape, inputs=x)
+        at_out = self.pruner.feature_site.at_outputs and "feature" in self.pruner.dims
+        decide = self.pruner.mask_shape(self.name, shape)
+        masks = self.state.plan.masks(self.name, decide, inputs=x if decide == shape else None)
         hard = {d: v.detach() for d, v in masks.values.items()}
-        executed = conv3d_executed_macs_batch(module, shape, **hard)
+        executed = conv3d_executed_macs_batch(module, shape, **hard, feature_at_output=at_out)
         # the straight-through mask values are 0/1 forward and carry the gates' gradients, so
         # the "expected" count equals the executed one in value and is differentiable
         probs = dict(masks.probs)
@@ -75,11 +78,21 @@ class MaskHook:
             **{f"{d}_p": p for d, p in probs.items()},
             feature_blocks_p=blocks,
             batch_size=x.shape[0],
+            feature_at_output=at_out,
         )
         dense = conv3d_executed_macs(module, shape)
         if "channel" in masks.probs:
             self.state.channel_probs[self.name] = masks.probs["channel"]
         self.state.layers[self.name] = LayerStats(
-            shape, dense, executed, expected, masks.kept_fraction(), hard
+            shape, dense, executed, expected, masks.kept_fraction(), hard, at_out
         )
-        return (apply_masks(x, masks.values),) + tuple(args[1:])
+        values = masks.values
+        if at_out:  # the feature mask selects outputs: mask_output applies it
+            self.output_mask = values["feature"]
+            values = {d: v for d, v in values.items() if d != "feature"}
+        return (apply_masks(x, values),) + tuple(args[1:])
+
+    def mask_output(self, module: nn.Conv3d, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook (feature masks at outputs): the dropped positions hold the bias."""
+        mask, self.output_mask = self.output_mask, None
+        return self.pruner.feature_site.mask_output(output, mask, module.bias)

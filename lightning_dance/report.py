@@ -407,6 +407,8 @@ class MacReport:
                     f"from this report's {layer.geometry.input}"
                 )
             masks = getattr(s, "masks", None)
+            if getattr(s, "feature_at_output", False):
+                masks = None  # output feature masks: traffic from the kept fractions
             measured[name] = self._measure(layer, n, dict(masks) if masks else {},
                                            executed=s.executed_macs,
                                            kept=None if masks else dict(s.kept))  # fmt: skip

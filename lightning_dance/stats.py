@@ -32,6 +32,8 @@ class LayerStats:
     expected_macs: torch.Tensor  # differentiable, float [N] (equal to executed in value)
     kept: dict[str, torch.Tensor]  # dim -> kept fraction [N]
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # dim -> hard 0/1 mask, detached
+    #: the feature mask selects output positions ``[N, H_out, W_out]`` (feature_site="outputs")
+    feature_at_output: bool = False
 
 
 @dataclass

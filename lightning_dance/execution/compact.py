@@ -51,6 +51,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Protocol
 
 import torch
@@ -70,6 +71,7 @@ from lightning_dance.execution.recording import ExecutedMacs, count_executed_mac
 from lightning_dance.execution.recording import record_macs as record_macs  # old import path
 from lightning_dance.execution.spatial import active_outputs as active_outputs  # old import path
 from lightning_dance.execution.spatial import rects_cached
+from lightning_dance.execution.tiles import TileGroup, output_tiles, put_tiles, take_tiles
 from lightning_dance.execution.weights import (
     ChannelPart,
     channel_parts,
@@ -81,8 +83,9 @@ from lightning_dance.execution.weights import (
 )
 from lightning_dance.execution.weights import depthwise_rows as depthwise_rows  # old import path
 from lightning_dance.execution.weights import derived_tensor as derived_tensor  # old import path
+from lightning_dance.feature_sites import OUTPUTS
 from lightning_dance.geometry import ConvGeometry, cached_geometry
-from lightning_dance.masks import DIMS, apply_masks
+from lightning_dance.masks import DIMS, LayerMasks, apply_masks
 
 __all__ = ["BATCH_MODES", "ExecutedMacs", "compact_conv3d", "count_executed_macs"]
 
@@ -176,18 +179,20 @@ def _run_part(
     frames: FramePlan | None,
     zero: torch.Tensor | None,
     rects: list[tuple[int, int, int, int]] | None,
+    tiles: list[TileGroup] | None = None,
 ) -> torch.Tensor:
     """Output ``[N, C_part, T_out, H_out, W_out]`` of one channel part (bias where skipped).
 
     ``zero``: a 0/1 ``[T, H, W]`` (or broadcastable) multiplier for the input dims that are
     masked but not skipped (features always: rectangles only skip whole output positions; frames
-    when a tuning chose the masked dense conv over the tap decomposition)."""
+    when a tuning chose the masked dense conv over the tap decomposition). ``rects``: the output
+    rectangles to compute, one conv each; ``tiles``: output tiles, one conv per tile size."""
     n = x.shape[0]
     t_out, h_out, w_out = g.output
     xs = gather_kept(x, frames.gather if frames is not None else None, part.in_idx)
     zeros_mode = g.padding_mode == "zeros"
     sym = g.pad_lo == g.pad_hi
-    native_hw = rects is None and zeros_mode and sym
+    native_hw = rects is None and tiles is None and zeros_mode and sym
     if zero is not None:
         xs = xs * zero.to(xs.dtype).view(1, 1, *zero.shape)
     hw_lo = (0, 0) if native_hw else g.pad_lo[1:]
@@ -208,29 +213,36 @@ def _run_part(
     kh, kw = g.kernel[1:]
 
     def crop(r0, r1, c0, c1):
-        if rects is None:
-            return xs
         ih0, ih1 = r0 * sh, (r1 - 1) * sh + dh * (kh - 1) + 1
         iw0, iw1 = c0 * sw, (c1 - 1) * sw + dw * (kw - 1) + 1
         return to_fast_layout(xs[..., ih0:ih1, iw0:iw1])
 
-    regions = rects if rects is not None else [(0, h_out, 0, w_out)]
-    full = rects is None or (len(rects) == 1 and rects[0] == (0, h_out, 0, w_out))
-    if frames is None:
-        stride, pad = (g.stride[0], sh, sw), (pad_t, *pad_hw)
-        if full:
-            return counted_conv3d(crop(*regions[0]), w, b, stride, pad, g.dilation, groups)
-        out = bias_filled((n, c_part, t_out, h_out, w_out), b, x)
-        for r0, r1, c0, c1 in regions:
-            y = counted_conv3d(crop(r0, r1, c0, c1), w, b, stride, pad, g.dilation, groups)
+    def put_rect(r0, r1, c0, c1):
+        def put(out, y):
             out[..., r0:r1, c0:c1] = y
-        return out
-    # temporal-tap decomposition: one (1, kh, kw) conv per tap over the frames it reads
-    stride, pad, dil = (1, sh, sw), (0, *pad_hw), (1, dh, dw)
-    taps = [(pos, dst, cover, tap_weight(w, k)) for k, pos, dst, cover in frames.taps]
+
+        return put
+
+    # regions: (the input a conv reads, how its output is written); None: the whole output
+    if tiles is not None:
+        regions = [(take_tiles(xs, grp), functools.partial(put_tiles, tiles=grp)) for grp in tiles]
+    elif rects is not None and rects != [(0, h_out, 0, w_out)]:
+        regions = [(crop(*r), put_rect(*r)) for r in rects]
+    else:
+        regions = [(xs if rects is None else crop(*rects[0]), None)]
+    full = regions[0][1] is None
     out = None if full else bias_filled((n, c_part, t_out, h_out, w_out), b, x)
-    for r0, r1, c0, c1 in regions:
-        xr = crop(r0, r1, c0, c1)
+
+    taps = [(pos, dst, cover, tap_weight(w, k)) for k, pos, dst, cover in frames.taps] if (
+        frames is not None
+    ) else []
+
+    def conv_region(xr: torch.Tensor) -> torch.Tensor:
+        if frames is None:
+            stride, pad = (g.stride[0], sh, sw), (pad_t, *pad_hw)
+            return counted_conv3d(xr, w, b, stride, pad, g.dilation, groups)
+        # temporal-tap decomposition: one (1, kh, kw) conv per tap over the frames it reads
+        stride, pad, dil = (1, sh, sw), (0, *pad_hw), (1, dh, dw)
         acc = None
         for pos, dst, cover, wk in taps:
             xk = to_fast_layout(
@@ -242,9 +254,13 @@ def _run_part(
                     acc = place_frames(acc, dst, t_out, b)
                 continue
             add_frames(acc, dst, counted_conv3d(xk, wk, None, stride, pad, dil, groups))
-        if full:
-            return acc
-        out[..., r0:r1, c0:c1] = acc
+        return acc
+
+    for xr, put in regions:
+        y = conv_region(xr)
+        if put is None:
+            return y
+        put(out, y)
     return out
 
 
@@ -296,18 +312,26 @@ def _compact_same_masks(
     tuning: KernelCosts | None = None,
     held: torch.Tensor | None = None,
     out_idx: torch.Tensor | None = None,
+    f_out: bool = False,
+    f_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Compact conv of a batch whose samples share the masks ``[T]``, ``[C]``, ``[H, W]``.
 
     ``held``: the input channels ``x`` holds (sorted; ``None``: all; ``groups == 1`` and
-    depthwise); ``out_idx``: the output channels to compute (``None``: all; ``groups == 1``)."""
-    g, x, m_t, m_f = skip_unread(g, x, m_t, m_f)
+    depthwise); ``out_idx``: the output channels to compute (``None``: all; ``groups == 1``);
+    ``f_out``: ``m_f`` is ``[H_out, W_out]`` and selects the outputs to compute; ``f_grid``:
+    its block grid (then the kept blocks run as tiles, one conv per tile size)."""
+    if f_out:  # the output mask is not cut with the input
+        g, x, m_t, _ = skip_unread(g, x, m_t, None)
+    else:
+        g, x, m_t, m_f = skip_unread(g, x, m_t, m_f)
     x = to_fast_layout(x)
     frames = frame_plan(g, m_t.cpu()) if m_t is not None else None
     rects = None
     if m_f is not None:
         m_cpu = m_f.cpu()
-        rects = rects_cached(g, m_cpu.numpy().tobytes(), m_cpu)
+        rects = rects_cached(g, m_cpu.numpy().tobytes(), m_cpu, at_outputs=f_out)
+    tiles = output_tiles(g, m_cpu, f_grid) if f_out and f_grid is not None and rects else None
     c_out = conv.out_channels if out_idx is None else len(out_idx)
     shape = (x.shape[0], c_out, *g.output)
     kept = m_c.nonzero().flatten() if m_c is not None else None
@@ -328,17 +352,36 @@ def _compact_same_masks(
             active = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in rects)
             if not tuning.features_pay(active / (g.output[1] * g.output[2])):
                 rects = None
-    if m_f is not None:
+    if m_f is not None and not f_out:
         zero_f = m_f.unsqueeze(0)
+    if m_f is not None and f_out and rects is None:  # dense conv over the unmasked input (tuned)
+        return _dense_then_select(conv, g, x, m_t, m_c, m_f, tuning, held, out_idx)
     zero = zero_t * zero_f if zero_t is not None and zero_f is not None else zero_t
     zero = zero if zero is not None else zero_f
     parts = channel_parts(conv, m_c, kept, zeroed, held, out_idx)
     if len(parts) == 1 and parts[0].out_idx is None:
-        return _run_part(conv, g, x, parts[0], frames, zero, rects)
+        return _run_part(conv, g, x, parts[0], frames, zero, rects, tiles)
     out = bias_filled(shape, conv.bias, x)
     for part in parts:
-        place_channels(out, part.out_idx, _run_part(conv, g, x, part, frames, zero, rects))
+        y = _run_part(conv, g, x, part, frames, zero, rects, tiles)
+        place_channels(out, part.out_idx, y)
     return out
+
+
+def output_features(masks: LayerMasks, at_outputs: bool) -> tuple[bool, tuple[int, int] | None]:
+    """``(feature_at_output, feature_grid)`` of :func:`compact_conv3d` for a layer's decided
+    masks: the block grid of its feature mask when the mask selects outputs."""
+    if not at_outputs or "feature" not in masks.probs:
+        return False, None
+    return True, tuple(masks.probs["feature"].shape[-2:])
+
+
+def _dense_then_select(conv, g, x, m_t, m_c, m_f, tuning, held, out_idx) -> torch.Tensor:
+    """Output features that do not pay (tuned): every position computed, the dropped ones
+    then set to the bias (as the masked model has them)."""
+    y = _compact_same_masks(conv, g, x, m_t, m_c, None, tuning, held, out_idx)
+    bias = conv.bias if out_idx is None or conv.bias is None else conv.bias[out_idx]
+    return OUTPUTS.mask_output(y, m_f.unsqueeze(0).expand(y.shape[0], -1, -1), bias)
 
 
 def _channel_subset(
@@ -363,6 +406,7 @@ def _check(
     x: torch.Tensor,
     values: dict[str, torch.Tensor],
     held: torch.Tensor | None = None,
+    feature_at_output: bool = False,
 ) -> None:
     if not isinstance(conv, nn.Conv3d):
         raise TypeError(f"compact_conv3d needs an nn.Conv3d, got {type(conv).__name__}")
@@ -391,6 +435,8 @@ def _check(
                 "include every kept channel of every sample)"
             )
     want = {"frame": (n, t), "channel": (n, c), "feature": (n, h, w)}
+    if feature_at_output:
+        want["feature"] = (n, *cached_geometry(conv, (conv.in_channels, t, h, w)).output[1:])
     for dim, v in values.items():
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != want[dim]:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -409,6 +455,8 @@ def compact_conv3d(
     batch_mode: str = "group",
     in_channels: torch.Tensor | None = None,
     out_channels: torch.Tensor | None = None,
+    feature_at_output: bool = False,
+    feature_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``conv(apply_masks(x, values))``, computing only the kept work (see module docstring).
 
@@ -436,6 +484,13 @@ def compact_conv3d(
             computed only the channels this layer keeps. Must include every kept channel.
         out_channels: (``groups == 1``) compute only these output channels (sorted), e.g. the
             ones the next layer keeps (see :mod:`lightning_dance.execution.chains`).
+        feature_at_output: ``values["feature"]`` is ``[N, H_out, W_out]`` and selects the
+            output positions to compute (:data:`lightning_dance.feature_sites.OUTPUTS`): the
+            result is then the masked conv with those outputs kept and the others the bias.
+        feature_grid: with ``feature_at_output``, the ``(gh, gw)`` block grid the feature mask
+            was expanded from (:func:`lightning_dance.masks.expand_blocks`): the kept blocks
+            then run as tiles, one conv per tile size
+            (:mod:`lightning_dance.execution.tiles`), instead of one conv per rectangle.
 
     Returns:
         ``[N, C_out, T_out, H_out, W_out]`` in ``channels_last_3d`` layout; with
@@ -443,9 +498,10 @@ def compact_conv3d(
     """
     held = _channel_subset("in_channels", in_channels, conv.in_channels, conv, depthwise=True)
     out_idx = _channel_subset("out_channels", out_channels, conv.out_channels, conv)
-    _check(conv, x, values, held)
+    _check(conv, x, values, held, feature_at_output)
     check_batch_mode(batch_mode)
-    return compact_conv3d_unchecked(conv, x, values, tuning, batch_mode, held, out_idx)
+    return compact_conv3d_unchecked(conv, x, values, tuning, batch_mode, held, out_idx,
+                                    feature_at_output, feature_grid)  # fmt: skip
 
 
 def compact_conv3d_unchecked(
@@ -456,6 +512,8 @@ def compact_conv3d_unchecked(
     batch_mode: str,
     held: torch.Tensor | None,
     out_idx: torch.Tensor | None,
+    feature_at_output: bool = False,
+    feature_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """:func:`compact_conv3d` without the argument checks (for callers that built them)."""
     g = cached_geometry(conv, (conv.in_channels, *x.shape[2:]))
@@ -468,7 +526,8 @@ def compact_conv3d_unchecked(
         return tuple(masks[d][i] if d in masks else None for d in DIMS)
 
     def run(xb: torch.Tensor, m_t, m_c, m_f) -> torch.Tensor:
-        return _compact_same_masks(conv, g, xb, m_t, m_c, m_f, tuning, held, out_idx)
+        return _compact_same_masks(conv, g, xb, m_t, m_c, m_f, tuning, held, out_idx,
+                                   feature_at_output, feature_grid)  # fmt: skip
 
     if n == 1 or not masks:
         return run(x, *sample(0))
@@ -476,8 +535,13 @@ def compact_conv3d_unchecked(
         union = {d: m.any(0) for d, m in masks.items()}
         held_masks = {d: v if d != "channel" or held is None else v[:, held.to(v.device)]
                       for d, v in masks.items()}  # fmt: skip
+        out_mask = held_masks.pop("feature") if feature_at_output and "feature" in masks else None
         xz = apply_masks(x, {d: v.to(x.dtype) for d, v in held_masks.items()})
-        return run(xz, *(union.get(d) for d in DIMS))
+        y = run(xz, *(union.get(d) for d in DIMS))
+        if out_mask is None:
+            return y
+        bias = conv.bias if out_idx is None or conv.bias is None else conv.bias[out_idx]
+        return OUTPUTS.mask_output(y, out_mask, bias)  # each sample's own outputs
     rows = torch.cat([masks[d].reshape(n, -1) for d in DIMS if d in masks], 1)
     uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
     if len(uniq) == 1:

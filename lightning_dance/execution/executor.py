@@ -43,6 +43,7 @@ from lightning_dance.execution.compact import (
     check_batch_mode,
     compact_conv3d,
     compact_conv3d_unchecked,
+    output_features,
 )
 from lightning_dance.execution.folding import foldable_norms, folded_conv, norm_is_foldable
 from lightning_dance.execution.indexed import IndexedRun, index_plan_applies, indexed_norm
@@ -302,7 +303,9 @@ class CompactPruner:
             chain = chains.get(name)
             if chain is not None and plans:  # compute only what the consumer keeps
                 g = cached_geometry(conv, shape)
-                q = plans[0].masks(chain.consumer, (conv.out_channels, *g.output))
+                q = plans[0].masks(
+                    chain.consumer, p.mask_shape(chain.consumer, (conv.out_channels, *g.output))
+                )
                 out_idx = (q.values["channel"].detach() > 0.5).any(0).nonzero().flatten()
                 if len(out_idx) < conv.out_channels:
                     for key in (chain.consumer, *chain.norms):
@@ -312,10 +315,12 @@ class CompactPruner:
             if name in layers:  # masks and channel subsets are well-formed by construction
                 if not plans:
                     raise RuntimeError(f"instrumented layer {name!r} ran before the stem {stem!r}")
-                masks = plans[0].masks(name, shape, inputs=x)  # x: input-scoring policies
+                decide = p.mask_shape(name, shape)
+                masks = plans[0].masks(name, decide, inputs=x)  # x: input-scoring policies
                 return compact_conv3d_unchecked(conv, x, masks.values,
                                                 self.tunings.get(name), self.batch_mode,
-                                                held.pop(name, None), out_idx)  # fmt: skip
+                                                held.pop(name, None), out_idx,
+                                                *output_features(masks, decide != shape))
             y = conv3d_fast_forward(conv, x)
             if name == stem and not plans:
                 plans.append(p.decide(y))

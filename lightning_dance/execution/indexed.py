@@ -46,7 +46,7 @@ from lightning_dance.execution.activations import bias_filled, gather_kept, plac
 from lightning_dance.execution.compact import (
     compact_conv3d_unchecked as _compact_conv3d,  # a module attribute: tests patch it
 )
-from lightning_dance.execution.compact import kept_weight, skip_unread
+from lightning_dance.execution.compact import kept_weight, output_features, skip_unread
 from lightning_dance.execution.folding import folded_conv
 from lightning_dance.execution.kernels import (
     conv3d_fast_forward,
@@ -232,7 +232,10 @@ class IndexedRun:
         if in_idx is not None:
             mask = torch.zeros(1, conv.in_channels, dtype=x.dtype, device=x.device)
             values["channel"] = mask.index_fill_(1, in_idx, 1.0)
-        return _compact_conv3d(conv, x, values, None, "group", held, out_idx)
+        at_out = "feature" in values and p.feature_site.at_outputs
+        masks = self.plan.masks(name, p.mask_shape(name, (conv.in_channels, *x.shape[2:])))
+        return _compact_conv3d(conv, x, values, None, "group", held, out_idx,
+                               *output_features(masks, at_out))  # fmt: skip
 
     def frames_features(
         self, name: str, conv: nn.Conv3d, x: torch.Tensor
@@ -245,7 +248,7 @@ class IndexedRun:
         if not any(d in p.dims for d in ("frame", "feature")):
             return {}
         shape = (conv.in_channels, *x.shape[2:])
-        masks = self.plan.masks(name, shape).values
+        masks = self.plan.masks(name, p.mask_shape(name, shape)).values
         out = {d: v for d, v in masks.items() if d != "channel" and not bool((v > 0.5).all())}
         if "frame" in masks and "frame" not in out:  # every frame kept: still exact if the
             g = cached_geometry(conv, shape)  # conv reads no temporal padding (the counter

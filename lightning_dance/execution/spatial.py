@@ -48,16 +48,20 @@ def _active_rects(active: torch.Tensor) -> list[tuple[int, int, int, int]]:
     return rects
 
 
-_rect_cache: dict[tuple[ConvGeometry, bytes], list[tuple[int, int, int, int]]] = {}
+_rect_cache: dict[tuple[ConvGeometry, bytes, bool], list[tuple[int, int, int, int]]] = {}
 
 
-def rects_cached(g: ConvGeometry, key: bytes, m_f: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """Rectangles of the active outputs for a feature mask (cached: block masks repeat)."""
-    rects = _rect_cache.get((g, key))
+def rects_cached(
+    g: ConvGeometry, key: bytes, m_f: torch.Tensor, at_outputs: bool = False
+) -> list[tuple[int, int, int, int]]:
+    """Rectangles of the active outputs for a feature mask (cached: block masks repeat).
+    ``at_outputs``: ``m_f`` is ``[H_out, W_out]`` and is the active set itself."""
+    rects = _rect_cache.get((g, key, at_outputs))
     if rects is None:
         if len(_rect_cache) >= 4096:
             _rect_cache.clear()
-        rects = _rect_cache[(g, key)] = _active_rects(active_outputs(g, m_f))
+        active = m_f if at_outputs else active_outputs(g, m_f)
+        rects = _rect_cache[(g, key, at_outputs)] = _active_rects(active)
     return rects
 
 

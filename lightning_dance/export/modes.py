@@ -56,6 +56,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.decision import DecisionPlan, LayerInputError
+from lightning_dance.feature_sites import INPUTS
 from lightning_dance.macs import count_macs
 
 __all__ = ["MODES", "DANCEExportModule", "ExportPlan", "build_export_module", "unwrap_pruner"]
@@ -145,11 +146,21 @@ class _GatedConv3d(nn.Module):
         from lightning_dance.masks import apply_masks
 
         owner = self._owner[0]
-        plan, shape = owner.route.plan, tuple(x.shape[1:])
+        plan, shape = owner.route.plan, owner.mask_shape(self.name, tuple(x.shape[1:]))
         if self.gather and owner.mode == "topk":  # kept channels / frames as indices
-            masks = plan.indices(self.name, shape)
+            masks = dict(plan.indices(self.name, shape))
         else:
-            masks = plan.masks(self.name, shape).values
+            masks = dict(plan.masks(self.name, shape).values)
+        site = owner.feature_site
+        if site.at_outputs and "feature" in masks:  # selects outputs: applied to the result
+            selected = masks.pop("feature")
+            return site.mask_output(self._run(x, masks, plan, owner), selected, self.conv.bias)
+        return self._run(x, masks, plan, owner)
+
+    def _run(self, x: torch.Tensor, masks: dict, plan: Any, owner: Any) -> torch.Tensor:
+        from lightning_dance.execution.static import static_topk_conv3d
+        from lightning_dance.masks import apply_masks
+
         if not self.gather:
             return self.conv(apply_masks(x, masks))
         if "feature" in masks:
@@ -170,7 +181,8 @@ class _GatedConv3d(nn.Module):
         if early is not None and self.name in early:  # x holds only the kept channels
             idx["channel_idx"], idx["input_gathered"] = early.pop(self.name), True
         if self.consumer is not None and early is not None:
-            kept = plan.indices(self.consumer, owner.shapes[self.consumer])["channel"]
+            consumer_shape = owner.mask_shape(self.consumer, owner.shapes[self.consumer])
+            kept = plan.indices(self.consumer, consumer_shape)["channel"]
             idx["out_idx"] = early[self.consumer] = kept
         return static_topk_conv3d(self.conv, x, **idx)
 
@@ -224,6 +236,7 @@ class DANCEExportModule(nn.Module):
         self.budget_value = float(pruner.budget) if pruner.budget_conditioned else None
         self.shapes, self.keep_counts, self.gathered = shapes, keep_counts, set(gathered)
         self.route = _Route()
+        self.feature_site = pruner.feature_site if "feature" in self.dims else INPUTS
         self._margins: list[float] | None = None
         self.chains = dict(chains or {})  # producer -> ChannelChain (topk output skipping)
         model = copy.deepcopy(pruner.model)
@@ -241,6 +254,12 @@ class DANCEExportModule(nn.Module):
                 bn = model.get_submodule(norm)
                 _replace(model, norm, _GatheredNorm(bn, chain.consumer, self))
         self.model = model
+
+    def mask_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape ``name``'s masks are decided on (as ``AdaptivePruner.mask_shape``)."""
+        if not self.feature_site.at_outputs:
+            return shape
+        return self.feature_site.decision_shape(self.model.get_submodule(name).conv, shape)
 
     def decide(self, ctx: Any) -> DecisionPlan:
         """The eval decisions of one forward from the controller's context: the pruner's
@@ -361,6 +380,13 @@ def build_export_module(
         raise ValueError(
             f"mode='topk' needs a pruner trained with policy='topk' (fixed counts), this one "
             f"uses {policy.name!r}: export mode='masked' instead"
+        )
+    outputs = pruner.feature_site.at_outputs and "feature" in pruner.dims
+    if mode == "topk" and skip_outputs and outputs:
+        raise ValueError(
+            "mode='topk' with skip_outputs=True folds BatchNorms into the chain producers, "
+            "whose skipped output positions (feature_site='outputs') would then need the "
+            "folded bias: export with skip_outputs=False, or mode='masked'"
         )
     pruner.eval()
     pruner(one)  # sets the fixed MAC fraction (topk keep ratio) and the statistics
