@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -128,6 +128,15 @@ class ControllerContext:
     motion_map: torch.Tensor  # [N, 1, H0, W0]
     magnitude_map: torch.Tensor  # [N, 1, H0, W0]
     budget_logit: torch.Tensor | None  # [N, 1] or None
+    #: what every layer's logits share, made once per context (the global heads over all
+    #: layers, the frame statistics per frame count, the block statistics per grid)
+    shared: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def once(self, key: object, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()``, computed the first time ``key`` is asked for in this context."""
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
 
 
 @runtime_checkable
@@ -353,10 +362,12 @@ class Controller(nn.Module):
         i = self.layer_index[layer]
         stats = ctx.frame_stats
         if stats.shape[-1] != frames:
-            stats = F.interpolate(stats, size=frames, mode="linear", align_corners=False)
+            stats = ctx.once(("frame_stats", frames), lambda: F.interpolate(
+                ctx.frame_stats, size=frames, mode="linear", align_corners=False
+            ))  # fmt: skip
         # multiply-and-sum rather than einsum: the Hexagon NPU (QNN) has no Einsum
         local = (self.frame_local[i].view(1, -1, 1) * stats).sum(1)
-        glob = self.frame_global(ctx.embedding)[:, i : i + 1]
+        glob = ctx.once("frame_global", lambda: self.frame_global(ctx.embedding))[:, i : i + 1]
         return local + glob + self._budget_shift(ctx, i, "frame")
 
     @_no_autocast
@@ -366,10 +377,15 @@ class Controller(nn.Module):
         """``[N, gh, gw]`` block logits of ``layer`` whose input is ``size = (H, W)``."""
         i = self.layer_index[layer]
         gh, gw = min(self.grid, size[0]), min(self.grid, size[1])
-        maps = torch.cat([ctx.magnitude_map, ctx.motion_map], dim=1)
-        stats = _zscore(F.adaptive_avg_pool2d(maps, (gh, gw)), (2, 3))  # [N, 2, gh, gw]
+
+        def block_stats() -> torch.Tensor:  # [N, 2, gh, gw]
+            maps = torch.cat([ctx.magnitude_map, ctx.motion_map], dim=1)
+            return _zscore(F.adaptive_avg_pool2d(maps, (gh, gw)), (2, 3))
+
+        stats = ctx.once(("block_stats", gh, gw), block_stats)
         local = (self.feature_local[i].view(1, -1, 1, 1) * stats).sum(1)
-        glob = self.feature_global(ctx.embedding)[:, i : i + 1, None]
+        glob = ctx.once("feature_global", lambda: self.feature_global(ctx.embedding))
+        glob = glob[:, i : i + 1, None]
         shift = self._budget_shift(ctx, i, "feature")
         if isinstance(shift, torch.Tensor):
             shift = shift.unsqueeze(-1)  # [N, 1, 1]
