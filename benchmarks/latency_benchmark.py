@@ -135,8 +135,8 @@ def calibrated_pruner(
     """An untrained controller, calibrated so that the mean MAC ratio meets ``budget``."""
     torch.manual_seed(args.seed)
     pruner = AdaptivePruner(model, dims=dims, policy=args.policy, budget=budget, layers=layers,
-                            credit_outputs=credit_outputs,
-                            channel_multiple=channel_multiple)  # fmt: skip
+                            credit_outputs=credit_outputs, channel_multiple=channel_multiple,
+                            feature_site=getattr(args, "feature_site", "inputs"))  # fmt: skip
     pruner.eval()
     gen = torch.Generator().manual_seed(args.seed)
     calib = [torch.randn(clip.shape, generator=gen) for _ in range(args.calib_clips)]
@@ -217,7 +217,8 @@ def bench_model(name: str, args) -> dict:
     t0 = time.perf_counter()
     layers = AdaptivePruner(model, dims=all_dims).layer_names
     tunings = (
-        tune_layers(model, clip, layers, all_dims, repeats=args.tune_repeats) if args.tune else None
+        tune_layers(model, clip, layers, all_dims, repeats=args.tune_repeats,
+                    feature_site=args.feature_site) if args.tune else None
     )
     tune_s = time.perf_counter() - t0
     variants = [
@@ -273,7 +274,7 @@ def bench_model(name: str, args) -> dict:
     times = measure(variants, args.warmup, args.repeats)
     result = {
         "model": name, "clip": list(clip_shape), "threads": torch.get_num_threads(),
-        "policy": args.policy, "tune_seconds": round(tune_s, 1),
+        "policy": args.policy, "feature_site": args.feature_site, "tune_seconds": round(tune_s, 1),
         "max_rel_error_vs_masked_model": max(errors.values(), default=0.0),
         "rows": rows_of(variants, times, "dense fast"),
         "instrumented_layers": len(layers), "profitable_layers": selected,
@@ -373,6 +374,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--configs", nargs="+", default=["channel", "channel+frame"],
                    choices=list(CONFIGS))  # fmt: skip
     p.add_argument("--policy", default="topk", choices=["topk", "threshold"])
+    p.add_argument("--feature-site", default="inputs", choices=["inputs", "outputs"],
+                   help="where feature masks act (lightning_dance.feature_sites)")
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)

@@ -65,7 +65,7 @@ class MaskHook:
         shape = tuple(x.shape[1:])
         at_out = self.pruner.feature_site.at_outputs and "feature" in self.pruner.dims
         decide = self.pruner.mask_shape(self.name, shape)
-        masks = self.state.plan.masks(self.name, decide, inputs=x if decide == shape else None)
+        masks = self.state.plan.masks(self.name, decide, inputs=None if at_out else x)
         hard = {d: v.detach() for d, v in masks.values.items()}
         executed = conv3d_executed_macs_batch(module, shape, **hard, feature_at_output=at_out)
         # the straight-through mask values are 0/1 forward and carry the gates' gradients, so

@@ -144,7 +144,9 @@ def test_compact_pruner_equals_masked_model(name, kw, shape, policy):
         ref = p(clip)
         with count_executed_macs() as ran:
             out = CompactPruner(p)(clip)
+        general = CompactPruner(p, index_plan=False, skip_outputs=False)(clip)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(general, ref, atol=1e-5, rtol=1e-4)  # the mask-based plan too
     st = p.last_stats
     counted = float(st.executed_macs().sum()) - st.fixed_macs - st.controller_macs
     assert ran.total == pytest.approx(counted, rel=1e-9)
@@ -183,3 +185,26 @@ def test_exports_mask_outputs():
             torch.testing.assert_close(module(clip), ref, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="skip_outputs=False"):
         build_export_module(p, "topk", clip)
+
+
+def test_tuning_times_output_tiles():
+    from lightning_dance.execution.tuning import tune_conv3d
+
+    conv = nn.Conv3d(4, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+    tuned = tune_conv3d(conv, (4, 2, 16, 16), ("feature",), repeats=1, feature_site="outputs")
+    # kept output blocks of the 4x4 grid over the 8x8 output: the fractions themselves
+    assert sorted(tuned.feature_ms) == [0.25, 0.5, 0.75, 1.0]
+    inputs = tune_conv3d(conv, (4, 2, 16, 16), ("feature",), repeats=1)
+    assert min(inputs.feature_ms) > 0.25  # an input block's field spills over its neighbours
+
+
+def test_controller_shares_per_context_work():
+    """The global heads run once per forward, not once per layer (same logits either way)."""
+    torch.manual_seed(0)
+    net = create_model("tiny_c3d", num_classes=2).eval()
+    p = AdaptivePruner(net, dims=("frame", "channel", "feature")).eval()
+    calls = []
+    p.controller.frame_global.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        p(torch.randn(1, 3, 8, 32, 32))
+    assert len(calls) == 1 and len(p.layer_names) > 1

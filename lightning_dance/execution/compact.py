@@ -237,10 +237,12 @@ def _run_part(
         frames is not None
     ) else []
 
-    def conv_region(xr: torch.Tensor) -> torch.Tensor:
+    def conv_region(xr: torch.Tensor, place: bool) -> tuple[torch.Tensor, object]:
+        """The region's output and its output frames (``None``: all; only without
+        ``place``, when one tap computes a subset of them: the caller writes those)."""
         if frames is None:
             stride, pad = (g.stride[0], sh, sw), (pad_t, *pad_hw)
-            return counted_conv3d(xr, w, b, stride, pad, g.dilation, groups)
+            return counted_conv3d(xr, w, b, stride, pad, g.dilation, groups), None
         # temporal-tap decomposition: one (1, kh, kw) conv per tap over the frames it reads
         stride, pad, dil = (1, sh, sw), (0, *pad_hw), (1, dh, dw)
         acc = None
@@ -250,17 +252,22 @@ def _run_part(
             )
             if acc is None:  # first tap: conv + bias on its frames, the bias alone elsewhere
                 acc = counted_conv3d(xk, wk, b, stride, pad, dil, groups)
+                if not cover and not place and len(taps) == 1:
+                    return acc, dst
                 if not cover:
                     acc = place_frames(acc, dst, t_out, b)
                 continue
             add_frames(acc, dst, counted_conv3d(xk, wk, None, stride, pad, dil, groups))
-        return acc
+        return acc, None
 
     for xr, put in regions:
-        y = conv_region(xr)
+        y, dst = conv_region(xr, place=tiles is None)
         if put is None:
             return y
-        put(out, y)
+        if dst is None:
+            put(out, y)
+        else:
+            put(out, y, frames=dst)
     return out
 
 

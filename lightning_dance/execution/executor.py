@@ -242,6 +242,7 @@ class CompactPruner:
         (see :func:`~lightning_dance.execution.tuning.tune_conv3d`) and use the tunings."""
         p = self.pruner
         kwargs.setdefault("grid", p.controller.grid)
+        kwargs.setdefault("feature_site", p.feature_site)
         self.tunings = tune_layers(p.model, clip, p.layer_names, p.dims, **kwargs)
         return self.tunings
 
@@ -291,6 +292,7 @@ class CompactPruner:
             with torch.no_grad(), route_conv3d(self._routed(), run):
                 return p.model(to_fast_layout(clip))
         stem, layers = p.stem_name, set(p.layer_names)
+        at_outputs = p.feature_site.at_outputs and "feature" in p.dims
         plans: list[DecisionPlan] = []  # the clip's decisions, made when the stem first ran
         held: dict[str, torch.Tensor] = {}  # consumer / norm -> the channels its input holds
 
@@ -320,7 +322,7 @@ class CompactPruner:
                 return compact_conv3d_unchecked(conv, x, masks.values,
                                                 self.tunings.get(name), self.batch_mode,
                                                 held.pop(name, None), out_idx,
-                                                *output_features(masks, decide != shape))
+                                                *output_features(masks, at_outputs))
             y = conv3d_fast_forward(conv, x)
             if name == stem and not plans:
                 plans.append(p.decide(y))

@@ -89,7 +89,7 @@ def place_frames(
     dst_list = list(range(t_out))[dst] if isinstance(dst, slice) else dst.tolist()
     rest = [t for t in range(t_out) if t not in set(dst_list)]
     if n != 1 or not y.is_contiguous(memory_format=_CL):
-        out.copy_(bias_filled(out.shape, bias, y))
+        out = bias_filled(out.shape, bias, y)
         out.index_copy_(2, torch.tensor(dst_list, device=y.device), y)
         return out
     rows = out.permute(0, 2, 3, 4, 1).view(t_out, h * w, c)

@@ -96,16 +96,29 @@ def take_tiles(x: torch.Tensor, tiles: TileGroup) -> torch.Tensor:
     return got.view(n * nb, t, th, tw, c).permute(0, 4, 1, 2, 3)
 
 
-def put_tiles(out: torch.Tensor, y: torch.Tensor, tiles: TileGroup) -> None:
-    """Write the tiles' outputs ``y [N * nb, C, T, bh, bw]`` into ``out [N, C, T, H, W]``
-    (``channels_last_3d``): one ``index_put_``."""
-    n, c, t = out.shape[:3]
+def put_tiles(
+    out: torch.Tensor,
+    y: torch.Tensor,
+    tiles: TileGroup,
+    frames: torch.Tensor | slice | None = None,
+) -> None:
+    """Write the tiles' outputs ``y [N * nb, C, T', bh, bw]`` into ``out [N, C, T, H, W]``
+    (``channels_last_3d``): one ``index_put_``. ``frames``: the output frames ``y`` holds
+    (``None``: all ``T``)."""
+    n, c, t_all = out.shape[:3]
+    t = y.shape[2]
     nb, bh = tiles.out_rows.shape
     bw = tiles.out_cols.shape[1]
     dev = out.device
     ol = out.permute(0, 2, 3, 4, 1)  # [N, T, H, W, C] view
     ni = torch.arange(n, device=dev).view(n, 1, 1, 1, 1)
-    ti = torch.arange(t, device=dev).view(1, 1, t, 1, 1)
+    if frames is None:
+        ti = torch.arange(t_all, device=dev)
+    elif isinstance(frames, slice):
+        ti = torch.arange(t_all, device=dev)[frames]
+    else:
+        ti = frames.to(dev)
+    ti = ti.view(1, 1, t, 1, 1)
     ri = tiles.out_rows.to(dev).view(1, nb, 1, bh, 1)
     ci = tiles.out_cols.to(dev).view(1, nb, 1, 1, bw)
     vals = y.permute(0, 2, 3, 4, 1).reshape(n, nb, t, bh, bw, c)

@@ -49,6 +49,7 @@ import torch.nn as nn
 from lightning_dance.execution.compact import compact_conv3d
 from lightning_dance.execution.kernels import conv3d_fast_forward, to_fast_layout
 from lightning_dance.execution.spatial import active_outputs
+from lightning_dance.feature_sites import FeatureSite, get_feature_site
 from lightning_dance.geometry import cached_geometry
 from lightning_dance.masks import DIMS, check_dims, expand_blocks
 
@@ -204,6 +205,7 @@ def tune_conv3d(
     repeats: int = 3,
     grid: int = 4,
     seed: int = 0,
+    feature_site: str | FeatureSite = "inputs",
 ) -> LayerTuning:
     """Time ``conv`` on this machine at the kept counts the compact path may meet.
 
@@ -216,6 +218,9 @@ def tune_conv3d(
         repeats: timed runs per point (best kept).
         grid: feature block grid (as the controller's ``grid``).
         seed: masks are random with this seed.
+        feature_site: where the feature masks act (:mod:`lightning_dance.feature_sites`):
+            ``"outputs"`` times the kept output tiles
+            (:mod:`~lightning_dance.execution.tiles`) instead of input rectangles.
 
     Costs, per point, ``repeats + 1`` compact runs and ``repeats`` dense runs, alternated so
     that both see the same machine load (a point's time is its ratio to the dense conv times
@@ -223,22 +228,23 @@ def tune_conv3d(
     4 feature points.
     """
     dims = check_dims(tuple(dims))
+    site = get_feature_site(feature_site)
     c, t, h, w = input_shape
     gen = torch.Generator().manual_seed(seed)
     x = to_fast_layout(torch.randn(1, *input_shape, generator=gen).to(conv.weight.dtype))
     dense = best_ms(lambda: conv3d_fast_forward(conv, x), repeats)
 
-    def time_masks(values: dict[str, torch.Tensor]) -> float:
+    def time_masks(values: dict[str, torch.Tensor], **kw: object) -> float:
         """The compact conv's time, as ``dense * best(compact) / best(dense)`` with the dense
         conv run alternately with it: both bests see the same machine load and the same number
         of samples (an unbiased ratio on a shared machine)."""
-        compact_conv3d(conv, x, values)  # warm-up (plans, oneDNN primitives)
+        compact_conv3d(conv, x, values, **kw)  # warm-up (plans, oneDNN primitives)
         best_d = best_c = float("inf")
         for _ in range(max(1, repeats)):
             t0 = time.perf_counter()
             conv3d_fast_forward(conv, x)
             t1 = time.perf_counter()
-            compact_conv3d(conv, x, values)
+            compact_conv3d(conv, x, values, **kw)
             t2 = time.perf_counter()
             best_d, best_c = min(best_d, t1 - t0), min(best_c, t2 - t1)
         return dense * best_c / best_d
@@ -252,15 +258,20 @@ def tune_conv3d(
     if "frame" in dims and t > 1:
         for k in _frame_grid(t):
             frame_ms[k] = time_masks({"frame": _random_keep(t, k, gen)})
-    if "feature" in dims and h * w > 1:
-        gh, gw = min(grid, h), min(grid, w)
-        g = cached_geometry(conv, tuple(input_shape))
+    g = cached_geometry(conv, tuple(input_shape))
+    fh, fw = g.output[1:] if site.at_outputs else (h, w)  # the positions the mask covers
+    if "feature" in dims and fh * fw > 1:
+        gh, gw = min(grid, fh), min(grid, fw)
+        kw = {"feature_at_output": True, "feature_grid": (gh, gw)} if site.at_outputs else {}
         for frac in (0.25, 0.5, 0.75, 1.0):
             k = max(1, round(frac * gh * gw))
             blocks = _random_keep(gh * gw, k, gen).view(1, gh, gw)
-            m_f = expand_blocks(blocks, (h, w))
-            active = float(active_outputs(g, m_f[0] > 0.5).float().mean())
-            ms = time_masks({"feature": m_f})
+            m_f = expand_blocks(blocks, (fh, fw))
+            if site.at_outputs:
+                active = float((m_f > 0.5).float().mean())
+            else:
+                active = float(active_outputs(g, m_f[0] > 0.5).float().mean())
+            ms = time_masks({"feature": m_f}, **kw)
             feature_ms[active] = min(ms, feature_ms.get(active, ms))
     if channel_ms:
         channel_ms[c] = dense
