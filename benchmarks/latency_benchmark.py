@@ -18,6 +18,9 @@ For each model (random init, eval, ``channels_last_3d``):
   output-skipping path really runs, so it keeps more channels than ``compact`` at the same
   budget) and, for ``topk``, ``multiple-8`` (``compact`` with a pruner built with
   ``channel_multiple=8``: every layer keeps a multiple of 8 channels, oneDNN's fast sizes).
+  Config ``all@outputs`` is ``all`` with feature masks on the layers' outputs
+  (``feature_site="outputs"``, :mod:`lightning_dance.feature_sites`), so that both sites run
+  side by side in one process; ``--feature-site`` sets the site of the other configs.
   With ``topk`` and channels only, ``materialized`` is the ``credited`` pruner frozen to the
   channels it keeps on the clip (its static projection,
   :func:`~lightning_dance.priors.freeze_channels`) and made physical
@@ -91,7 +94,10 @@ CONFIGS = {
     "frame": ("frame",),
     "channel+frame": ("channel", "frame"),
     "all": ("frame", "channel", "feature"),
+    "all@outputs": ("frame", "channel", "feature"),  # feature masks select outputs
 }
+#: configs whose feature masks act elsewhere than ``--feature-site`` says
+CONFIG_SITES = {"all@outputs": "outputs"}
 
 
 @dataclass
@@ -131,12 +137,15 @@ def calibrated_pruner(
     layers: list[str] | None = None,
     credit_outputs: bool = False,
     channel_multiple: int = 1,
+    feature_site: str | None = None,
 ) -> AdaptivePruner:
-    """An untrained controller, calibrated so that the mean MAC ratio meets ``budget``."""
+    """An untrained controller, calibrated so that the mean MAC ratio meets ``budget``
+    (``feature_site``: default ``args.feature_site``, else ``"inputs"``)."""
     torch.manual_seed(args.seed)
+    site = feature_site or getattr(args, "feature_site", "inputs")
     pruner = AdaptivePruner(model, dims=dims, policy=args.policy, budget=budget, layers=layers,
                             credit_outputs=credit_outputs, channel_multiple=channel_multiple,
-                            feature_site=getattr(args, "feature_site", "inputs"))  # fmt: skip
+                            feature_site=site)  # fmt: skip
     pruner.eval()
     gen = torch.Generator().manual_seed(args.seed)
     calib = [torch.randn(clip.shape, generator=gen) for _ in range(args.calib_clips)]
@@ -216,10 +225,11 @@ def bench_model(name: str, args) -> dict:
     )
     t0 = time.perf_counter()
     layers = AdaptivePruner(model, dims=all_dims).layer_names
-    tunings = (
-        tune_layers(model, clip, layers, all_dims, repeats=args.tune_repeats,
-                    feature_site=args.feature_site) if args.tune else None
-    )
+    sites = {CONFIG_SITES.get(c, args.feature_site) for c in configs}
+    site_tunings = {
+        site: tune_layers(model, clip, layers, all_dims, repeats=args.tune_repeats,
+                          feature_site=site) for site in sorted(sites)
+    } if args.tune else {}  # fmt: skip
     tune_s = time.perf_counter() - t0
     variants = [
         Variant("dense F.conv3d", lambda: model(clip)),
@@ -228,8 +238,10 @@ def bench_model(name: str, args) -> dict:
     errors: dict[str, float] = {}
     selected: dict[str, int] = {}  # profitable layers per config/budget
     for cfg, dims in configs.items():
+        site = CONFIG_SITES.get(cfg, args.feature_site)
+        tunings = site_tunings.get(site)
         for budget in args.budgets:
-            pruner = calibrated_pruner(model, dims, budget, clip, args)
+            pruner = calibrated_pruner(model, dims, budget, clip, args, feature_site=site)
             label = f"{cfg} @{budget}"
             v, errors[label] = dance_variants(f"{label} compact", pruner, clip, None)
             variants.append(v)
@@ -243,7 +255,8 @@ def bench_model(name: str, args) -> dict:
                 )
                 variants.append(v)
             if "channel" in dims:
-                credited = calibrated_pruner(model, dims, budget, clip, args, credit_outputs=True)
+                credited = calibrated_pruner(model, dims, budget, clip, args, credit_outputs=True,
+                                             feature_site=site)  # fmt: skip
                 v, errors[label + " cr"] = dance_variants(f"{label} credited", credited, clip, None)
                 variants.append(v)
             if dims == ("channel",) and args.policy == "topk":
@@ -265,7 +278,8 @@ def bench_model(name: str, args) -> dict:
                 chosen = profitable_layers(tunings, keep=pruner.keep_ratio())
                 selected[label] = len(chosen)
                 if chosen and len(chosen) < len(layers):
-                    sub = calibrated_pruner(model, dims, budget, clip, args, layers=chosen)
+                    sub = calibrated_pruner(model, dims, budget, clip, args, layers=chosen,
+                                            feature_site=site)  # fmt: skip
                     v, errors[label + " sel"] = dance_variants(
                         f"{label} selected", sub, clip, tunings
                     )
@@ -283,7 +297,7 @@ def bench_model(name: str, args) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     result["kernel_gain_dense"] = round(med["dense F.conv3d"] / med["dense fast"], 3)
     if name in args.batch_models and args.batch > 1:
-        result["batch"] = bench_batch(name, args, tunings)
+        result["batch"] = bench_batch(name, args, site_tunings.get(args.feature_site))
     if name in args.growth_models and args.clip_lengths:
         result["clip_length"] = bench_growth(name, args)
     return result

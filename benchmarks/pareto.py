@@ -682,6 +682,16 @@ def dance_noava_credit(ctx: Context, budget: float, seed: int) -> Candidate:
                   **THRESHOLD_RECIPE)  # fmt: skip
 
 
+@method("dance-noava-credit-outputs")
+def dance_noava_credit_outputs(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance-noava-credit`` with feature masks on the layers' outputs
+    (``feature_site="outputs"``: a dropped block is skipped work, as in spatially sparse
+    convolutions), trained the same way: which site gives the better accuracy per saved MAC."""
+    return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
+                  feature_site="outputs", **THRESHOLD_RECIPE)  # fmt: skip
+
+
 @method("attention")
 def attention(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start="dense", policy="attention", dims=("channel", "feature"),

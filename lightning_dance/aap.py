@@ -242,6 +242,7 @@ class AdaptivePruner(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("gate_noise", GateNoise())  # pickles made before the noise stream
+        state.setdefault("feature_site", get_feature_site("inputs"))  # before feature sites
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ training noise RNG

@@ -208,3 +208,41 @@ def test_controller_shares_per_context_work():
     with torch.no_grad():
         p(torch.randn(1, 3, 8, 32, 32))
     assert len(calls) == 1 and len(p.layer_names) > 1
+
+
+def test_wrapper_trains_and_reloads_the_site(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_dance import DANCEWrapper
+    from lightning_dance.checkpoints import load_module
+
+    torch.manual_seed(0)
+    wrapper = DANCEWrapper("tiny_c3d", num_classes=2, dims=("frame", "channel", "feature"),
+                           feature_site="outputs", budget=0.5)  # fmt: skip
+    assert wrapper.pruner.feature_site is OUTPUTS
+    data = TensorDataset(torch.randn(4, 3, 8, 32, 32), torch.tensor([0, 1, 0, 1]))
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(wrapper, DataLoader(data, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "outputs.ckpt")
+    restored = load_module(tmp_path / "outputs.ckpt").eval()
+    assert restored.pruner.feature_site is OUTPUTS
+    clip = torch.randn(1, 3, 8, 32, 32)
+    wrapper.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(clip), wrapper(clip))
+        masks = restored.pruner.last_stats.layers["conv2.0"].masks["feature"]
+    assert tuple(masks.shape) == (1, 8, 8)  # the conv's output grid (16x16 input, stride 2)
+
+
+def test_a_pickle_from_before_feature_sites_loads_with_input_masks():
+    import pickle
+
+    p = AdaptivePruner(create_model("tiny_c3d", num_classes=2), dims=("channel", "feature"))
+    del p.__dict__["feature_site"]  # as pickled before the attribute existed
+    old = pickle.loads(pickle.dumps(p))
+    assert old.feature_site is INPUTS
+    with torch.no_grad():
+        old.eval()(torch.randn(1, 3, 8, 32, 32))
