@@ -104,6 +104,16 @@ def test_compact_conv_equals_masked_outputs(conv, grid):
             assert ran.total == int(counted.sum())
     with pytest.raises(ValueError, match="feature mask must have shape"):
         compact_conv3d(conv, x, {"feature": torch.ones(n, h, h + 1)}, feature_at_output=True)
+    with pytest.raises(ValueError, match="feature_at_output=True"):
+        compact_conv3d(conv, x, values, feature_grid=(gh, gw))
+    if grid is not None:
+        ragged = values["feature"].clone()
+        ragged[:, 0, 0] = 1 - ragged[:, 0, 1]  # no longer constant on the first block
+        with pytest.raises(ValueError, match="not constant on the blocks"):
+            compact_conv3d(conv, x, {"feature": ragged}, feature_at_output=True, feature_grid=grid)
+        with pytest.raises(ValueError, match="does not fit"):
+            compact_conv3d(conv, x, {"feature": values["feature"]}, feature_at_output=True,
+                           feature_grid=(out_hw[0] + 1, 1))  # fmt: skip
 
 
 def test_pruner_masks_outputs_and_counts_them():
