@@ -388,8 +388,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--configs", nargs="+", default=["channel", "channel+frame"],
                    choices=list(CONFIGS))  # fmt: skip
     p.add_argument("--policy", default="topk", choices=["topk", "threshold"])
-    p.add_argument("--feature-site", default="inputs", choices=["inputs", "outputs"],
-                   help="where feature masks act (lightning_dance.feature_sites)")
+    p.add_argument(
+        "--feature-site",
+        default="inputs",
+        choices=["inputs", "outputs"],
+        help="where feature masks act (lightning_dance.feature_sites)",
+    )
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)

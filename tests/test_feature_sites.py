@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from lightning_dance.aap import AdaptivePruner
-from lightning_dance.execution import CompactPruner, compact_conv3d, count_executed_macs
 from lightning_dance.executed import conv3d_executed_macs_batch, conv3d_expected_macs
+from lightning_dance.execution import CompactPruner, compact_conv3d, count_executed_macs
 from lightning_dance.feature_sites import INPUTS, OUTPUTS, get_feature_site
 from lightning_dance.masks import expand_blocks
 from lightning_dance.models import create_model
@@ -63,7 +63,9 @@ def test_expected_count_matches_executed_and_has_gradients():
     exp = conv3d_expected_macs(conv, (4, 2, 6, 6), feature_blocks_p=blocks, feature_at_output=True)
     assert float(exp[0]) == float(hard[0])
     p = torch.full((1, 2, 2), 0.5, requires_grad=True)
-    conv3d_expected_macs(conv, (4, 2, 6, 6), feature_blocks_p=p, feature_at_output=True).sum().backward()
+    conv3d_expected_macs(
+        conv, (4, 2, 6, 6), feature_blocks_p=p, feature_at_output=True
+    ).sum().backward()
     assert (p.grad > 0).all()
 
 

@@ -233,9 +233,11 @@ def _run_part(
     full = regions[0][1] is None
     out = None if full else bias_filled((n, c_part, t_out, h_out, w_out), b, x)
 
-    taps = [(pos, dst, cover, tap_weight(w, k)) for k, pos, dst, cover in frames.taps] if (
-        frames is not None
-    ) else []
+    taps = (
+        [(pos, dst, cover, tap_weight(w, k)) for k, pos, dst, cover in frames.taps]
+        if (frames is not None)
+        else []
+    )
 
     def conv_region(xr: torch.Tensor, place: bool) -> tuple[torch.Tensor, object]:
         """The region's output and its output frames (``None``: all; only without
@@ -467,7 +469,9 @@ def _check_grid(
     h, w = feature.shape[-2:]
     gh, gw = (int(v) for v in grid)
     if not (1 <= gh <= h and 1 <= gw <= w):
-        raise ValueError(f"feature_grid {tuple(grid)} does not fit the output's ({h}, {w}) positions")
+        raise ValueError(
+            f"feature_grid {tuple(grid)} does not fit the output's ({h}, {w}) positions"
+        )
     m = feature.detach() > 0.5
     rows = torch.tensor([-(-i * h // gh) for i in range(gh)])  # each block's first row / column
     cols = torch.tensor([-(-j * w // gw) for j in range(gw)])

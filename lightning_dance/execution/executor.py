@@ -319,10 +319,16 @@ class CompactPruner:
                     raise RuntimeError(f"instrumented layer {name!r} ran before the stem {stem!r}")
                 decide = p.mask_shape(name, shape)
                 masks = plans[0].masks(name, decide, inputs=x)  # x: input-scoring policies
-                return compact_conv3d_unchecked(conv, x, masks.values,
-                                                self.tunings.get(name), self.batch_mode,
-                                                held.pop(name, None), out_idx,
-                                                *output_features(masks, at_outputs))
+                return compact_conv3d_unchecked(
+                    conv,
+                    x,
+                    masks.values,
+                    self.tunings.get(name),
+                    self.batch_mode,
+                    held.pop(name, None),
+                    out_idx,
+                    *output_features(masks, at_outputs),
+                )
             y = conv3d_fast_forward(conv, x)
             if name == stem and not plans:
                 plans.append(p.decide(y))

@@ -142,8 +142,6 @@ class _GatedConv3d(nn.Module):
         self._owner = (owner,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lightning_dance.execution.static import static_topk_conv3d
-        from lightning_dance.masks import apply_masks
 
         owner = self._owner[0]
         plan, shape = owner.route.plan, owner.mask_shape(self.name, tuple(x.shape[1:]))
