@@ -71,7 +71,13 @@ from lightning_dance.execution.recording import ExecutedMacs, count_executed_mac
 from lightning_dance.execution.recording import record_macs as record_macs  # old import path
 from lightning_dance.execution.spatial import active_outputs as active_outputs  # old import path
 from lightning_dance.execution.spatial import rects_cached
-from lightning_dance.execution.tiles import TileGroup, output_tiles, put_tiles, take_tiles
+from lightning_dance.execution.tiles import (
+    TileGroup,
+    check_grid,
+    output_tiles,
+    put_tiles,
+    take_tiles,
+)
 from lightning_dance.execution.weights import (
     ChannelPart,
     channel_parts,
@@ -85,7 +91,7 @@ from lightning_dance.execution.weights import depthwise_rows as depthwise_rows  
 from lightning_dance.execution.weights import derived_tensor as derived_tensor  # old import path
 from lightning_dance.feature_sites import OUTPUTS
 from lightning_dance.geometry import ConvGeometry, cached_geometry
-from lightning_dance.masks import DIMS, LayerMasks, apply_masks, expand_blocks
+from lightning_dance.masks import DIMS, LayerMasks, apply_masks
 
 __all__ = ["BATCH_MODES", "ExecutedMacs", "compact_conv3d", "count_executed_macs"]
 
@@ -455,35 +461,6 @@ def _check(
             )
 
 
-def _check_grid(
-    feature: torch.Tensor | None, at_output: bool, grid: tuple[int, int] | None
-) -> None:
-    """``feature_grid`` is for output masks, fits the output, and the mask is constant on its
-    blocks (tiles read one position per block: anything else would be silently wrong)."""
-    if grid is None:
-        return
-    if not at_output:
-        raise ValueError("feature_grid describes output feature masks: pass feature_at_output=True")
-    if feature is None:
-        return
-    h, w = feature.shape[-2:]
-    gh, gw = (int(v) for v in grid)
-    if not (1 <= gh <= h and 1 <= gw <= w):
-        raise ValueError(
-            f"feature_grid {tuple(grid)} does not fit the output's ({h}, {w}) positions"
-        )
-    m = feature.detach() > 0.5
-    rows = torch.tensor([-(-i * h // gh) for i in range(gh)])  # each block's first row / column
-    cols = torch.tensor([-(-j * w // gw) for j in range(gw)])
-    corners = m[:, rows.to(m.device)][:, :, cols.to(m.device)].to(torch.float32)
-    if not torch.equal(expand_blocks(corners, (h, w)) > 0.5, m):
-        raise ValueError(
-            f"the feature mask is not constant on the blocks of feature_grid={tuple(grid)} "
-            "(lightning_dance.masks.expand_blocks makes such masks): pass the grid it was "
-            "expanded from, or feature_grid=None"
-        )
-
-
 def compact_conv3d(
     conv: nn.Conv3d,
     x: torch.Tensor,
@@ -536,9 +513,9 @@ def compact_conv3d(
     """
     held = _channel_subset("in_channels", in_channels, conv.in_channels, conv, depthwise=True)
     out_idx = _channel_subset("out_channels", out_channels, conv.out_channels, conv)
-    _check_grid(None, feature_at_output, feature_grid)  # the argument pair first
+    check_grid(None, feature_at_output, feature_grid)  # the argument pair first
     _check(conv, x, values, held, feature_at_output)
-    _check_grid(values.get("feature"), feature_at_output, feature_grid)
+    check_grid(values.get("feature"), feature_at_output, feature_grid)
     check_batch_mode(batch_mode)
     return compact_conv3d_unchecked(conv, x, values, tuning, batch_mode, held, out_idx,
                                     feature_at_output, feature_grid)  # fmt: skip

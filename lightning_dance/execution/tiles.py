@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from lightning_dance.geometry import ConvGeometry
+from lightning_dance.masks import expand_blocks
 
-__all__ = ["TileGroup", "output_tiles", "put_tiles", "take_tiles"]
+__all__ = ["TileGroup", "check_grid", "output_tiles", "put_tiles", "take_tiles"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,33 @@ def _bounds(size: int, blocks: int) -> list[tuple[int, int]]:
     """``[(start, stop)]`` of each block along one dim, as nearest interpolation assigns rows."""
     starts = [-(-i * size // blocks) for i in range(blocks + 1)]  # ceil(i * size / blocks)
     return list(zip(starts[:-1], starts[1:], strict=True))
+
+
+def check_grid(feature: torch.Tensor | None, at_output: bool, grid: tuple[int, int] | None) -> None:
+    """``feature_grid`` is for output masks, fits the output, and the mask is constant on its
+    blocks (tiles read one position per block: anything else would be silently wrong)."""
+    if grid is None:
+        return
+    if not at_output:
+        raise ValueError("feature_grid describes output feature masks: pass feature_at_output=True")
+    if feature is None:
+        return
+    h, w = feature.shape[-2:]
+    gh, gw = (int(v) for v in grid)
+    if not (1 <= gh <= h and 1 <= gw <= w):
+        raise ValueError(
+            f"feature_grid {tuple(grid)} does not fit the output's ({h}, {w}) positions"
+        )
+    m = feature.detach() > 0.5
+    rows = torch.tensor([r0 for r0, _ in _bounds(h, gh)])  # each block's first row / column
+    cols = torch.tensor([c0 for c0, _ in _bounds(w, gw)])
+    corners = m[:, rows.to(m.device)][:, :, cols.to(m.device)].to(torch.float32)
+    if not torch.equal(expand_blocks(corners, (h, w)) > 0.5, m):
+        raise ValueError(
+            f"the feature mask is not constant on the blocks of feature_grid={tuple(grid)} "
+            "(lightning_dance.masks.expand_blocks makes such masks): pass the grid it was "
+            "expanded from, or feature_grid=None"
+        )
 
 
 _cache: dict[tuple, list[TileGroup]] = {}
