@@ -18,6 +18,8 @@ fast execution path computes for a Conv3d whose *input* is masked per sample alo
 - ``active_hw``: features masked: the output positions whose spatial receptive field (stride,
   dilation, padding) holds at least one kept input position; each costs all ``kh*kw`` taps. The
   other positions equal ``conv(0) = bias`` and are filled. Features not masked: ``H_out*W_out``.
+  With ``feature_at_output=True`` (:data:`lightning_dance.feature_sites.OUTPUTS`) the feature
+  mask is ``[H_out, W_out]`` and ``active_hw`` is its number of kept positions.
 
 :func:`conv3d_mac_factors` splits the executed/dense ratio into its three factors.
 :func:`conv3d_expected_macs` is the differentiable expectation of that count under independent

@@ -20,6 +20,10 @@ rounding) and performs exactly the multiply-adds that
   over its input crop (halo included, padding made explicit), with all ``kh * kw`` taps. The
   union of the rectangles is exactly the active set, so no position is computed twice or
   needlessly; inactive positions are the bias.
+- **features at outputs** (``feature_at_output=True``, :mod:`lightning_dance.feature_sites`):
+  the mask is the set of output positions to compute, over the unmasked input; with its block
+  grid (``feature_grid``) the kept blocks run as tiles, one conv per tile size
+  (:mod:`~lightning_dance.execution.tiles`), else as rectangles of the mask.
 
 Batches (``batch_mode``): ``"group"`` (default): samples with identical masks run together, the
 others one by one (exact MACs); ``"union"``: the batch runs as one compact conv over the union
