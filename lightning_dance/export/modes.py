@@ -327,7 +327,7 @@ def _static_supported(conv: nn.Conv3d, dims: tuple[str, ...]) -> bool:
 
 @torch.no_grad()
 def build_export_module(
-    model: nn.Module, mode: str, example_clip: torch.Tensor, *, skip_outputs: bool = True
+    model: nn.Module, mode: str, example_clip: torch.Tensor, *, skip_outputs: bool | None = None
 ) -> tuple[nn.Module, ExportPlan]:
     """The module to export for ``mode`` and its :class:`ExportPlan` (MACs per clip).
 
@@ -342,7 +342,10 @@ def build_export_module(
             and the consumer reads them without a gather. Chains through a BatchNorm that
             normalizes with batch statistics keep every output. Verified in onnxruntime,
             ``torch.export`` and the QNN HTP simulator (``False``: every producer computes all
-            its outputs, as the pruner's uncredited count assumes).
+            its outputs, as the pruner's uncredited count assumes). Default (``None``): on,
+            except for a pruner whose feature masks select outputs
+            (``feature_site="outputs"``): its skipped positions hold the conv's bias, which a
+            producer with a folded BatchNorm no longer has; ``True`` there raises.
 
     Raises:
         ValueError: unknown mode, or a mode that needs a DANCE model / the matching policy.
@@ -384,8 +387,11 @@ def build_export_module(
         raise ValueError(
             "mode='topk' with skip_outputs=True folds BatchNorms into the chain producers, "
             "whose skipped output positions (feature_site='outputs') would then need the "
-            "folded bias: export with skip_outputs=False, or mode='masked'"
+            "folded bias: leave skip_outputs at its default (off for such a pruner), or export "
+            "mode='masked'"
         )
+    if skip_outputs is None:
+        skip_outputs = not outputs
     pruner.eval()
     pruner(one)  # sets the fixed MAC fraction (topk keep ratio) and the statistics
     stats = pruner.last_stats
