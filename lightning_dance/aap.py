@@ -202,9 +202,10 @@ class AdaptivePruner(nn.Module):
         self._stem = modules[self.stem_name]
         self._layers = {name: modules[name] for name in self.layer_names}
         if policy.needs_layer_input:
-            controller = _no_controller(
-                policy, controller, grid, budget_conditioned, credit_outputs
-            )
+            controller = NoController.checked(
+                policy.name, controller=controller, grid=grid,
+                budget_conditioned=budget_conditioned, credit_outputs=credit_outputs,
+            )  # fmt: skip
         elif controller is None:
             controller = Controller(
                 self._stem.out_channels,
@@ -597,25 +598,3 @@ class AdaptivePruner(nn.Module):
             generator=self.noise_generator(stem_out.device) if noisy else None,
             dims=self.dims,
         )
-
-
-def _no_controller(
-    policy: Policy,
-    controller: nn.Module | None,
-    grid: int,
-    budget_conditioned: bool,
-    credit_outputs: bool,
-) -> NoController:
-    """The controller of a pruner whose policy scores layer inputs: none (checked arguments)."""
-    wrong = {
-        "controller": controller is not None,
-        "budget_conditioned=True": budget_conditioned,
-        "credit_outputs=True": credit_outputs,
-    }
-    given = [name for name, bad in wrong.items() if bad]
-    if given:
-        raise ValueError(
-            f"the {policy.name!r} policy scores each layer from its own input, without a "
-            f"controller and without looking ahead at later layers: drop {given}"
-        )
-    return NoController(grid=grid, policy=policy.name)

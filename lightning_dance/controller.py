@@ -455,6 +455,31 @@ class NoController(nn.Module):
             raise ValueError(f"grid must be >= 1, got {grid}")
         self.grid, self.policy = grid, policy
 
+    @classmethod
+    def checked(
+        cls,
+        policy: str,
+        *,
+        controller: nn.Module | None,
+        grid: int,
+        budget_conditioned: bool,
+        credit_outputs: bool,
+    ) -> NoController:
+        """The controller of a pruner whose ``policy`` scores layer inputs, after checking that
+        the pruner was given nothing that needs a controller."""
+        wrong = {
+            "controller": controller is not None,
+            "budget_conditioned=True": budget_conditioned,
+            "credit_outputs=True": credit_outputs,
+        }
+        given = [name for name, bad in wrong.items() if bad]
+        if given:
+            raise ValueError(
+                f"the {policy!r} policy scores each layer from its own input, without a "
+                f"controller and without looking ahead at later layers: drop {given}"
+            )
+        return cls(grid=grid, policy=policy)
+
     def forward(self, stem_out: torch.Tensor, budget: torch.Tensor | None = None) -> None:
         return None
 
