@@ -124,11 +124,9 @@ class AdaptivePruner(nn.Module):
             :meth:`topk_count`); the MAC count and training use the rounded counts, and
             :meth:`calibrate` brings the total to the budget. Small layers cannot keep fewer
             than one multiple, which raises the lowest budget reachable.
-        feature_site: where feature masks act (:mod:`lightning_dance.feature_sites`):
-            ``"inputs"`` (default: a layer's input positions are zeroed; an output is skipped
-            only when its whole receptive field is masked) or ``"outputs"`` (the mask selects
-            the output positions computed, as spatially sparse convolutions do: every dropped
-            block is skipped work; masks are decided on the output's block grid).
+        feature_site: ``"inputs"`` (default: input positions zeroed) or ``"outputs"`` (the
+            mask selects the output positions computed: every dropped block is skipped work),
+            see :mod:`lightning_dance.feature_sites`.
     """
 
     def __init__(
@@ -189,7 +187,7 @@ class AdaptivePruner(nn.Module):
                 f"the {policy.name!r} policy decides {list(policy.supported_dims or ())} only, "
                 f"not {unsupported}: pass dims={policy.supported_dims}"
             )
-        if self.feature_site.at_outputs and "feature" in self.dims and policy.needs_layer_input:
+        if self.features_at_outputs and policy.needs_layer_input:
             raise ValueError(
                 f"the {policy.name!r} policy scores each layer's input, so it decides features "
                 "on the input's positions: use feature_site='inputs' with it"
@@ -388,24 +386,26 @@ class AdaptivePruner(nn.Module):
             self._dense_cache[key] = (int(count.total), layer_dense)
         return self._dense_cache[key]
 
+    @property
+    def features_at_outputs(self) -> bool:
+        """Whether feature masks select layer outputs (``feature_site="outputs"``, pruned)."""
+        return self.feature_site.at_outputs and "feature" in self.dims
+
     def mask_shape(self, layer: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape ``(C, T, H, W)`` on which ``layer``'s masks are decided when its input is
-        ``input_shape``: the input's, with the output's ``(H_out, W_out)`` when feature masks
-        select outputs (:meth:`FeatureSite.decision_shape
-        <lightning_dance.feature_sites.FeatureSite.decision_shape>`). Every runtime asks the
-        decision plan for this shape, so that all of them read the same decisions."""
-        if not (self.feature_site.at_outputs and "feature" in self.dims):
+        """The shape ``(C, T, H, W)`` every runtime asks the decision plan for when ``layer``'s
+        input is ``input_shape``: the input's, with the output's ``(H_out, W_out)`` when
+        :attr:`features_at_outputs` (:mod:`lightning_dance.feature_sites`)."""
+        if not self.features_at_outputs:
             return tuple(input_shape)
         return self.feature_site.decision_shape(self._layers[layer], tuple(input_shape))
 
     @contextlib.contextmanager
     def _hooks(self, state: ForwardState) -> Iterator[None]:
         handles = [self._stem.register_forward_hook(StemHook(self, state))]
-        outputs = self.feature_site.at_outputs and "feature" in self.dims
         for name, module in self._layers.items():
             hook = MaskHook(self, state, name)
             handles.append(module.register_forward_pre_hook(hook))
-            if outputs:
+            if self.features_at_outputs:
                 handles.append(module.register_forward_hook(hook.mask_output))
         try:
             yield

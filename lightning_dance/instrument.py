@@ -63,7 +63,7 @@ class MaskHook:
             )
         x = args[0]
         shape = tuple(x.shape[1:])
-        at_out = self.pruner.feature_site.at_outputs and "feature" in self.pruner.dims
+        at_out = self.pruner.features_at_outputs
         decide = self.pruner.mask_shape(self.name, shape)
         masks = self.state.plan.masks(self.name, decide, inputs=None if at_out else x)
         hard = {d: v.detach() for d, v in masks.values.items()}

@@ -292,7 +292,7 @@ class CompactPruner:
             with torch.no_grad(), route_conv3d(self._routed(), run):
                 return p.model(to_fast_layout(clip))
         stem, layers = p.stem_name, set(p.layer_names)
-        at_outputs = p.feature_site.at_outputs and "feature" in p.dims
+        at_outputs = p.features_at_outputs
         plans: list[DecisionPlan] = []  # the clip's decisions, made when the stem first ran
         held: dict[str, torch.Tensor] = {}  # consumer / norm -> the channels its input holds
 

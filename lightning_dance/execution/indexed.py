@@ -232,7 +232,7 @@ class IndexedRun:
         if in_idx is not None:
             mask = torch.zeros(1, conv.in_channels, dtype=x.dtype, device=x.device)
             values["channel"] = mask.index_fill_(1, in_idx, 1.0)
-        at_out = "feature" in values and p.feature_site.at_outputs
+        at_out = "feature" in values and p.features_at_outputs
         masks = self.plan.masks(name, p.mask_shape(name, (conv.in_channels, *x.shape[2:])))
         return _compact_conv3d(conv, x, values, None, "group", held, out_idx,
                                *output_features(masks, at_out))  # fmt: skip

@@ -382,7 +382,7 @@ def build_export_module(
             f"mode='topk' needs a pruner trained with policy='topk' (fixed counts), this one "
             f"uses {policy.name!r}: export mode='masked' instead"
         )
-    outputs = pruner.feature_site.at_outputs and "feature" in pruner.dims
+    outputs = pruner.features_at_outputs
     if mode == "topk" and skip_outputs and outputs:
         raise ValueError(
             "mode='topk' with skip_outputs=True folds BatchNorms into the chain producers, "
