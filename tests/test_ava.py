@@ -502,7 +502,9 @@ def test_parameters_equal_training_on_loss_plus_weighted_penalty(precision, ret,
     trainer.fit(model, loader)
     _by_hand(start, loader, weight, steps, accumulate, precision)
     _by_hand(plain, loader, 0.0, steps, accumulate, precision)
-    tol = {"32-true": 1e-6, "bf16-mixed": 2e-3, "16-mixed": 2e-4}[precision]
+    # fp16: one rounding (2^-10 relative) apart between CPUs' fp16 kernels; seen 4.4e-4 on an
+    # Intel Xeon with AVX-512, 2e-4 elsewhere; the penalty moves the weights by ~7e-2
+    tol = {"32-true": 1e-6, "bf16-mixed": 2e-3, "16-mixed": 1e-3}[precision]
     moved = 0.0
     for p, q, r in zip(model.parameters(), start.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=tol)
