@@ -20,6 +20,13 @@ rounding) and performs exactly the multiply-adds that
   over its input crop (halo included, padding made explicit), with all ``kh * kw`` taps. The
   union of the rectangles is exactly the active set, so no position is computed twice or
   needlessly; inactive positions are the bias.
+- **features on a pixelwise conv** (a ``(kT, 1, 1)`` kernel without spatial stride or padding,
+  :func:`pixelwise`: R(2+1)D's temporal convs, 1x1x1 convs): output ``(h, w)`` reads input
+  ``(h, w)`` only, so the kept positions are gathered once into a ``[T, P, 1]`` map, run through
+  the frame and channel plan, and written back once; no rectangles.
+- **masks that keep everything** are dropped before planning: the plain conv, with no gather,
+  crop or padding copy (a frame mask stays where taps read temporal padding, which the count
+  skips; a feature mask stays where some output reads only padding).
 - **features at outputs** (``feature_at_output=True``, :mod:`lightning_dance.feature_sites`):
   the mask is the set of output positions to compute, over the unmasked input; with its block
   grid (``feature_grid``) the kept blocks run as tiles, one conv per tile size
@@ -145,14 +152,15 @@ def kept_weight(
 ) -> torch.Tensor:
     """``conv.weight[out_idx][:, in_idx]`` (``None``: all), ``[k_out, k_in, kT, kH, kW]``,
     contiguous in the layout the kernel reads (see :data:`CHANNELS_LAST_GATHER_MIN`; a 1x1x1
-    kernel is contiguous in both). ``groups == 1``."""
+    kernel is contiguous in both). ``groups == 1``. Nothing dropped: the weight itself, in the
+    layout the dense conv gives oneDNN (a copy in another layout is reordered on every call)."""
+    if in_idx is None and out_idx is None:
+        return conv.weight
     w = gatherable_weight(conv)
     rows = conv.out_channels if out_idx is None else prefix_length(out_idx)
     cols = conv.in_channels if in_idx is None else prefix_length(in_idx)
     if rows is not None and cols is not None and not torch.is_grad_enabled():
         return prefix_block(conv, rows, cols)  # first rows and columns: kept, no copy per call
-    if in_idx is None and out_idx is None:
-        return w
     # channel sets that recur from clip to clip are gathered once (recurring_block)
     return recurring_block(conv, in_idx, out_idx, lambda: _gather_kept(conv, w, in_idx, out_idx))
 
@@ -302,6 +310,26 @@ def skip_unread(g: ConvGeometry, x: torch.Tensor, m_t, m_f):
     return g, x, m_t, m_f
 
 
+def _drop_full(mask: torch.Tensor | None, g: ConvGeometry | None = None) -> torch.Tensor | None:
+    """``None`` for a mask that keeps everything: the plain conv computes exactly what it
+    keeps, with no gather, crop or padding copy. A frame mask (``g`` given) of a conv whose
+    taps read temporal padding stays: the count skips those taps, so the tap plan runs (a
+    tuning may still choose the plain conv, :meth:`KernelCosts.frames_pay`)."""
+    if mask is None or not bool(mask.all()):
+        return mask
+    if g is not None and (g.pad_lo[0] or g.pad_hi[0]):
+        return mask
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _reads_input_everywhere(g: ConvGeometry) -> bool:
+    """Whether every output position's receptive field holds an input position (not only
+    padding): then a feature mask that keeps everything leaves every output active, as the
+    plain conv computes it."""
+    return bool(active_outputs(g, torch.ones(g.input[2:], dtype=torch.bool)).all())
+
+
 def _snap_channels(
     conv: nn.Conv3d, m_c: torch.Tensor, kept: torch.Tensor, tuning: KernelCosts
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -340,10 +368,15 @@ def _compact_same_masks(
     depthwise); ``out_idx``: the output channels to compute (``None``: all; ``groups == 1``);
     ``f_out``: ``m_f`` is ``[H_out, W_out]`` and selects the outputs to compute; ``f_grid``:
     its block grid (then the kept blocks run as tiles, one conv per tile size)."""
+    m_t, m_c = _drop_full(m_t, g), _drop_full(m_c)
+    if m_f is not None and (f_out or _reads_input_everywhere(g)):
+        m_f = _drop_full(m_f)
     if f_out:  # the output mask is not cut with the input
         g, x, m_t, _ = skip_unread(g, x, m_t, None)
     else:
         g, x, m_t, m_f = skip_unread(g, x, m_t, m_f)
+    if m_f is not None and pixelwise(g) and (tuning is None or _pixels_pay(g, m_f, tuning)):
+        return _compact_pixels(conv, g, x, m_t, m_c, m_f, tuning, held, out_idx)
     x = to_fast_layout(x)
     frames = frame_plan(g, m_t.cpu()) if m_t is not None else None
     rects = None
@@ -365,8 +398,11 @@ def _compact_same_masks(
     if tuning is not None:
         if kept is not None and held is None:  # snapping reads channels x may not hold
             kept, zeroed = _snap_channels(conv, m_c, kept, tuning)
-        if frames is not None and not tuning.frames_pay(int(m_t.sum())):
-            frames, zero_t = None, m_t.view(-1, 1, 1)  # masked dense conv over all frames
+        kept_t = int(m_t.sum()) if frames is not None else 0
+        if frames is not None and not tuning.frames_pay(kept_t):
+            # the dense conv over all frames, the dropped ones zeroed (none dropped: as is, its
+            # taps on temporal padding computed as the dense model does)
+            frames, zero_t = None, (m_t.view(-1, 1, 1) if kept_t < len(m_t) else None)
         if rects is not None:
             active = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in rects)
             if not tuning.features_pay(active / (g.output[1] * g.output[2])):
@@ -384,6 +420,49 @@ def _compact_same_masks(
     for part in parts:
         y = _run_part(conv, g, x, part, frames, zero, rects, tiles)
         place_channels(out, part.out_idx, y)
+    return out
+
+
+def pixelwise(g: ConvGeometry) -> bool:
+    """Whether output position ``(h, w)`` reads input position ``(h, w)`` only (a ``(kT, 1, 1)``
+    kernel, spatial stride 1, no spatial padding: R(2+1)D's temporal convs, 1x1x1 convs, and
+    strided 1x1x1 ones after :func:`skip_unread`). Such a conv's active outputs are the kept
+    positions themselves, on either feature site."""
+    return (
+        g.kernel[1:] == (1, 1) and g.stride[1:] == (1, 1) and not any(g.pad_lo[1:] + g.pad_hi[1:])
+    )
+
+
+def _pixels_pay(g: ConvGeometry, m_f: torch.Tensor, tuning: KernelCosts) -> bool:
+    """A tuning's verdict on running the kept positions of a :func:`pixelwise` conv."""
+    return tuning.features_pay(float(m_f.float().mean()))
+
+
+def _compact_pixels(conv, g, x, m_t, m_c, m_f, tuning, held, out_idx) -> torch.Tensor:
+    """A :func:`pixelwise` conv with a feature mask: the kept positions are gathered into a
+    ``[T, P, 1]`` map (one gather), run through the frame and channel plan, and written back
+    (one ``index_copy_``); the other positions hold the bias. Exactly the counted MACs."""
+    n, _, t, h, w = x.shape
+    pix = m_f.reshape(-1).nonzero().flatten().to(x.device)
+    c_out = conv.out_channels if out_idx is None else len(out_idx)
+    t_out = g.output[0]
+    bias = conv.bias
+    if bias is not None and out_idx is not None:
+        bias = bias.index_select(0, out_idx.to(bias.device))
+    out = bias_filled((n, c_out, t_out, h, w), bias, x)
+    if len(pix) == 0:
+        return out
+    xp = x.permute(0, 2, 3, 4, 1)  # [N, T, H, W, C]
+    if xp.is_contiguous():
+        xs = xp.reshape(n, t, h * w, -1).index_select(2, pix)
+    else:  # a strided view (skip_unread): gather straight from it
+        xs = xp[:, :, pix // w, pix % w]
+    p = len(pix)
+    xs = xs.view(n, t, p, 1, -1).permute(0, 4, 1, 2, 3)  # channels_last_3d [N, C, T, P, 1]
+    gp = dataclasses.replace(g, input=(g.input[0], t, p, 1), output=(t_out, p, 1))
+    y = _compact_same_masks(conv, gp, xs, m_t, m_c, None, tuning, held, out_idx)
+    y = to_fast_layout(y).permute(0, 2, 3, 4, 1).reshape(n, t_out, p, c_out)
+    out.permute(0, 2, 3, 4, 1).view(n, t_out, h * w, c_out).index_copy_(2, pix, y)
     return out
 
 
