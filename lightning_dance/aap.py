@@ -570,10 +570,24 @@ class AdaptivePruner(nn.Module):
         finally:
             self.train(was_training)
 
-    def decide(self, stem_out: torch.Tensor) -> DecisionPlan:
+    def decide(self, stem_out: torch.Tensor, prefetch: bool = False) -> DecisionPlan:
         """The :class:`~lightning_dance.decision.DecisionPlan` of a batch from its stem output
         ``[N, C0, T0, H0, W0]``: the controller runs once here; every layer's keep decisions
-        follow from the plan (by this pruner's policy, budget, calibration and mode)."""
+        follow from the plan (by this pruner's policy, budget, calibration and mode).
+
+        ``prefetch`` (runtimes that ask every layer, in eval): the layers a plan for this stem
+        shape was asked for before are decided at once (:meth:`DecisionPlan.prefetch`), the
+        others noted for the next plan."""
+        plan = self._plan(stem_out)
+        if prefetch and not self.training:
+            known = self.__dict__.setdefault("_asked_shapes", {})
+            asked = known.setdefault(tuple(stem_out.shape[1:]), {})
+            plan.prefetch(asked)
+            plan.record = asked
+        return plan
+
+    def _plan(self, stem_out: torch.Tensor) -> DecisionPlan:
+        """:meth:`decide` without prefetching."""
         budget = self.budget.to(stem_out.dtype) if self.budget_conditioned else None
         ctx = self.controller(stem_out, budget)
         noisy = self.training and self.noise and not self._force_dense

@@ -139,6 +139,13 @@ class ControllerContext:
         return self.shared[key]
 
 
+def _unsqueezed(shift: torch.Tensor | float, dims: int) -> torch.Tensor | float:
+    """A budget shift ``[N, L]`` with ``dims`` trailing singleton dims (a float as is)."""
+    if isinstance(shift, torch.Tensor):
+        return shift.view(*shift.shape, *([1] * dims))
+    return shift
+
+
 @runtime_checkable
 class ControllerLike(Protocol):
     """What :class:`~lightning_dance.aap.AdaptivePruner` needs of a controller (DANCE's
@@ -150,6 +157,10 @@ class ControllerLike(Protocol):
       (channels ``[N, C]``, frames ``[N, T]``, spatial blocks ``[N, gh, gw]``);
     - ``stacked_channel_logits(ctx, layers)``: ``[N, len(layers), C]`` channel scores of
       equal-width layers (the batch-1 index plan of fixed-count policies);
+    - optionally ``stacked_logits(ctx, layers, dim, size)``: ``[N, len(layers), ...]`` scores
+      of one dim for layers whose inputs share a size (eval decisions of many layers in a few
+      ops, :meth:`~lightning_dance.decision.DecisionPlan.prefetch`; without it, each layer is
+      decided alone);
     - ``macs(stem_shape)``: its multiply-adds per clip (counted in every executed figure);
     - ``grid``: the spatial block grid; ``budget_conditioned``: whether it reads the budget.
     """
@@ -378,11 +389,7 @@ class Controller(nn.Module):
         i = self.layer_index[layer]
         gh, gw = min(self.grid, size[0]), min(self.grid, size[1])
 
-        def block_stats() -> torch.Tensor:  # [N, 2, gh, gw]
-            maps = torch.cat([ctx.magnitude_map, ctx.motion_map], dim=1)
-            return _zscore(F.adaptive_avg_pool2d(maps, (gh, gw)), (2, 3))
-
-        stats = ctx.once(("block_stats", gh, gw), block_stats)
+        stats = ctx.once(("block_stats", gh, gw), lambda: self._block_stats(ctx, gh, gw))
         local = (self.feature_local[i].view(1, -1, 1, 1) * stats).sum(1)
         glob = ctx.once("feature_global", lambda: self.feature_global(ctx.embedding))
         glob = glob[:, i : i + 1, None]
@@ -390,6 +397,46 @@ class Controller(nn.Module):
         if isinstance(shift, torch.Tensor):
             shift = shift.unsqueeze(-1)  # [N, 1, 1]
         return local + glob + shift
+
+    @_no_autocast
+    def stacked_logits(
+        self, ctx: ControllerContext, layers: Sequence[str], dim: str, size: tuple[int, ...]
+    ) -> torch.Tensor:
+        """``[N, len(layers), *scores]``: the ``dim`` scores of layers whose inputs share
+        ``size`` (channels ``(C,)``, frames ``(T,)``, features ``(H, W)``), stacked: the same
+        values as :meth:`layer_logits` of each layer, in a few ops for all of them (the
+        decision plan's batched eval decisions, :meth:`DecisionPlan.prefetch`)."""
+        if dim == "channel":
+            return self.stacked_channel_logits(ctx, layers)
+        cache = self.__dict__.setdefault("_stacked_rows", {})
+        key = (tuple(layers), ctx.embedding.device)
+        if key not in cache:
+            cache[key] = torch.tensor([self.layer_index[n] for n in layers], device=key[1])
+        idx = cache[key]
+        if dim == "frame":
+            stats = ctx.frame_stats  # [N, 2, T]
+            if stats.shape[-1] != size[0]:
+                stats = ctx.once(("frame_stats", size[0]), lambda: F.interpolate(
+                    ctx.frame_stats, size=size[0], mode="linear", align_corners=False
+                ))  # fmt: skip
+            local = (self.frame_local[idx].view(1, -1, 2, 1) * stats.unsqueeze(1)).sum(2)
+            glob = ctx.once("frame_global", lambda: self.frame_global(ctx.embedding))
+            shift = self._budget_shift(ctx, idx, "frame")
+            return local + glob[:, idx, None] + _unsqueezed(shift, 1)
+        if dim != "feature":
+            raise ValueError(f"unknown dim {dim!r}; expected 'frame', 'channel' or 'feature'")
+        gh, gw = min(self.grid, size[0]), min(self.grid, size[1])
+        stats = ctx.once(("block_stats", gh, gw), lambda: self._block_stats(ctx, gh, gw))
+        local = (self.feature_local[idx].view(1, -1, 2, 1, 1) * stats.unsqueeze(1)).sum(2)
+        glob = ctx.once("feature_global", lambda: self.feature_global(ctx.embedding))
+        shift = self._budget_shift(ctx, idx, "feature")
+        return local + glob[:, idx, None, None] + _unsqueezed(shift, 2)
+
+    @staticmethod
+    def _block_stats(ctx: ControllerContext, gh: int, gw: int) -> torch.Tensor:
+        """``[N, 2, gh, gw]``: block magnitude and motion, z-scored over the blocks."""
+        maps = torch.cat([ctx.magnitude_map, ctx.motion_map], dim=1)
+        return _zscore(F.adaptive_avg_pool2d(maps, (gh, gw)), (2, 3))
 
     @_no_autocast
     def layer_logits(

@@ -43,7 +43,7 @@ class StemHook:
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self.state.plan is None:  # a stem reused later in the network does not re-plan
-            self.state.plan = self.pruner.decide(output)
+            self.state.plan = self.pruner.decide(output, prefetch=True)
             self.state.stem_shape = tuple(output.shape[1:])
 
 

@@ -331,7 +331,7 @@ class CompactPruner:
                 )
             y = conv3d_fast_forward(conv, x)
             if name == stem and not plans:
-                plans.append(p.decide(y))
+                plans.append(p.decide(y, prefetch=True))
             return y
 
         with torch.no_grad(), route_conv3d(self._routed(), forward):

@@ -209,7 +209,8 @@ class IndexedRun:
         if name not in p._layers:
             y = conv3d_fast_forward(conv, x)
             if name == p.stem_name and self.idx is None:
-                self.plan = p.decide(y)
+                # masks are asked for only where frames or features are pruned
+                self.plan = p.decide(y, prefetch=any(d in p.dims for d in ("frame", "feature")))
                 pruned = "channel" in p.dims
                 self.idx = topk_indices(p, self.plan) if pruned else dict.fromkeys(p._layers)
             return y

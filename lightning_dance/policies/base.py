@@ -65,6 +65,10 @@ class Policy(ABC):
     #: controller: decisions are made layer by layer as the input arrives, so nothing can look
     #: ahead at a later layer's decision (no output skipping along channel chains, no export)
     needs_layer_input: ClassVar[bool] = False
+    #: its eval :meth:`gate` decides each row from that row alone (the built-in policies do), so
+    #: the decision plan may stack the rows of many layers into one call
+    #: (:meth:`~lightning_dance.decision.DecisionPlan.prefetch`); ``False``: one layer per call
+    rowwise_eval: ClassVar[bool] = True
     #: the dims it can decide (``None``: all); the pruner refuses others
     supported_dims: ClassVar[tuple[str, ...] | None] = None
     #: has a controller whose parameters training learns (else the pruner has none, and
