@@ -275,3 +275,27 @@ def test_prefetch_does_nothing_where_it_cannot_be_exact():
         plan = DecisionPlan(p.controller, p.controller(stem), Batchwise())
         assert plan.prefetch(shapes) == 0 and not plan._masks
     assert get_policy("threshold").rowwise_eval
+
+
+# ------------------------------------------------------------- joint cost of many dims
+def test_tuning_measures_every_dim_cut_at_once():
+    """Two or more tuned dims: the joint cost is measured (per-dim costs each carry the layer's
+    fixed costs, so their product overstates); one dim: nothing joint."""
+    from lightning_dance.execution import tune_conv3d
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d(16, 16, (3, 1, 1), padding=(1, 0, 0)).eval()
+    both = tune_conv3d(conv, (16, 4, 16, 16), ("frame", "channel", "feature"), repeats=1)
+    assert sorted(both.joint_ms) == [0.25, 0.5, 0.75, 1.0]
+    assert all(ms > 0 for ms in both.joint_ms.values())
+    assert both.estimate_ms(0.5) == both.joint_ms[0.5]
+    assert both.estimate_ms(0.1) == both.joint_ms[0.25]  # clamped to the measured range
+    one = tune_conv3d(conv, (16, 4, 16, 16), ("channel",), repeats=1)
+    assert one.joint_ms == {} and one.estimate_ms(0.5) > 0
+
+
+def test_estimate_without_joint_points_multiplies_the_dims():
+    t = LayerTuning(10.0, channel_ms={1: 1.0, 4: 5.0, 8: 10.0}, frame_ms={1: 6.0, 2: 10.0})
+    assert t.estimate_ms(0.5) == pytest.approx(3.0)
+    t.joint_ms = {0.25: 12.0, 1.0: 10.0}
+    assert t.estimate_ms(0.25) == 12.0  # measured: slower than dense, whatever the product says

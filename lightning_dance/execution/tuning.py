@@ -126,12 +126,16 @@ class LayerTuning:
             Empty: the tap decomposition is always used.
         feature_ms: kept fraction of output positions -> compact conv over the feature
             rectangles (features only). Empty: rectangles are always used.
+        joint_ms: kept fraction along every tuned dim at once -> compact conv (measured where
+            two or more dims are tuned: the per-dim costs do not multiply, each carries the
+            layer's fixed costs). Empty: :meth:`estimate_ms` multiplies the per-dim ratios.
     """
 
     dense_ms: float
     channel_ms: dict[int, float] = field(default_factory=dict)
     frame_ms: dict[int, float] = field(default_factory=dict)
     feature_ms: dict[float, float] = field(default_factory=dict)
+    joint_ms: dict[float, float] = field(default_factory=dict)
 
     def snap_channels(self, kept: int, size: int) -> int:
         """The channel count to read for ``kept`` kept channels of ``size``: ``kept`` itself or a
@@ -158,14 +162,20 @@ class LayerTuning:
         return not self.feature_ms or _interp(self.feature_ms, active_fraction) < self.dense_ms
 
     def estimate_ms(self, keep: float) -> float:
-        """Estimated compact time with a fraction ``keep`` kept along every tuned dim (the
-        per-dim slowdowns/speedups multiply; dims without a table change nothing).
+        """Estimated compact time with a fraction ``keep`` kept along every tuned dim: the
+        measured joint cost where there is one (:attr:`joint_ms`), else the per-dim
+        slowdowns/speedups multiplied (dims without a table change nothing).
 
         Example:
             >>> t = LayerTuning(10.0, channel_ms={1: 1.0, 4: 5.0, 8: 10.0}, frame_ms={1: 6.0, 2: 10.0})
             >>> round(t.estimate_ms(0.5), 3)  # 10 ms * (5 / 10) * (6 / 10)
             3.0
+            >>> t.joint_ms = {0.25: 2.0, 0.75: 8.0}
+            >>> t.estimate_ms(0.5)  # measured with half of both kept: 5 ms
+            5.0
         """
+        if self.joint_ms:
+            return _interp(self.joint_ms, keep)
         ms = self.dense_ms
         for table, scale in ((self.channel_ms, max(self.channel_ms, default=0)),
                              (self.frame_ms, max(self.frame_ms, default=0))):  # fmt: skip
@@ -225,7 +235,8 @@ def tune_conv3d(
     Costs, per point, ``repeats + 1`` compact runs and ``repeats`` dense runs, alternated so
     that both see the same machine load (a point's time is its ratio to the dense conv times
     the layer's dense time): about 30 channel points at 576 channels, up to 12 frame points,
-    4 feature points.
+    4 feature points, and, with two or more dims, 4 points with every dim cut at once
+    (:attr:`LayerTuning.joint_ms`).
     """
     dims = check_dims(tuple(dims))
     site = get_feature_site(feature_site)
@@ -273,9 +284,26 @@ def tune_conv3d(
                 active = float(active_outputs(g, m_f[0] > 0.5).float().mean())
             ms = time_masks({"feature": m_f}, **kw)
             feature_ms[active] = min(ms, feature_ms.get(active, ms))
+    joint_ms: dict[float, float] = {}
+    if sum(map(bool, (channel_ms, frame_ms, feature_ms))) >= 2:  # every tuned dim at once
+        for frac in (0.25, 0.5, 0.75, 1.0):
+            values: dict[str, torch.Tensor] = {}
+            if channel_ms:
+                values["channel"] = _random_keep(c, max(1, round(frac * c)), gen)
+            if frame_ms:
+                values["frame"] = _random_keep(t, max(1, round(frac * t)), gen)
+            kw = {}
+            if feature_ms:
+                k = max(1, round(frac * gh * gw))
+                values["feature"] = expand_blocks(
+                    _random_keep(gh * gw, k, gen).view(1, gh, gw), (fh, fw)
+                )
+                if site.at_outputs:
+                    kw = {"feature_at_output": True, "feature_grid": (gh, gw)}
+            joint_ms[frac] = time_masks(values, **kw)
     if channel_ms:
         channel_ms[c] = dense
-    tuning = LayerTuning(dense, channel_ms, frame_ms, feature_ms)
+    tuning = LayerTuning(dense, channel_ms, frame_ms, feature_ms, joint_ms)
     return tuning
 
 
