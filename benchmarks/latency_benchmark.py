@@ -36,6 +36,9 @@ are part of every DANCE latency.
 - ``selected``: kernel-aware layer selection: a new pruner instrumenting only the layers that
   :func:`~lightning_dance.execution.profitable_layers` finds worth pruning at the tuned pruner's
   keep ratio, calibrated to the same budget (so those layers are pruned harder), with tunings.
+- ``selected dims`` (two or more dims, a policy whose counts follow the scores): per layer only
+  the dims :func:`~lightning_dance.execution.profitable_dims` finds worth pruning there
+  (``AdaptivePruner(layer_dims=...)``), calibrated to the same budget, with tunings.
 
 - ``MAC ratio`` = executed / dense MACs per clip, as counted by the pruner
   (:mod:`lightning_dance.executed`, controller included);
@@ -77,6 +80,7 @@ from lightning_dance.execution import (
     CompactPruner,
     accelerate_dense,
     count_executed_macs,
+    profitable_dims,
     profitable_layers,
     tune_layers,
 )
@@ -138,6 +142,7 @@ def calibrated_pruner(
     credit_outputs: bool = False,
     channel_multiple: int = 1,
     feature_site: str | None = None,
+    layer_dims: dict[str, tuple[str, ...]] | None = None,
 ) -> AdaptivePruner:
     """An untrained controller, calibrated so that the mean MAC ratio meets ``budget``
     (``feature_site``: default ``args.feature_site``, else ``"inputs"``)."""
@@ -145,7 +150,7 @@ def calibrated_pruner(
     site = feature_site or getattr(args, "feature_site", "inputs")
     pruner = AdaptivePruner(model, dims=dims, policy=args.policy, budget=budget, layers=layers,
                             credit_outputs=credit_outputs, channel_multiple=channel_multiple,
-                            feature_site=site)  # fmt: skip
+                            feature_site=site, layer_dims=layer_dims)  # fmt: skip
     pruner.eval()
     gen = torch.Generator().manual_seed(args.seed)
     calib = [torch.randn(clip.shape, generator=gen) for _ in range(args.calib_clips)]
@@ -284,6 +289,18 @@ def bench_model(name: str, args) -> dict:
                         f"{label} selected", sub, clip, tunings
                     )
                     variants.append(v)
+                # per layer, only the dims that pay there (threshold: counts follow the scores)
+                if len(dims) > 1 and not pruner.policy.fixed_counts:
+                    where = profitable_dims(tunings, keep=pruner.keep_ratio())
+                    where = {n: d for n, d in where.items() if set(d) & set(dims)}
+                    selected[label + " dims"] = sum(len(d) for d in where.values())
+                    if where:
+                        sub = calibrated_pruner(model, dims, budget, clip, args, layers=list(where),
+                                                feature_site=site, layer_dims=where)  # fmt: skip
+                        v, errors[label + " seld"] = dance_variants(
+                            f"{label} selected dims", sub, clip, tunings
+                        )
+                        variants.append(v)
     load_before = loadavg()
     times = measure(variants, args.warmup, args.repeats)
     result = {

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,7 +43,7 @@ from lightning_dance.instrument import ForwardState, MaskHook, StemHook
 from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
 from lightning_dance.losses import budget_loss, distillation_loss  # noqa: F401 (re-exported)
 from lightning_dance.macs import count_macs
-from lightning_dance.masks import DIMS, check_dims, keep_count, multiple_options
+from lightning_dance.masks import DIMS, check_dims, check_layer_dims, keep_count, multiple_options
 from lightning_dance.noise import GateNoise
 from lightning_dance.policies import Policy, available_policies, get_policy
 from lightning_dance.stats import LayerStats, PruningStats
@@ -127,6 +127,13 @@ class AdaptivePruner(nn.Module):
         feature_site: ``"inputs"`` (default: input positions zeroed) or ``"outputs"`` (the
             mask selects the output positions computed: every dropped block is skipped work),
             see :mod:`lightning_dance.feature_sites`.
+        layer_dims: ``{layer: dims}``: layers that prune only some of ``dims`` (an empty list:
+            none, the layer is instrumented but keeps everything); the others prune all of
+            ``dims``. Cuts then go only where they are allowed, so calibration and the budget
+            loss concentrate them there: prune each layer along the dims where skipping pays
+            on your hardware (:func:`~lightning_dance.execution.profitable_dims` reads them
+            from measured costs). Policies whose keep counts follow the scores only
+            (``threshold``, ``attention``; ``topk`` splits its budget evenly over the dims).
     """
 
     def __init__(
@@ -148,6 +155,7 @@ class AdaptivePruner(nn.Module):
         channel_multiple: int = 1,
         controller: nn.Module | None = None,
         feature_site: str | FeatureSite = "inputs",
+        layer_dims: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         policy = get_policy(policy)
@@ -199,6 +207,13 @@ class AdaptivePruner(nn.Module):
         modules = dict(model.named_modules())
         self._stem = modules[self.stem_name]
         self._layers = {name: modules[name] for name in self.layer_names}
+        self.layer_dims = check_layer_dims(layer_dims or {}, self.layer_names, self.dims)
+        if self.layer_dims and policy.fixed_counts:
+            raise ValueError(
+                f"layer_dims needs a policy whose keep counts follow the scores (threshold, "
+                f"attention): the {policy.name!r} policy splits the budget evenly over every "
+                "layer's dims"
+            )
         if policy.needs_layer_input:
             controller = NoController.checked(
                 policy.name, controller=controller, grid=grid,
@@ -242,6 +257,7 @@ class AdaptivePruner(nn.Module):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("gate_noise", GateNoise())  # pickles made before the noise stream
         state.setdefault("feature_site", get_feature_site("inputs"))  # before feature sites
+        state.setdefault("layer_dims", {})  # before per-layer dims
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ training noise RNG
@@ -296,12 +312,16 @@ class AdaptivePruner(nn.Module):
         if self._chains is None:
             from lightning_dance.execution.chains import channel_chains  # execution imports aap
 
-            layers = set(self.layer_names) if "channel" in self.dims else set()
+            layers = {n for n in self.layer_names if "channel" in self.dims_of(n)}
             self._chains = {
                 name: c for name, c in channel_chains(self.model).items()
                 if c.consumer in layers and name in layers
             }  # fmt: skip
         return self._chains
+
+    def dims_of(self, layer: str) -> tuple[str, ...]:
+        """The dims ``layer`` prunes (``layer_dims``, else every one of ``dims``)."""
+        return self.layer_dims.get(layer, self.dims)
 
     @contextlib.contextmanager
     def dense(self) -> Iterator[None]:
@@ -611,4 +631,5 @@ class AdaptivePruner(nn.Module):
             dense=self._force_dense,
             generator=self.noise_generator(stem_out.device) if noisy else None,
             dims=self.dims,
+            layer_dims=self.layer_dims,
         )

@@ -82,6 +82,8 @@ class DecisionPlan:
         generator: where the training gates draw their noise (default: the global RNG).
         dense: every mask all ones (the controller still ran): outputs equal the dense model.
         dims: the pruned dims, for a policy that scores layer inputs (default: all).
+        layer_dims: ``{layer: dims}`` for layers that prune only some of the dims (the others
+            keep everything along the rest); absent layers prune every dim scored.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class DecisionPlan:
         dense: bool = False,
         generator: torch.Generator | None = None,
         dims: tuple[str, ...] = DIMS,
+        layer_dims: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         if policy.fixed_counts and counts is None:
             raise ValueError(f"the {policy.name!r} policy keeps fixed counts: pass counts=")
@@ -106,6 +109,7 @@ class DecisionPlan:
         self.offset, self.training, self.dense = float(offset), training, dense
         self.tau, self.noise, self.min_keep = tau, noise, min_keep
         self.generator, self.dims = generator, tuple(dims)
+        self.layer_dims = dict(layer_dims or {})
         self._counts = counts
         self._masks: dict[tuple[str, tuple[int, ...]], LayerMasks] = {}
         self._indices: dict[tuple[str, tuple[int, ...]], dict[str, torch.Tensor]] = {}
@@ -144,6 +148,9 @@ class DecisionPlan:
             logits = self.policy.layer_scores(inputs, self.dims, self.controller.grid)
         else:
             logits = self.controller.layer_logits(self.ctx, layer, tuple(shape))
+        only = self.layer_dims.get(layer)
+        if only is not None:
+            logits = {d: lg for d, lg in logits.items() if d in only}
         if self.offset:
             logits = {d: lg + self.offset for d, lg in logits.items()}
         return logits
@@ -208,7 +215,8 @@ class DecisionPlan:
         grid = self.controller.grid
         groups: dict[tuple, list[str]] = {}  # (dim, input size, count) -> layers
         for name, (c, t, h, w) in todo.items():
-            for dim in dims:
+            only = self.layer_dims.get(name, dims)
+            for dim in (d for d in dims if d in only):
                 size, scores = {"channel": ((c,), c), "frame": ((t,), t),
                                 "feature": ((h, w), min(grid, h) * min(grid, w))}[dim]  # fmt: skip
                 k = self.keep_count(name, dim, scores)
@@ -276,6 +284,8 @@ class DecisionPlan:
             return dict.fromkeys(widths)
         groups: dict[tuple[int, int | None], list[str]] = {}
         for name, c in widths.items():
+            if "channel" not in self.layer_dims.get(name, ("channel",)):
+                continue  # this layer keeps every channel
             k = self.keep_count(name, "channel", c)
             if k is None or k < c:
                 groups.setdefault((c, k), []).append(name)

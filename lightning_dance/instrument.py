@@ -63,7 +63,7 @@ class MaskHook:
             )
         x = args[0]
         shape = tuple(x.shape[1:])
-        at_out = self.pruner.features_at_outputs
+        at_out = self.pruner.features_at_outputs and "feature" in self.pruner.dims_of(self.name)
         decide = self.pruner.mask_shape(self.name, shape)
         masks = self.state.plan.masks(self.name, decide, inputs=None if at_out else x)
         hard = {d: v.detach() for d, v in masks.values.items()}
@@ -95,4 +95,6 @@ class MaskHook:
     def mask_output(self, module: nn.Conv3d, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook (feature masks at outputs): the dropped positions hold the bias."""
         mask, self.output_mask = self.output_mask, None
+        if mask is None:  # this layer prunes no features (layer_dims)
+            return output
         return self.pruner.feature_site.mask_output(output, mask, module.bias)

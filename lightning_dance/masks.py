@@ -63,6 +63,38 @@ def check_dims(dims: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(d for d in DIMS if d in dims)
 
 
+def check_layer_dims(
+    layer_dims: object, layers: list[str], dims: tuple[str, ...]
+) -> dict[str, tuple[str, ...]]:
+    """``{layer: dims}`` validated: instrumented layers only, each a subset of ``dims`` (may be
+    empty: the layer keeps everything), put in :data:`DIMS` order.
+
+    Example:
+        >>> check_layer_dims({"b": ["channel", "frame"]}, ["a", "b"], DIMS)
+        {'b': ('frame', 'channel')}
+    """
+    if not hasattr(layer_dims, "items"):
+        raise TypeError(f"layer_dims must map layer names to dims, got {type(layer_dims).__name__}")
+    out = {}
+    for name, only in layer_dims.items():
+        if name not in layers:
+            raise KeyError(
+                f"layer_dims names {name!r}, which is not instrumented; instrumented layers "
+                f"are e.g. {layers[:5]}"
+            )
+        if isinstance(only, str):
+            raise TypeError(f"layer_dims[{name!r}] must be a list of dims, got the string {only!r}")
+        only = tuple(only)
+        extra = [d for d in only if d not in dims]
+        if extra:
+            raise ValueError(
+                f"layer_dims[{name!r}] names {extra}, which the pruner does not prune "
+                f"(dims={dims}): add them to dims or drop them here"
+            )
+        out[name] = tuple(d for d in DIMS if d in only)
+    return out
+
+
 @dataclass
 class LayerMasks:
     """Masks of one layer for a batch: hard 0/1 ``values`` and keep ``probs`` per dim.

@@ -188,7 +188,7 @@ def _pruner(policy="threshold", dims=("frame", "channel", "feature"), **kw) -> A
     p = AdaptivePruner(net, dims=dims, policy=policy, budget=0.4, **kw).eval()
     with torch.no_grad():  # spread the untrained controller's scores around the threshold
         for prm in p.controller.parameters():
-            prm.add_(0.5 * torch.randn_like(prm))
+            prm.add_(0.2 * torch.randn_like(prm))
     return p
 
 
@@ -244,6 +244,7 @@ def test_decide_prefetches_the_layers_a_plan_was_asked_for():
     clip = torch.randn(1, 3, 4, 32, 32)
     with torch.no_grad():
         ref = p(clip)
+        assert ref.abs().max() > 1e-3  # the pruned network still carries a signal
         fast = CompactPruner(p)
         first = fast(clip)
         p.prepare(clip)

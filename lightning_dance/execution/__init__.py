@@ -40,6 +40,7 @@ from lightning_dance.execution.recording import ExecutedMacs, count_executed_mac
 from lightning_dance.execution.tuning import (
     LayerTuning,
     best_ms,
+    profitable_dims,
     profitable_layers,
     tune_conv3d,
     tune_layers,
@@ -60,6 +61,7 @@ __all__ = [
     "fast_conv3d",
     "fast_kernel_available",
     "profile_layers",
+    "profitable_dims",
     "profitable_layers",
     "random_masks",
     "route_conv3d",

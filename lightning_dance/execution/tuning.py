@@ -57,6 +57,7 @@ __all__ = [
     "LayerTuning",
     "best_ms",
     "channel_grid",
+    "profitable_dims",
     "profitable_layers",
     "tune_conv3d",
     "tune_layers",
@@ -184,6 +185,22 @@ class LayerTuning:
         if self.feature_ms:
             ms *= _interp(self.feature_ms, keep) / self.dense_ms
         return ms
+
+    def dim_estimate_ms(self, dim: str, keep: float) -> float:
+        """Estimated compact time with a fraction ``keep`` kept along ``dim`` only (its measured
+        table; ``dense_ms`` where the dim was not tuned).
+
+        Example:
+            >>> LayerTuning(10.0, frame_ms={2: 4.0, 4: 6.0, 8: 12.0}).dim_estimate_ms("frame", 0.5)
+            6.0
+        """
+        table = {"channel": self.channel_ms, "frame": self.frame_ms, "feature": self.feature_ms}[
+            dim
+        ]
+        if not table:
+            return self.dense_ms
+        size = 1.0 if dim == "feature" else max(table)
+        return _interp(table, max(1.0, keep * size) if dim != "feature" else keep)
 
     def break_even(self) -> dict[str, float]:
         """Largest measured kept fraction per dim at which the compact conv still beats dense
@@ -328,6 +345,31 @@ def profitable_layers(
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     return [n for n, t in tunings.items() if t.estimate_ms(keep) <= margin * t.dense_ms]
+
+
+def profitable_dims(
+    tunings: dict[str, LayerTuning], keep: float, *, margin: float = 0.9
+) -> dict[str, tuple[str, ...]]:
+    """Per layer, the dims worth pruning on this machine: those whose compact conv with ``keep``
+    of that dim kept (the others whole) is estimated at most ``margin`` times the layer's dense
+    time; ``()`` where none is. Pass it as ``AdaptivePruner(model, layer_dims=...)`` (with
+    ``layers=`` the layers that have some): cuts then go only where they pay, and calibration
+    concentrates them there.
+
+    Only each layer's own conv is timed: pruning a channel chain's consumer also spares its
+    producer's outputs (``CompactPruner``'s output skipping), which this does not see.
+
+    Example:
+        >>> t = LayerTuning(10.0, channel_ms={4: 4.0, 8: 10.0}, frame_ms={2: 12.0, 4: 10.0})
+        >>> profitable_dims({"a": t, "b": LayerTuning(1.0)}, keep=0.5)
+        {'a': ('channel',), 'b': ()}
+    """
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    return {
+        name: tuple(d for d in DIMS if t.dim_estimate_ms(d, keep) <= margin * t.dense_ms)
+        for name, t in tunings.items()
+    }
 
 
 def tune_layers(

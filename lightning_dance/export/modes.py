@@ -235,6 +235,7 @@ class DANCEExportModule(nn.Module):
         self.shapes, self.keep_counts, self.gathered = shapes, keep_counts, set(gathered)
         self.route = _Route()
         self.feature_site = pruner.feature_site if "feature" in self.dims else INPUTS
+        self.layer_dims = dict(getattr(pruner, "layer_dims", {}))  # layers pruning fewer dims
         self._margins: list[float] | None = None
         self.chains = dict(chains or {})  # producer -> ChannelChain (topk output skipping)
         model = copy.deepcopy(pruner.model)
@@ -265,7 +266,7 @@ class DANCEExportModule(nn.Module):
         counts = self.keep_counts if self.policy.fixed_counts else None
         plan = DecisionPlan(
             self.controller, ctx, self.policy, counts=counts, offset=self.offset,
-            min_keep=self.min_keep,
+            min_keep=self.min_keep, layer_dims=self.layer_dims,
         )  # fmt: skip
         plan.margins = self._margins  # eager, in build_export_module only
         return plan
