@@ -291,7 +291,7 @@ def bench_model(name: str, args) -> dict:
                     variants.append(v)
                 # per layer, only the dims that pay there (threshold: counts follow the scores)
                 if len(dims) > 1 and not pruner.policy.fixed_counts:
-                    where = profitable_dims(tunings, keep=pruner.keep_ratio())
+                    where = profitable_dims(tunings, keep=min(0.5, pruner.keep_ratio()))
                     where = {n: d for n, d in where.items() if set(d) & set(dims)}
                     selected[label + " dims"] = sum(len(d) for d in where.values())
                     if where:
