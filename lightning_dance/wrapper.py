@@ -86,15 +86,15 @@ class DANCEWrapper(L.LightningModule):
         budget_weight: weight of ``(E[executed]/dense - budget)^2``.
         bound_weight, min_layer_keep: per-layer lower bound on the kept MAC fraction (so that no
             layer collapses) and its weight.
-        grid, hidden, tau, init_keep, min_keep, credit_outputs, channel_multiple, feature_site,
-            layer_dims: see
+        grid, hidden, tau, init_keep, min_keep, credit_outputs, channel_multiple, feature_site: see
             :class:`~lightning_dance.aap.AdaptivePruner` (``credit_outputs``, on by default
             where it applies: the budget is the cost of the output-skipping fast path,
             :meth:`compile_sparse`; ``False``: every producer counted in full, the earlier default;
             ``channel_multiple=8``: ``topk`` keeps multiples of 8 channels, the sizes the CPU
             fast path is fastest at; ``feature_site="outputs"``: feature masks select the
-            layers' output positions, :mod:`lightning_dance.feature_sites`; ``layer_dims``:
-            ``{layer: dims}`` for layers that prune only some of ``dims``).
+            layers' output positions, :mod:`lightning_dance.feature_sites`).
+        layer_dims: ``{layer: dims}`` for layers that prune only some of ``dims`` (see
+            :class:`~lightning_dance.aap.AdaptivePruner`; ``threshold`` and ``attention`` only).
         noise_anneal: the gates' exploration noise falls linearly from 1 to 0 over this fraction
             of the training steps, then training decisions are the eval ones, so the budget met
             in training is met at eval (0: no noise at all; 1: noise until the last step).
