@@ -1,7 +1,7 @@
 """What the compact path pays per layer besides the kept work, and that the shortcuts which
 remove it change nothing else.
 
-- :func:`~lightning_dance.execution.compact.pixelwise` convs with a feature mask run on the kept
+- :func:`~lightning_dance.execution.pixels.pixelwise` convs with a feature mask run on the kept
   positions only (one gather, one write), equal to the masked conv, with the counted MACs;
 - masks that keep everything run the plain conv (one kernel call, nothing padded or copied),
   except where exactness needs the frame taps (temporal padding, untuned);
@@ -24,7 +24,8 @@ from lightning_dance.decision import DecisionPlan
 from lightning_dance.executed import conv3d_executed_macs_batch
 from lightning_dance.execution import CompactPruner, LayerTuning, compact_conv3d
 from lightning_dance.execution import count_executed_macs as count_ran
-from lightning_dance.execution.compact import pixelwise, skip_unread
+from lightning_dance.execution.compact import skip_unread
+from lightning_dance.execution.pixels import pixelwise
 from lightning_dance.geometry import cached_geometry
 from lightning_dance.masks import apply_masks, expand_blocks
 from lightning_dance.models import create_model

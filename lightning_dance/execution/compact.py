@@ -20,10 +20,10 @@ rounding) and performs exactly the multiply-adds that
   over its input crop (halo included, padding made explicit), with all ``kh * kw`` taps. The
   union of the rectangles is exactly the active set, so no position is computed twice or
   needlessly; inactive positions are the bias.
-- **features on a pixelwise conv** (a ``(kT, 1, 1)`` kernel without spatial stride or padding,
-  :func:`pixelwise`: R(2+1)D's temporal convs, 1x1x1 convs): output ``(h, w)`` reads input
-  ``(h, w)`` only, so the kept positions are gathered once into a ``[T, P, 1]`` map, run through
-  the frame and channel plan, and written back once; no rectangles.
+- **features on a pixelwise conv** (a ``(kT, 1, 1)`` kernel without spatial stride or padding:
+  R(2+1)D's temporal convs, 1x1x1 convs): output ``(h, w)`` reads input ``(h, w)`` only, so the
+  kept positions are gathered once into a ``[T, P, 1]`` map, run through the frame and channel
+  plan, and written back once; no rectangles (:mod:`~lightning_dance.execution.pixels`).
 - **masks that keep everything** are dropped before planning: the plain conv, with no gather,
   crop or padding copy (a frame mask stays where taps read temporal padding, which the count
   skips; a feature mask stays where some output reads only padding).
@@ -44,6 +44,7 @@ the count against :mod:`lightning_dance.executed`.
 The driver lives here; its parts: :mod:`~lightning_dance.execution.weights` (channel parts and
 weight blocks), :mod:`~lightning_dance.execution.frames` (the frame plan),
 :mod:`~lightning_dance.execution.spatial` (the feature rectangles),
+:mod:`~lightning_dance.execution.pixels` (kept positions of pixelwise convs),
 :mod:`~lightning_dance.execution.activations` (gathers and placements) and
 :mod:`~lightning_dance.execution.recording` (the executed-MAC recorder).
 
@@ -78,6 +79,8 @@ from lightning_dance.execution.frames import (
     tap_weight,
 )
 from lightning_dance.execution.kernels import take_columns, to_fast_layout
+from lightning_dance.execution.pixels import pixel_map, pixelwise, place_pixels
+from lightning_dance.execution.reads import drop_full, reads_input_everywhere, skip_unread
 from lightning_dance.execution.recording import ExecutedMacs, count_executed_macs, counted_conv3d
 from lightning_dance.execution.recording import record_macs as record_macs  # old import path
 from lightning_dance.execution.spatial import active_outputs as active_outputs  # old import path
@@ -291,45 +294,6 @@ def _run_part(
     return out
 
 
-def skip_unread(g: ConvGeometry, x: torch.Tensor, m_t, m_f):
-    """A dim with kernel 1, stride ``s > 1`` and no padding reads every ``s``-th position only:
-    take those first (a view), so gathers and the conv touch nothing else. Same outputs, same
-    MACs; the conv then has stride 1 in that dim."""
-    cut = [slice(None)] * 3
-    stride, size = list(g.stride), list(g.input[1:])
-    for i in range(3):
-        if g.kernel[i] == 1 and g.stride[i] > 1 and g.pad_lo[i] == 0 and g.pad_hi[i] == 0:
-            cut[i] = slice(0, (g.output[i] - 1) * g.stride[i] + 1, g.stride[i])
-            stride[i], size[i] = 1, g.output[i]
-    if size == list(g.input[1:]) and stride == list(g.stride):
-        return g, x, m_t, m_f
-    x = x[:, :, cut[0], cut[1], cut[2]]
-    m_t = m_t[cut[0]] if m_t is not None else None
-    m_f = m_f[cut[1], cut[2]] if m_f is not None else None
-    g = dataclasses.replace(g, stride=tuple(stride), input=(g.input[0], *size))
-    return g, x, m_t, m_f
-
-
-def _drop_full(mask: torch.Tensor | None, g: ConvGeometry | None = None) -> torch.Tensor | None:
-    """``None`` for a mask that keeps everything: the plain conv computes exactly what it
-    keeps, with no gather, crop or padding copy. A frame mask (``g`` given) of a conv whose
-    taps read temporal padding stays: the count skips those taps, so the tap plan runs (a
-    tuning may still choose the plain conv, :meth:`KernelCosts.frames_pay`)."""
-    if mask is None or not bool(mask.all()):
-        return mask
-    if g is not None and (g.pad_lo[0] or g.pad_hi[0]):
-        return mask
-    return None
-
-
-@functools.lru_cache(maxsize=1024)
-def _reads_input_everywhere(g: ConvGeometry) -> bool:
-    """Whether every output position's receptive field holds an input position (not only
-    padding): then a feature mask that keeps everything leaves every output active, as the
-    plain conv computes it."""
-    return bool(active_outputs(g, torch.ones(g.input[2:], dtype=torch.bool)).all())
-
-
 def _snap_channels(
     conv: nn.Conv3d, m_c: torch.Tensor, kept: torch.Tensor, tuning: KernelCosts
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -368,9 +332,9 @@ def _compact_same_masks(
     depthwise); ``out_idx``: the output channels to compute (``None``: all; ``groups == 1``);
     ``f_out``: ``m_f`` is ``[H_out, W_out]`` and selects the outputs to compute; ``f_grid``:
     its block grid (then the kept blocks run as tiles, one conv per tile size)."""
-    m_t, m_c = _drop_full(m_t, g), _drop_full(m_c)
-    if m_f is not None and (f_out or _reads_input_everywhere(g)):
-        m_f = _drop_full(m_f)
+    m_t, m_c = drop_full(m_t, g), drop_full(m_c)
+    if m_f is not None and (f_out or reads_input_everywhere(g)):
+        m_f = drop_full(m_f)
     if f_out:  # the output mask is not cut with the input
         g, x, m_t, _ = skip_unread(g, x, m_t, None)
     else:
@@ -423,46 +387,27 @@ def _compact_same_masks(
     return out
 
 
-def pixelwise(g: ConvGeometry) -> bool:
-    """Whether output position ``(h, w)`` reads input position ``(h, w)`` only (a ``(kT, 1, 1)``
-    kernel, spatial stride 1, no spatial padding: R(2+1)D's temporal convs, 1x1x1 convs, and
-    strided 1x1x1 ones after :func:`skip_unread`). Such a conv's active outputs are the kept
-    positions themselves, on either feature site."""
-    return (
-        g.kernel[1:] == (1, 1) and g.stride[1:] == (1, 1) and not any(g.pad_lo[1:] + g.pad_hi[1:])
-    )
-
-
 def _pixels_pay(g: ConvGeometry, m_f: torch.Tensor, tuning: KernelCosts) -> bool:
-    """A tuning's verdict on running the kept positions of a :func:`pixelwise` conv."""
+    """A tuning's verdict on running the kept positions of a pixelwise conv."""
     return tuning.features_pay(float(m_f.float().mean()))
 
 
 def _compact_pixels(conv, g, x, m_t, m_c, m_f, tuning, held, out_idx) -> torch.Tensor:
-    """A :func:`pixelwise` conv with a feature mask: the kept positions are gathered into a
-    ``[T, P, 1]`` map (one gather), run through the frame and channel plan, and written back
-    (one ``index_copy_``); the other positions hold the bias. Exactly the counted MACs."""
+    """A pixelwise conv with a feature mask (:mod:`~lightning_dance.execution.pixels`):
+    the frame and channel plan on the kept positions' map; the other positions hold the bias.
+    Exactly the counted MACs."""
     n, _, t, h, w = x.shape
-    pix = m_f.reshape(-1).nonzero().flatten().to(x.device)
     c_out = conv.out_channels if out_idx is None else len(out_idx)
-    t_out = g.output[0]
     bias = conv.bias
     if bias is not None and out_idx is not None:
         bias = bias.index_select(0, out_idx.to(bias.device))
-    out = bias_filled((n, c_out, t_out, h, w), bias, x)
-    if len(pix) == 0:
+    out = bias_filled((n, c_out, g.output[0], h, w), bias, x)
+    if not bool(m_f.any()):
         return out
-    xp = x.permute(0, 2, 3, 4, 1)  # [N, T, H, W, C]
-    if xp.is_contiguous():
-        xs = xp.reshape(n, t, h * w, -1).index_select(2, pix)
-    else:  # a strided view (skip_unread): gather straight from it
-        xs = xp[:, :, pix // w, pix % w]
+    xs, pix = pixel_map(x, m_f)
     p = len(pix)
-    xs = xs.view(n, t, p, 1, -1).permute(0, 4, 1, 2, 3)  # channels_last_3d [N, C, T, P, 1]
-    gp = dataclasses.replace(g, input=(g.input[0], t, p, 1), output=(t_out, p, 1))
-    y = _compact_same_masks(conv, gp, xs, m_t, m_c, None, tuning, held, out_idx)
-    y = to_fast_layout(y).permute(0, 2, 3, 4, 1).reshape(n, t_out, p, c_out)
-    out.permute(0, 2, 3, 4, 1).view(n, t_out, h * w, c_out).index_copy_(2, pix, y)
+    gp = dataclasses.replace(g, input=(g.input[0], t, p, 1), output=(g.output[0], p, 1))
+    place_pixels(out, pix, _compact_same_masks(conv, gp, xs, m_t, m_c, None, tuning, held, out_idx))
     return out
 
 
