@@ -139,13 +139,6 @@ class ControllerContext:
         return self.shared[key]
 
 
-def _unsqueezed(shift: torch.Tensor | float, dims: int) -> torch.Tensor | float:
-    """A budget shift ``[N, L]`` with ``dims`` trailing singleton dims (a float as is)."""
-    if isinstance(shift, torch.Tensor):
-        return shift.view(*shift.shape, *([1] * dims))
-    return shift
-
-
 @runtime_checkable
 class ControllerLike(Protocol):
     """What :class:`~lightning_dance.aap.AdaptivePruner` needs of a controller (DANCE's
@@ -422,7 +415,8 @@ class Controller(nn.Module):
             local = (self.frame_local[idx].view(1, -1, 2, 1) * stats.unsqueeze(1)).sum(2)
             glob = ctx.once("frame_global", lambda: self.frame_global(ctx.embedding))
             shift = self._budget_shift(ctx, idx, "frame")
-            return local + glob[:, idx, None] + _unsqueezed(shift, 1)
+            shift = shift if isinstance(shift, float) else shift[..., None]
+            return local + glob[:, idx, None] + shift
         if dim != "feature":
             raise ValueError(f"unknown dim {dim!r}; expected 'frame', 'channel' or 'feature'")
         gh, gw = min(self.grid, size[0]), min(self.grid, size[1])
@@ -430,7 +424,8 @@ class Controller(nn.Module):
         local = (self.feature_local[idx].view(1, -1, 2, 1, 1) * stats.unsqueeze(1)).sum(2)
         glob = ctx.once("feature_global", lambda: self.feature_global(ctx.embedding))
         shift = self._budget_shift(ctx, idx, "feature")
-        return local + glob[:, idx, None, None] + _unsqueezed(shift, 2)
+        shift = shift if isinstance(shift, float) else shift[..., None, None]
+        return local + glob[:, idx, None, None] + shift
 
     @staticmethod
     def _block_stats(ctx: ControllerContext, gh: int, gw: int) -> torch.Tensor:

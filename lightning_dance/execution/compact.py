@@ -339,7 +339,8 @@ def _compact_same_masks(
         g, x, m_t, _ = skip_unread(g, x, m_t, None)
     else:
         g, x, m_t, m_f = skip_unread(g, x, m_t, m_f)
-    if m_f is not None and pixelwise(g) and (tuning is None or _pixels_pay(g, m_f, tuning)):
+    pixels = m_f is not None and pixelwise(g)  # unless a tuning says the kept ones do not pay
+    if pixels and (tuning is None or tuning.features_pay(float(m_f.float().mean()))):
         return _compact_pixels(conv, g, x, m_t, m_c, m_f, tuning, held, out_idx)
     x = to_fast_layout(x)
     frames = frame_plan(g, m_t.cpu()) if m_t is not None else None
@@ -385,11 +386,6 @@ def _compact_same_masks(
         y = _run_part(conv, g, x, part, frames, zero, rects, tiles)
         place_channels(out, part.out_idx, y)
     return out
-
-
-def _pixels_pay(g: ConvGeometry, m_f: torch.Tensor, tuning: KernelCosts) -> bool:
-    """A tuning's verdict on running the kept positions of a pixelwise conv."""
-    return tuning.features_pay(float(m_f.float().mean()))
 
 
 def _compact_pixels(conv, g, x, m_t, m_c, m_f, tuning, held, out_idx) -> torch.Tensor:
