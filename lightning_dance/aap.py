@@ -40,10 +40,11 @@ from lightning_dance.controller import Controller, NoController, check_controlle
 from lightning_dance.decision import DecisionPlan
 from lightning_dance.feature_sites import FeatureSite, get_feature_site
 from lightning_dance.instrument import ForwardState, MaskHook, StemHook
+from lightning_dance.keep_counts import credited_keep_ratio, memo, rounded_channels
 from lightning_dance.layers import LayerSelector, select_conv3d, stem_names
 from lightning_dance.losses import budget_loss, distillation_loss  # noqa: F401 (re-exported)
 from lightning_dance.macs import count_macs
-from lightning_dance.masks import DIMS, check_dims, check_layer_dims, keep_count, multiple_options
+from lightning_dance.masks import DIMS, check_dims, check_layer_dims, keep_count
 from lightning_dance.noise import GateNoise
 from lightning_dance.policies import Policy, available_policies, get_policy
 from lightning_dance.stats import LayerStats, PruningStats
@@ -127,13 +128,10 @@ class AdaptivePruner(nn.Module):
         feature_site: ``"inputs"`` (default: input positions zeroed) or ``"outputs"`` (the
             mask selects the output positions computed: every dropped block is skipped work),
             see :mod:`lightning_dance.feature_sites`.
-        layer_dims: ``{layer: dims}``: layers that prune only some of ``dims`` (an empty list:
-            none, the layer is instrumented but keeps everything); the others prune all of
-            ``dims``. Cuts then go only where they are allowed, so calibration and the budget
-            loss concentrate them there: prune each layer along the dims where skipping pays
-            on your hardware (:func:`~lightning_dance.execution.profitable_dims` reads them
-            from measured costs). Policies whose keep counts follow the scores only
-            (``threshold``, ``attention``; ``topk`` splits its budget evenly over the dims).
+        layer_dims: ``{layer: dims}``: layers that prune only some of ``dims`` (possibly none;
+            the others prune all), so that calibration and the budget loss put the cuts where
+            skipping pays (:func:`~lightning_dance.execution.profitable_dims`). ``threshold``
+            and ``attention`` only.
     """
 
     def __init__(
@@ -207,13 +205,7 @@ class AdaptivePruner(nn.Module):
         modules = dict(model.named_modules())
         self._stem = modules[self.stem_name]
         self._layers = {name: modules[name] for name in self.layer_names}
-        self.layer_dims = check_layer_dims(layer_dims or {}, self.layer_names, self.dims)
-        if self.layer_dims and policy.fixed_counts:
-            raise ValueError(
-                f"layer_dims needs a policy whose keep counts follow the scores (threshold, "
-                f"attention): the {policy.name!r} policy splits the budget evenly over every "
-                "layer's dims"
-            )
+        self.layer_dims = check_layer_dims(layer_dims or {}, self.layer_names, self.dims, policy)
         if policy.needs_layer_input:
             controller = NoController.checked(
                 policy.name, controller=controller, grid=grid,
@@ -489,49 +481,22 @@ class AdaptivePruner(nn.Module):
 
     def _rounded_channels(self, ratio: float) -> dict[str, int]:
         """``{layer: kept channels}`` for :meth:`topk_count` (cached per ratio and shares)."""
-        key = (ratio, *self._layer_share.values())
-        if key in self._rounded:
-            return self._rounded[key]
-        m, others = self.channel_multiple, ratio ** (len(self.dims) - 1)
-        plan: dict[str, int] = {}
-        error = 0.0  # MACs (fraction of the model) kept beyond the unrounded counts so far
-        for name, share in self._layer_share.items():
-            c = self._layers[name].in_channels
-            exact = min(float(c), max(float(self.min_keep), ratio * c))
-            if c <= m:
-                plan[name] = keep_count(ratio, c, self.min_keep)
-                continue
-            per_channel = share * others / c
-            options = multiple_options(exact, c, m)
-            k = min(options, key=lambda o: abs(error + per_channel * (o - exact)))
-            k = min(c, max(self.min_keep, k))
-            error += per_channel * (k - exact)
-            plan[name] = k
-        if len(self._rounded) > 64:
-            self._rounded.clear()
-        self._rounded[key] = plan
-        return plan
+        return memo(self._rounded, (ratio, *self._layer_share.values()), lambda: rounded_channels(
+            self._layer_share, {n: m.in_channels for n, m in self._layers.items()}, ratio,
+            dims=len(self.dims), multiple=self.channel_multiple, min_keep=self.min_keep,
+        ))  # fmt: skip
 
     def _credited_keep_ratio(self, target: float) -> float:
-        """The per-dim keep ratio ``r`` whose instrumented MACs, a chain producer's scaled by
-        its consumer's ``r`` of the channels, are ``target`` (of the whole model): bisection."""
-        key = (target, *self._layer_share.values())
-        if key in self._credited:  # asked once per layer and forward: solved once per budget
-            return self._credited[key]
-        producers = set(self.output_chains())
-        d = len(self.dims)
-        shares = [(f, d + (name in producers)) for name, f in self._layer_share.items()]
-        lo, hi = 1e-3, 1.0
-        if sum(f * lo**e for f, e in shares) < target:
-            for _ in range(40):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if sum(f * mid**e for f, e in shares) < target else (lo, mid)
-        else:
-            hi = lo
-        if len(self._credited) > 64:
-            self._credited.clear()
-        self._credited[key] = hi
-        return hi
+        """The per-dim keep ratio whose instrumented MACs, a chain producer's scaled by its
+        consumer's ratio of the channels, are ``target`` (asked once per layer and forward:
+        solved once per budget)."""
+
+        def solve() -> float:
+            producers, d = set(self.output_chains()), len(self.dims)
+            shares = [(f, d + (n in producers)) for n, f in self._layer_share.items()]
+            return credited_keep_ratio(shares, target)
+
+        return memo(self._credited, (target, *self._layer_share.values()), solve)
 
     @torch.no_grad()
     def calibrate(

@@ -64,10 +64,11 @@ def check_dims(dims: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 
 def check_layer_dims(
-    layer_dims: object, layers: list[str], dims: tuple[str, ...]
+    layer_dims: object, layers: list[str], dims: tuple[str, ...], policy: object = None
 ) -> dict[str, tuple[str, ...]]:
     """``{layer: dims}`` validated: instrumented layers only, each a subset of ``dims`` (may be
-    empty: the layer keeps everything), put in :data:`DIMS` order.
+    empty: the layer keeps everything), put in :data:`DIMS` order; refused for a ``policy``
+    with fixed counts (``topk`` splits its budget evenly over every layer's dims).
 
     Example:
         >>> check_layer_dims({"b": ["channel", "frame"]}, ["a", "b"], DIMS)
@@ -75,6 +76,12 @@ def check_layer_dims(
     """
     if not hasattr(layer_dims, "items"):
         raise TypeError(f"layer_dims must map layer names to dims, got {type(layer_dims).__name__}")
+    if layer_dims and getattr(policy, "fixed_counts", False):
+        raise ValueError(
+            "layer_dims needs a policy whose keep counts follow the scores (threshold, "
+            f"attention): the {policy.name!r} policy splits the budget evenly over every "
+            "layer's dims"
+        )
     out = {}
     for name, only in layer_dims.items():
         if name not in layers:
