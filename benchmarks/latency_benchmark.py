@@ -37,8 +37,9 @@ are part of every DANCE latency.
   :func:`~lightning_dance.execution.profitable_layers` finds worth pruning at the tuned pruner's
   keep ratio, calibrated to the same budget (so those layers are pruned harder), with tunings.
 - ``selected dims`` (two or more dims, a policy whose counts follow the scores): per layer only
-  the dims :func:`~lightning_dance.execution.profitable_dims` finds worth pruning there
-  (``AdaptivePruner(layer_dims=...)``), calibrated to the same budget, with tunings.
+  the dims :func:`~lightning_dance.execution.profitable_dims` finds worth pruning there, the
+  model's channel chains included (``AdaptivePruner(layer_dims=...)``), calibrated to the same
+  budget with ``credit_outputs=True`` (the budget is what runs), with tunings.
 
 - ``MAC ratio`` = executed / dense MACs per clip, as counted by the pruner
   (:mod:`lightning_dance.executed`, controller included);
@@ -79,6 +80,7 @@ from lightning_dance.aap import AdaptivePruner
 from lightning_dance.execution import (
     CompactPruner,
     accelerate_dense,
+    channel_chains,
     count_executed_macs,
     profitable_dims,
     profitable_layers,
@@ -291,12 +293,16 @@ def bench_model(name: str, args) -> dict:
                     variants.append(v)
                 # per layer, only the dims that pay there (threshold: counts follow the scores)
                 if len(dims) > 1 and not pruner.policy.fixed_counts:
-                    where = profitable_dims(tunings, keep=min(0.5, pruner.keep_ratio()))
-                    where = {n: d for n, d in where.items() if set(d) & set(dims)}
+                    chains = channel_chains(model) if "channel" in dims else None
+                    where = profitable_dims(tunings, keep=min(0.5, pruner.keep_ratio()),
+                                            chains=chains)  # fmt: skip
+                    where = {n: tuple(x for x in d if x in dims) for n, d in where.items()}
+                    where = {n: d for n, d in where.items() if d}
                     selected[label + " dims"] = sum(len(d) for d in where.values())
                     if where:
                         sub = calibrated_pruner(model, dims, budget, clip, args, layers=list(where),
-                                                feature_site=site, layer_dims=where)  # fmt: skip
+                                                feature_site=site, layer_dims=where,
+                                                credit_outputs="channel" in dims)  # fmt: skip
                         v, errors[label + " seld"] = dance_variants(
                             f"{label} selected dims", sub, clip, tunings
                         )

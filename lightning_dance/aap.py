@@ -296,18 +296,18 @@ class AdaptivePruner(nn.Module):
     def output_chains(self) -> dict[str, ChannelChain]:
         """``{producer: ChannelChain}``: the channel chains (see
         :func:`lightning_dance.execution.channel_chains`, found once with ``torch.fx``) whose
-        producer and consumer are both instrumented and whose consumer prunes channels: there
-        the producer need not compute the channels its consumer drops. Never the stem (the
-        controller reads its whole output)."""
+        producer and consumer are both instrumented and whose consumer prunes channels (the
+        producer may prune any dims or none): there the producer need not compute the channels
+        its consumer drops. Never the stem (the controller reads its whole output)."""
         if self._chains is None and self.policy.needs_layer_input:
             self._chains = {}  # a consumer's decision needs its input: nothing to look ahead at
         if self._chains is None:
             from lightning_dance.execution.chains import channel_chains  # execution imports aap
 
-            layers = {n for n in self.layer_names if "channel" in self.dims_of(n)}
+            consumers = {n for n in self.layer_names if "channel" in self.dims_of(n)}
             self._chains = {
                 name: c for name, c in channel_chains(self.model).items()
-                if c.consumer in layers and name in layers
+                if c.consumer in consumers and name in self._layers
             }  # fmt: skip
         return self._chains
 

@@ -66,6 +66,7 @@ def test_layers_prune_only_their_dims_in_every_runtime(site, n):
         # output skipping: only along chains whose consumer prunes channels
         assert "layer1.0.conv1.0.0" not in p.output_chains()  # its consumer keeps its channels
         assert "layer2.0.conv1.0.0" in p.output_chains()
+        assert "layer1.0.conv2.0.0" in p.output_chains()  # a producer pruning no channels
         out = CompactPruner(p, skip_outputs=False)(clip)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
 
@@ -138,6 +139,33 @@ def test_profitable_dims_reads_each_dims_measured_cost():
                                                              "none": ()}  # fmt: skip
     with pytest.raises(ValueError, match="keep"):
         profitable_dims(tunings, keep=0.0)
+
+
+def test_profitable_dims_credits_a_chain_consumer_with_its_producers_skipped_outputs():
+    """``small``'s own channel cut never pays (0.15 ms slower); with half of ``big``'s outputs
+    spared (estimated 0.5 * 3 ms at keep 0.5) it does. Only a chain whose producer is pruned
+    anyway counts, and nothing the layer's own timing picked is taken away."""
+    from lightning_dance.execution import ChannelChain
+
+    tunings = {
+        "big": LayerTuning(10.0, channel_ms={4: 3.0, 8: 10.0}),
+        "small": LayerTuning(1.0, channel_ms={4: 1.15, 8: 1.0}, frame_ms={2: 0.5, 4: 0.8}),
+        "idle": LayerTuning(10.0, channel_ms={4: 11.0, 8: 10.0}),
+        "after_idle": LayerTuning(1.0, channel_ms={4: 1.15, 8: 1.0}),
+    }
+    chains = {"big": ChannelChain("big", "small"), "idle": ChannelChain("idle", "after_idle")}
+    assert profitable_dims(tunings, keep=0.5)["small"] == ("frame",)
+    got = profitable_dims(tunings, keep=0.5, chains=chains)
+    assert got == {"big": ("channel",), "small": ("frame", "channel"), "idle": (),
+                   "after_idle": ()}  # fmt: skip
+    # the spared time shrinks with the kept fraction: at keep 7/8, 1/8 of 5 ms < 1.6 - 0.9 ms
+    tunings["big"] = LayerTuning(10.0, channel_ms={4: 3.0, 7: 5.0, 8: 10.0})
+    tunings["small"].channel_ms = {4: 1.15, 7: 1.6, 8: 1.0}
+    assert profitable_dims(tunings, keep=0.875, chains=chains)["small"] == ("frame",)
+    assert profitable_dims(tunings, keep=0.5, chains=chains)["small"] == ("frame", "channel")
+    # a chain to a layer that was not tuned changes nothing
+    only = profitable_dims({"big": tunings["big"]}, keep=0.5, chains=chains)
+    assert only == {"big": ("channel",)}
 
 
 @pytest.mark.parametrize("mode", ["masked", "threshold"])

@@ -40,12 +40,13 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from lightning_dance.execution.chains import ChannelChain
 from lightning_dance.execution.compact import compact_conv3d
 from lightning_dance.execution.kernels import conv3d_fast_forward, to_fast_layout
 from lightning_dance.execution.spatial import active_outputs
@@ -348,7 +349,11 @@ def profitable_layers(
 
 
 def profitable_dims(
-    tunings: dict[str, LayerTuning], keep: float, *, margin: float = 0.9
+    tunings: dict[str, LayerTuning],
+    keep: float,
+    *,
+    margin: float = 0.9,
+    chains: Mapping[str, ChannelChain] | None = None,
 ) -> dict[str, tuple[str, ...]]:
     """Per layer, the dims worth pruning on this machine: those whose compact conv with ``keep``
     of that dim kept (the others whole) is estimated at most ``margin`` times the layer's dense
@@ -356,20 +361,39 @@ def profitable_dims(
     ``layers=`` the layers that have some): cuts then go only where they pay, and calibration
     concentrates them there.
 
-    Only each layer's own conv is timed: pruning a channel chain's consumer also spares its
-    producer's outputs (``CompactPruner``'s output skipping), which this does not see.
+    ``chains`` (``{producer: ChannelChain}``, e.g.
+    :func:`~lightning_dance.execution.channel_chains` of the model) adds what a layer's own
+    timing does not see: a chain's consumer that prunes channels spares its producer the
+    outputs it drops (``CompactPruner``'s output skipping). Where the producer is pruned
+    anyway (it has dims here), the consumer also prunes channels when its channel cut plus
+    ``1 - keep`` of the producer's estimated time pays. On R(2+1)D this is each cheap temporal
+    conv after an expensive spatial one (``docs/execution.md``, "Dims per layer").
 
     Example:
         >>> t = LayerTuning(10.0, channel_ms={4: 4.0, 8: 10.0}, frame_ms={2: 12.0, 4: 10.0})
-        >>> profitable_dims({"a": t, "b": LayerTuning(1.0)}, keep=0.5)
+        >>> small = LayerTuning(1.0, channel_ms={4: 1.2, 8: 1.0})  # its own cut never pays
+        >>> profitable_dims({"a": t, "b": small}, keep=0.5)
         {'a': ('channel',), 'b': ()}
+        >>> from lightning_dance.execution import ChannelChain
+        >>> profitable_dims({"a": t, "b": small}, keep=0.5, chains={"a": ChannelChain("a", "b")})
+        {'a': ('channel',), 'b': ('channel',)}
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    return {
+    out = {
         name: tuple(d for d in DIMS if t.dim_estimate_ms(d, keep) <= margin * t.dense_ms)
         for name, t in tunings.items()
     }
+    for producer, chain in (chains or {}).items():
+        own, consumer = out.get(producer), tunings.get(chain.consumer)
+        if not own or consumer is None or "channel" in out[chain.consumer]:
+            continue
+        p = tunings[producer]
+        spared = (1.0 - keep) * min(p.dim_estimate_ms(d, keep) for d in own)
+        if consumer.dim_estimate_ms("channel", keep) - spared <= margin * consumer.dense_ms:
+            dims = {*out[chain.consumer], "channel"}
+            out[chain.consumer] = tuple(d for d in DIMS if d in dims)
+    return out
 
 
 def tune_layers(
