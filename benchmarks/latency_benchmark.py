@@ -39,7 +39,10 @@ are part of every DANCE latency.
 - ``selected dims`` (two or more dims, a policy whose counts follow the scores): per layer only
   the dims :func:`~lightning_dance.execution.profitable_dims` finds worth pruning there, the
   model's channel chains included (``AdaptivePruner(layer_dims=...)``), calibrated to the same
-  budget with ``credit_outputs=True`` (the budget is what runs), with tunings.
+  budget with ``credit_outputs=True`` (the budget is what runs), with tunings; ``selected best
+  dim``: the same with one dim per layer, the one estimated fastest (``max_dims=1``). Both
+  also report the bytes they move, measured from the ops that run, against the dense fast
+  path, and the energy estimated from them (DRAM and the LLC-aware targets).
 
 - ``MAC ratio`` = executed / dense MACs per clip, as counted by the pruner
   (:mod:`lightning_dance.executed`, controller included);
@@ -77,6 +80,8 @@ import torch
 import torch.nn as nn
 
 from lightning_dance.aap import AdaptivePruner
+from lightning_dance.bytes import TrafficComparison, TrafficMeasurement, measure_traffic
+from lightning_dance.energy import TARGETS, EnergyModel
 from lightning_dance.execution import (
     CompactPruner,
     accelerate_dense,
@@ -112,6 +117,20 @@ class Variant:
     run: Callable[[], object]
     mac_ratio: float = 1.0  # counted executed / dense
     ran_ratio: float = 1.0  # really computed / dense
+    traffic: dict | None = None  # measured traffic and energy savings (traffic_and_energy)
+
+
+def traffic_and_energy(dense: TrafficMeasurement, fast: CompactPruner, clip: torch.Tensor) -> dict:
+    """Dense / compact bytes measured from the ops each runs (:mod:`lightning_dance.bytes`) and
+    dense / compact energy estimated from them, with every byte at DRAM and per LLC-aware
+    target (:mod:`lightning_dance.energy`)."""
+    c = TrafficComparison(dense, measure_traffic(fast, clip))
+    models = {"dram": EnergyModel(), **{t: EnergyModel.for_target(t) for t in TARGETS}}
+    return {
+        "dense_bytes": c.dense.total, "compact_bytes": c.compact.total,
+        "traffic_saving": round(c.saving, 3),
+        "energy_saving": {k: round(c.energy_saving(m), 3) for k, m in models.items()},
+    }  # fmt: skip
 
 
 def measure(variants: list[Variant], warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -219,6 +238,7 @@ def rows_of(variants: list[Variant], times: dict[str, list[float]], base: str) -
             "p90_ms": round(p90(times[v.name]), 2), "min_ms": round(min(times[v.name]), 2),
             "speedup": round(speed, 3), "realized_over_ideal": round(speed * v.ran_ratio, 3),
             "realized_over_ideal_counted": round(speed * v.mac_ratio, 3),
+            **({"traffic": v.traffic} if v.traffic else {}),
         })  # fmt: skip
     return rows
 
@@ -244,6 +264,7 @@ def bench_model(name: str, args) -> dict:
     ]
     errors: dict[str, float] = {}
     selected: dict[str, int] = {}  # profitable layers per config/budget
+    dense_bytes: TrafficMeasurement | None = None  # measured once, for the selected variants
     for cfg, dims in configs.items():
         site = CONFIG_SITES.get(cfg, args.feature_site)
         tunings = site_tunings.get(site)
@@ -294,17 +315,24 @@ def bench_model(name: str, args) -> dict:
                 # per layer, only the dims that pay there (threshold: counts follow the scores)
                 if len(dims) > 1 and not pruner.policy.fixed_counts:
                     chains = channel_chains(model) if "channel" in dims else None
-                    where = profitable_dims(tunings, keep=min(0.5, pruner.keep_ratio()),
-                                            chains=chains)  # fmt: skip
-                    where = {n: tuple(x for x in d if x in dims) for n, d in where.items()}
-                    where = {n: d for n, d in where.items() if d}
-                    selected[label + " dims"] = sum(len(d) for d in where.values())
-                    if where:
+                    for suffix, max_dims in (("dims", None), ("best dim", 1)):
+                        where = profitable_dims(tunings, keep=min(0.5, pruner.keep_ratio()),
+                                                chains=chains, max_dims=max_dims)  # fmt: skip
+                        where = {n: tuple(x for x in d if x in dims) for n, d in where.items()}
+                        where = {n: d for n, d in where.items() if d}
+                        selected[f"{label} {suffix}"] = sum(len(d) for d in where.values())
+                        if not where:
+                            continue
                         sub = calibrated_pruner(model, dims, budget, clip, args, layers=list(where),
                                                 feature_site=site, layer_dims=where,
                                                 credit_outputs="channel" in dims)  # fmt: skip
-                        v, errors[label + " seld"] = dance_variants(
-                            f"{label} selected dims", sub, clip, tunings
+                        v, errors[f"{label} {suffix}"] = dance_variants(
+                            f"{label} selected {suffix}", sub, clip, tunings
+                        )
+                        if dense_bytes is None:
+                            dense_bytes = measure_traffic(model, clip)
+                        v.traffic = traffic_and_energy(
+                            dense_bytes, CompactPruner(sub, tunings=tunings), clip
                         )
                         variants.append(v)
     load_before = loadavg()
@@ -387,6 +415,13 @@ def print_tables(r: dict) -> None:
               f"{row['median_ms']:10.2f} {row['p90_ms']:8.2f} {row['speedup']:8.2f} "
               f"{row['realized_over_ideal']:10.2f} "
               f"{row['realized_over_ideal_counted']:11.2f}")  # fmt: skip
+    for row in r["rows"]:
+        if row.get("traffic"):
+            t = row["traffic"]
+            energy = ", ".join(f"{k} x{v:.2f}" for k, v in t["energy_saving"].items())
+            print(f"  {row['variant']}: bytes {t['dense_bytes'] / 1e6:.1f} -> "
+                  f"{t['compact_bytes'] / 1e6:.1f} MB, x{t['traffic_saving']:.2f}; "
+                  f"energy dense/compact {energy}")  # fmt: skip
     sel = ", ".join(f"{k}: {v}" for k, v in r["profitable_layers"].items())
     print(f"profitable layers of {r['instrumented_layers']} instrumented ({sel}); "
           "'selected' prunes only those")  # fmt: skip

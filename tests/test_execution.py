@@ -665,6 +665,23 @@ def test_latency_benchmark_smoke(tmp_path):
     variant, err = bench.materialized_variant("m", pruner, torch.randn(1, 3, 8, 32, 32))
     assert err < 1e-4 and 0.2 < variant.mac_ratio == variant.ran_ratio < 0.6
     variant.run()
+    # the selected variants' traffic and energy: measured bytes of both runs, their ratio
+    from lightning_dance.bytes import measure_traffic
+    from lightning_dance.execution import CompactPruner
+
+    clip = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        pruner(clip)
+    t = bench.traffic_and_energy(measure_traffic(model, clip), CompactPruner(pruner), clip)
+    assert t["dense_bytes"] == measure_traffic(model, clip).total
+    assert t["traffic_saving"] == pytest.approx(t["dense_bytes"] / t["compact_bytes"], abs=1e-3)
+    assert {"dram", "jetson_nano", "snapdragon_8_gen_1"} <= set(t["energy_saving"])
+    assert all(v > 0 for v in t["energy_saving"].values())
+    # threshold: the per-layer selections run (what pays on this machine may be nothing)
+    bench.main(["--smoke", "--policy", "threshold", "--threads", "1", "--out", str(out)])
+    for row in json.loads(out.read_text())["results"][0]["rows"]:
+        if "selected" in row["variant"] and "traffic" in row:
+            assert row["traffic"]["traffic_saving"] > 0
 
 
 # ----------------------------------------------------------------------------- tuning

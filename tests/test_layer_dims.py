@@ -182,3 +182,23 @@ def test_exports_prune_only_each_layers_dims(mode, site):
         torch.testing.assert_close(module(clip), ref, rtol=1e-4, atol=1e-6)
         everywhere = _pruner(feature_site=site, layer_dims=None)  # same weights, all dims
         assert (everywhere(clip) - ref).abs().max() > 0.02 * ref.abs().max()  # it matters here
+
+
+def test_profitable_dims_max_dims_keeps_the_fastest_dims_chain_credit_included():
+    from lightning_dance.execution import ChannelChain
+
+    tunings = {
+        "big": LayerTuning(10.0, channel_ms={4: 4.0, 8: 10.0}, frame_ms={2: 6.0, 4: 10.0}),
+        # alone, frames (0.7 ms) beat channels (0.85 ms); with 2 ms of big's outputs spared,
+        # channels are estimated at -1.15 ms and rank first
+        "small": LayerTuning(1.0, channel_ms={4: 0.85, 8: 1.0}, frame_ms={2: 0.7, 4: 1.0}),
+    }
+    assert profitable_dims(tunings, keep=0.5, max_dims=1) == {"big": ("channel",),
+                                                             "small": ("frame",)}  # fmt: skip
+    chains = {"big": ChannelChain("big", "small")}
+    got = profitable_dims(tunings, keep=0.5, max_dims=1, chains=chains)
+    assert got == {"big": ("channel",), "small": ("channel",)}
+    assert profitable_dims(tunings, keep=0.5, max_dims=2) == profitable_dims(tunings, keep=0.5)
+    for bad in (0, -1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="max_dims"):
+            profitable_dims(tunings, keep=0.5, max_dims=bad)
