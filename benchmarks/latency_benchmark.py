@@ -118,6 +118,7 @@ class Variant:
     mac_ratio: float = 1.0  # counted executed / dense
     ran_ratio: float = 1.0  # really computed / dense
     traffic: dict | None = None  # measured traffic and energy savings (traffic_and_energy)
+    layer_dims: dict | None = None  # the selected variants' {layer: dims}
 
 
 def traffic_and_energy(dense: TrafficMeasurement, fast: CompactPruner, clip: torch.Tensor) -> dict:
@@ -239,6 +240,7 @@ def rows_of(variants: list[Variant], times: dict[str, list[float]], base: str) -
             "speedup": round(speed, 3), "realized_over_ideal": round(speed * v.ran_ratio, 3),
             "realized_over_ideal_counted": round(speed * v.mac_ratio, 3),
             **({"traffic": v.traffic} if v.traffic else {}),
+            **({"layer_dims": v.layer_dims} if v.layer_dims else {}),
         })  # fmt: skip
     return rows
 
@@ -334,6 +336,7 @@ def bench_model(name: str, args) -> dict:
                         v.traffic = traffic_and_energy(
                             dense_bytes, CompactPruner(sub, tunings=tunings), clip
                         )
+                        v.layer_dims = where
                         variants.append(v)
     load_before = loadavg()
     times = measure(variants, args.warmup, args.repeats)

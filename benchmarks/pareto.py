@@ -682,6 +682,26 @@ def dance_noava_credit(ctx: Context, budget: float, seed: int) -> Candidate:
                   **THRESHOLD_RECIPE)  # fmt: skip
 
 
+#: ``{layer: dims}`` for ``dance-selected`` (``--layer-dims``)
+LAYER_DIMS: dict[str, tuple[str, ...]] | None = None
+
+
+@method("dance-selected")
+def dance_selected(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance-noava-credit`` with each layer pruning only the dims ``--layer-dims`` gives it
+    (``AdaptivePruner(layer_dims=...)``; layers it does not name stay dense): the selection
+    :func:`~lightning_dance.execution.profitable_dims` makes where the model is deployed, e.g.
+    a ``selected`` row of ``latency_benchmark.py`` (its ``layer_dims``)."""
+    if LAYER_DIMS is None:
+        raise ValueError("dance-selected needs --layer-dims FILE: a JSON {layer: [dims]}")
+    start = ctx.start("dense")  # a VideoClassifier: the network's layers are under "model."
+    convs = {n for n, m in start.named_modules() if isinstance(m, nn.Conv3d)}
+    where = {n if n in convs else f"model.{n}": d for n, d in LAYER_DIMS.items()}
+    return _dance(ctx, budget, start=start, policy="threshold", dims=ALL_DIMS,
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
+                  layers=list(where), layer_dims=where, **THRESHOLD_RECIPE)  # fmt: skip
+
+
 @method("dance-noava-credit-outputs")
 def dance_noava_credit_outputs(ctx: Context, budget: float, seed: int) -> Candidate:
     """``dance-noava-credit`` with feature masks on the layers' outputs
@@ -927,6 +947,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
               "budget_warmup"):  # fmt: skip
         value = getattr(defaults, f)
         p.add_argument("--" + f.replace("_", "-"), type=type(value), default=value)
+    p.add_argument("--layer-dims", type=Path, default=None, metavar="FILE",
+                   help="dance-selected: a JSON {layer: [dims]} (e.g. a latency_benchmark.py "
+                   "'selected' row's layer_dims)")  # fmt: skip
     p.add_argument("--latency-clips", type=int, default=8, help="test clips cycled in timing")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=24)
@@ -958,8 +981,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    global ONNX_FORM
+    global ONNX_FORM, LAYER_DIMS
     ONNX_FORM = args.onnx
+    if args.layer_dims is not None:
+        LAYER_DIMS = {k: tuple(v) for k, v in json.loads(args.layer_dims.read_text()).items()}
     torch.set_num_threads(args.threads)
     for name in ("lightning.pytorch", "lightning.fabric"):  # one line a row, not Trainer banners
         logging.getLogger(name).setLevel(logging.WARNING)

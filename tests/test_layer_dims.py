@@ -71,6 +71,30 @@ def test_layers_prune_only_their_dims_in_every_runtime(site, n):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
 
 
+def test_a_chain_producer_that_prunes_nothing_still_skips_what_its_consumer_drops():
+    """Only the temporal conv prunes (its input channels); the spatial conv before it is
+    instrumented with no dims, computes only the channels kept, and is charged so."""
+    only = {"layer1.0.conv1.0.0": (), "layer1.0.conv1.0.3": ("channel",)}
+    p = _pruner(layers=list(only), layer_dims=only, credit_outputs=True)
+    assert list(p.output_chains()) == ["layer1.0.conv1.0.0"]
+    clip = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        ref = p(clip)
+        stats = p.last_stats
+        kept = int(stats.layers["layer1.0.conv1.0.3"].masks["channel"].sum())
+        producer = stats.layers["layer1.0.conv1.0.0"]
+        c_out = p.model.get_submodule("layer1.0.conv1.0.0").out_channels
+        assert 0 < kept < c_out  # the untrained controller drops some
+        assert int(producer.executed_macs) == producer.dense_macs // c_out * kept
+        for index_plan in (True, False):
+            with count_ran() as ran:
+                out = CompactPruner(p, index_plan=index_plan)(clip)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+            assert ran.total + stats.fixed_macs + stats.controller_macs == int(
+                stats.executed_macs().sum()
+            )
+
+
 def test_calibration_puts_the_cuts_where_they_are_allowed():
     """Only the allowed (layer, dim)s cut; calibration still meets the budget with them."""
     net = _net()
