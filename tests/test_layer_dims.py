@@ -187,6 +187,9 @@ def test_profitable_dims_credits_a_chain_consumer_with_its_producers_skipped_out
     tunings["small"].channel_ms = {4: 1.15, 7: 1.6, 8: 1.0}
     assert profitable_dims(tunings, keep=0.875, chains=chains)["small"] == ("frame",)
     assert profitable_dims(tunings, keep=0.5, chains=chains)["small"] == ("frame", "channel")
+    # nor one to a layer whose channels were not tuned (a pruner without channels)
+    frames_only = dict(tunings, small=LayerTuning(1.0, frame_ms={2: 0.5, 4: 1.0}))
+    assert profitable_dims(frames_only, keep=0.5, chains=chains)["small"] == ("frame",)
     # a chain to a layer that was not tuned changes nothing
     only = profitable_dims({"big": tunings["big"]}, keep=0.5, chains=chains)
     assert only == {"big": ("channel",)}

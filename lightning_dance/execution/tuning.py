@@ -366,8 +366,8 @@ def profitable_dims(
     :func:`~lightning_dance.execution.channel_chains` of the model) adds what a layer's own
     timing does not see: a chain's consumer that prunes channels spares its producer the
     outputs it drops (``CompactPruner``'s output skipping). Where the producer is pruned
-    anyway (it has dims here), the consumer also prunes channels when its channel cut plus
-    ``1 - keep`` of the producer's estimated time pays. On R(2+1)D this is each cheap temporal
+    anyway (it has dims here) and the consumer's channels were tuned, the consumer also prunes
+    channels when its channel cut plus ``1 - keep`` of the producer's estimated time pays. On R(2+1)D this is each cheap temporal
     conv after an expensive spatial one (``docs/execution.md``, "Dims per layer").
 
     ``max_dims``: keep at most this many dims per layer, those estimated fastest (the chain
@@ -399,7 +399,7 @@ def profitable_dims(
     }
     for producer, chain in (chains or {}).items():
         own, consumer = out.get(producer), tunings.get(chain.consumer)
-        if not own or consumer is None:
+        if not own or consumer is None or not consumer.channel_ms:  # channels not tuned there
             continue
         spared = (1.0 - keep) * min(tunings[producer].dim_estimate_ms(d, keep) for d in own)
         est[chain.consumer]["channel"] -= spared  # the producer's own time, not its credit
