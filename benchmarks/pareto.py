@@ -229,7 +229,8 @@ class Context:
         candidate is kept there and reused (same task), so that a later run can measure it again
         (say, on a quiet machine or with more threads) without training it again. The cached
         file is a pickle of the candidate: load only caches you made."""
-        path = self.cache / f"{name}-{budget}-seed{self.seed}.pt" if self.cache else None
+        tag = getattr(METHODS[name], "cache_tag", lambda: "")()  # what else the method reads
+        path = self.cache / f"{name}{tag}-{budget}-seed{self.seed}.pt" if self.cache else None
         if path is not None and path.exists():
             saved = torch.load(path, weights_only=False)
             if saved.pop("task", None) == asdict(self.task):
@@ -470,7 +471,7 @@ def slim(ctx: Context, budget: float, seed: int) -> Candidate:
 def static_prune(ctx: Context, budget: float) -> tuple[nn.Module, float]:
     """The seed's dense start pruned with Torch-Pruning (``MetaPruner``, L2-magnitude importance,
     the same ratio in every layer, 1% of the channels a step) to the step whose Conv3d MACs are
-    closest to ``budget`` x dense; returns (model, Conv3d MAC ratio)."""
+    closest to ``budget`` x dense; returns (model in train mode, Conv3d MAC ratio)."""
     try:
         import torch_pruning as tp
     except ImportError as err:  # an optional extra
@@ -494,7 +495,10 @@ def static_prune(ctx: Context, budget: float) -> tuple[nn.Module, float]:
         ratio = conv_macs(net, example) / dense
     if previous[0] is not None and abs(previous[1] - budget) < abs(ratio - budget):
         net, ratio = previous
-    return net, ratio
+    # back to train mode: Lightning keeps each submodule's own eval flag through fit, so a net
+    # left in eval mode would be fine-tuned with frozen BatchNorm statistics (on this task that
+    # left its test predictions constant: 16.6% top-1, chance)
+    return net.train(), ratio
 
 
 @method("torch-pruning")
@@ -700,6 +704,17 @@ def dance_selected(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance(ctx, budget, start=start, policy="threshold", dims=ALL_DIMS,
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
                   layers=list(where), layer_dims=where, **THRESHOLD_RECIPE)  # fmt: skip
+
+
+def _layer_dims_tag() -> str:
+    """The cache tag of ``dance-selected``: a digest of its ``--layer-dims``."""
+    import hashlib
+
+    text = json.dumps(LAYER_DIMS, sort_keys=True)
+    return "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+dance_selected.cache_tag = _layer_dims_tag
 
 
 @method("dance-noava-credit-outputs")

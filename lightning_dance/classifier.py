@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_dance.losses import distillation_loss
+from lightning_dance.train_mode import train_at_fit_start
 
 __all__ = ["VideoClassifier"]
 
@@ -133,6 +134,10 @@ class VideoClassifier(L.LightningModule):
                 key = f"{stage}/{name.removeprefix(stage + '_')}"
                 self.log(key, metric, prog_bar=name == f"{stage}_acc", on_step=False, on_epoch=True)
         return loss
+
+    def on_fit_start(self) -> None:
+        # Lightning keeps a submodule's own eval flag through fit (train_mode)
+        train_at_fit_start(self, "VideoClassifier")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")

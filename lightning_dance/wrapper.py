@@ -44,6 +44,7 @@ from lightning_dance.masks import DIMS
 from lightning_dance.nonfinite import NonFiniteGuard, is_finite
 from lightning_dance.policies import Policy, available_policies, get_policy
 from lightning_dance.stats import PruningStats
+from lightning_dance.train_mode import train_at_fit_start
 
 __all__ = ["DANCEWrapper", "ArchitectureMismatchError"]
 
@@ -563,6 +564,10 @@ class DANCEWrapper(L.LightningModule):
         return self(clip).argmax(-1)
 
     def on_fit_start(self) -> None:
+        # Lightning keeps a submodule's own eval flag through fit: a model wrapped in eval mode
+        # would train with frozen BatchNorm statistics and deterministic masks (train_mode)
+        train_at_fit_start(self, "DANCEWrapper", " (to keep the backbone frozen, pass "
+                           "freeze_backbone=True)")  # fmt: skip
         if self._teacher is not None:
             self._teacher.to(self.device)
 
