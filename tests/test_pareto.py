@@ -150,3 +150,32 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
     assert {(e["method"], e["budget"]) for e in merged["summary"]} == expected
     assert all(e["seeds"] == 1 or e.get("errors") for e in merged["summary"])
     assert all(math.isfinite(e["speedup"]) for e in merged["summary"] if e["seeds"])
+
+
+@pytest.mark.slow
+def test_dance_selected_prunes_only_the_given_layer_dims(pareto, tmp_path):
+    """``--layer-dims``: the wrapper prunes those layers along those dims only (names without
+    the classifier's ``model.`` prefix, as a selection made on the bare network gives them),
+    and a cached candidate is never reused for another selection."""
+    quick = ["--quick", "--model", "tiny_c3d", "--width", "1", "--no-progress", "--threads", "1",
+             "--no-onnx", "--methods", "dance-selected", "--cache", str(tmp_path / "cache")]  # fmt: skip
+    dims = tmp_path / "dims.json"
+    dims.write_text(json.dumps({"conv2.0": ["channel"], "conv3.0": ["frame"]}))
+    try:
+        result = pareto.main([*quick, "--layer-dims", str(dims), "--out", str(tmp_path / "a")])
+        ctx = pareto.Context(pareto.Task(**{k: v for k, v in result["task"].items()
+                                            if k != "total_epochs"}), 0,
+                             None, cache=tmp_path / "cache")  # fmt: skip
+        cand = ctx.trained("dance-selected", result["budgets"][0])  # from the cache
+        pruner = cand.wrapper.pruner
+        assert pruner.layer_names == ["model.conv2.0", "model.conv3.0"]
+        assert pruner.layer_dims == {"model.conv2.0": ("channel",), "model.conv3.0": ("frame",)}
+        first = {p.name for p in (tmp_path / "cache").glob("dance-selected-*")}
+        dims.write_text(json.dumps({"conv2.0": ["frame"]}))
+        pareto.main([*quick, "--layer-dims", str(dims), "--out", str(tmp_path / "b")])
+        second = {p.name for p in (tmp_path / "cache").glob("dance-selected-*")}
+        assert len(first) == 1 and len(second) == 2  # a new digest, a new candidate
+    finally:
+        pareto.LAYER_DIMS = None
+    with pytest.raises(ValueError, match="--layer-dims"):
+        pareto.METHODS["dance-selected"](ctx, 0.5, 0)
