@@ -229,3 +229,6 @@ def test_profitable_dims_max_dims_keeps_the_fastest_dims_chain_credit_included()
     for bad in (0, -1, 1.5, True, "1"):
         with pytest.raises(ValueError, match="max_dims"):
             profitable_dims(tunings, keep=0.5, max_dims=bad)
+    for bad in (["big"], {"big": "small"}, {"big": ("big", "small")}):
+        with pytest.raises(TypeError, match="channel_chains"):
+            profitable_dims(tunings, keep=0.5, chains=bad)

@@ -392,12 +392,20 @@ def profitable_dims(
     if max_dims is not None and (isinstance(max_dims, bool) or not isinstance(max_dims, int)
                                  or max_dims < 1):  # fmt: skip
         raise ValueError(f"max_dims must be a positive int or None, got {max_dims!r}")
+    chains = {} if chains is None else chains
+    if not hasattr(chains, "items") or not all(
+        isinstance(c, ChannelChain) for c in chains.values()
+    ):
+        raise TypeError(
+            "chains must map producer names to ChannelChain objects, e.g. "
+            f"channel_chains(model) or pruner.output_chains(); got {type(chains).__name__}"
+        )
     est = {n: {d: t.dim_estimate_ms(d, keep) for d in DIMS} for n, t in tunings.items()}
     out = {
         name: tuple(d for d in DIMS if est[name][d] <= margin * t.dense_ms)
         for name, t in tunings.items()
     }
-    for producer, chain in (chains or {}).items():
+    for producer, chain in chains.items():
         own, consumer = out.get(producer), tunings.get(chain.consumer)
         if not own or consumer is None or not consumer.channel_ms:  # channels not tuned there
             continue
