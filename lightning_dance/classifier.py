@@ -137,7 +137,8 @@ class VideoClassifier(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # Lightning keeps a submodule's own eval flag through fit (train_mode)
-        train_at_fit_start(self, "VideoClassifier")
+        train_at_fit_start(self, "VideoClassifier", " (to keep modules in eval mode on purpose, "
+                           "override on_fit_start)")  # fmt: skip
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
