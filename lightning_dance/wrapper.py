@@ -564,10 +564,8 @@ class DANCEWrapper(L.LightningModule):
         return self(clip).argmax(-1)
 
     def on_fit_start(self) -> None:
-        # Lightning keeps a submodule's own eval flag through fit: a model wrapped in eval mode
-        # would train with frozen BatchNorm statistics and deterministic masks (train_mode)
-        train_at_fit_start(self, "DANCEWrapper", " (to keep the backbone frozen, pass "
-                           "freeze_backbone=True)")  # fmt: skip
+        hint = " (to keep the backbone frozen, pass freeze_backbone=True)"
+        train_at_fit_start(self, "DANCEWrapper", hint)  # Lightning keeps submodules' eval flags
         if self._teacher is not None:
             self._teacher.to(self.device)
 
