@@ -81,7 +81,7 @@ import torch.nn as nn
 
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.bytes import TrafficComparison, TrafficMeasurement, measure_traffic
-from lightning_dance.energy import TARGETS, EnergyModel
+from lightning_dance.energy import reported_models
 from lightning_dance.execution import (
     CompactPruner,
     accelerate_dense,
@@ -126,7 +126,7 @@ def traffic_and_energy(dense: TrafficMeasurement, fast: CompactPruner, clip: tor
     dense / compact energy estimated from them, with every byte at DRAM and per LLC-aware
     target (:mod:`lightning_dance.energy`)."""
     c = TrafficComparison(dense, measure_traffic(fast, clip))
-    models = {"dram": EnergyModel(), **{t: EnergyModel.for_target(t) for t in TARGETS}}
+    models = reported_models()
     return {
         "dense_bytes": c.dense.total, "compact_bytes": c.compact.total,
         "traffic_saving": round(c.saving, 3),

@@ -96,7 +96,7 @@ from lightning_dance.ava_callback import AVACallback
 from lightning_dance.bytes import TrafficMeasurement, measure_traffic
 from lightning_dance.classifier import VideoClassifier
 from lightning_dance.data import SyntheticVideoDataModule
-from lightning_dance.energy import TARGETS, EnergyModel
+from lightning_dance.energy import EnergyModel, reported_models
 from lightning_dance.execution import CompactPruner, count_executed_macs
 from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.macs import count_macs
@@ -407,7 +407,7 @@ def energy_figures(own: Sequence[TrafficMeasurement],
 ONNX_FORM = True
 
 #: the energy estimates reported: every access at DRAM, and cache-aware edge targets
-ENERGY_MODELS = {"dram": EnergyModel(), **{name: EnergyModel.for_target(name) for name in TARGETS}}
+ENERGY_MODELS = reported_models()
 
 
 # ------------------------------------------------------------------------------ the methods

@@ -29,7 +29,7 @@ import torch
 
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.bytes import compare_traffic
-from lightning_dance.energy import TARGETS, EnergyModel
+from lightning_dance.energy import reported_models
 from lightning_dance.execution import CompactPruner
 from lightning_dance.macs import quiet_fvcore
 from lightning_dance.report import MacReport
@@ -62,8 +62,7 @@ def run_config(model, clip, calib, policy: str, dims: tuple[str, ...], budget: f
         })  # fmt: skip
     folded = compare_traffic(CompactPruner(pruner, fold_norms=True), clip)
     conv_names = set(report.conv_dense_bytes)
-    targets = {"dram": EnergyModel()}
-    targets.update({t: EnergyModel.for_target(t) for t in (*TARGETS, "this_machine")})
+    targets = reported_models("this_machine")
     return {
         "calibrated_macs_ratio": reached,
         "analytic": {k: d[k] for k in ("macs_saving", "dense_bytes", "executed_bytes_mean",

@@ -85,6 +85,7 @@ __all__ = [
     "TARGETS",
     "Target",
     "cache_pj_per_byte",
+    "reported_models",
     "this_machine_llc_bytes",
 ]
 
@@ -326,3 +327,15 @@ class EnergyModel:
         return self.energy_pj(dense_macs, dense_bytes) / self.energy_pj(
             executed_macs, executed_bytes, executed_copy_bytes
         )
+
+
+def reported_models(*extra: str) -> dict[str, EnergyModel]:
+    """The energy estimates the benchmarks and reports give side by side: every byte at DRAM
+    (``"dram"``), then each cache-aware target of :data:`TARGETS` and the ``extra`` targets
+    (e.g. ``"this_machine"``), by :meth:`EnergyModel.for_target`.
+
+    Example:
+        >>> list(reported_models("this_machine"))
+        ['dram', 'jetson_nano', 'snapdragon_8_gen_1', 'this_machine']
+    """
+    return {"dram": EnergyModel(), **{t: EnergyModel.for_target(t) for t in (*TARGETS, *extra)}}
