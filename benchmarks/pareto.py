@@ -33,6 +33,10 @@ Every method gets the same task, the same seeds and the same number of training 
                      the latter's static projection (the channels it keeps most often,
                      for every clip, no controller); ``static-first-materialized``: the
                      projection with the dropped channels removed from the weights
+``dance-selected``   ``dance-noava-credit`` pruning each layer along the dims ``--layer-dims``
+                     gives it (what pays where the model is deployed);
+                     ``-static-first``: the same trained static first (``StaticFirst``;
+                     the selection must prune channels only)
 ``attention``        DATE'20 attention pruning (``policy="attention"``: each layer ranks its own
                      input's channels and column blocks; targeted dropout while fine-tuning)
                      from the dense start, channels + features as in the paper
@@ -696,6 +700,19 @@ def dance_selected(ctx: Context, budget: float, seed: int) -> Candidate:
     (``AdaptivePruner(layer_dims=...)``; layers it does not name stay dense): the selection
     :func:`~lightning_dance.execution.profitable_dims` makes where the model is deployed, e.g.
     a ``selected`` row of ``latency_benchmark.py`` (its ``layer_dims``)."""
+    return _dance_selected(ctx, budget)
+
+
+@method("dance-selected-static-first")
+def dance_selected_static_first(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance-selected`` trained static first (:class:`~lightning_dance.static_first.StaticFirst`:
+    the magnitude prior, no exploration noise, the controller's input part frozen for half of
+    the steps), then per clip; ``--layer-dims`` must prune channels only (a ``best dim``
+    selection). The threshold policy's kept counts vary per clip in the second half."""
+    return _dance_selected(ctx, budget, noise_anneal=0.0, callbacks=[StaticFirst(0.5)])
+
+
+def _dance_selected(ctx: Context, budget: float, **kwargs: Any) -> Candidate:
     if LAYER_DIMS is None:
         raise ValueError("dance-selected needs --layer-dims FILE: a JSON {layer: [dims]}")
     start = ctx.start("dense")  # a VideoClassifier: the network's layers are under "model."
@@ -703,7 +720,7 @@ def dance_selected(ctx: Context, budget: float, seed: int) -> Candidate:
     where = {n if n in convs else f"model.{n}": d for n, d in LAYER_DIMS.items()}
     return _dance(ctx, budget, start=start, policy="threshold", dims=ALL_DIMS,
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
-                  layers=list(where), layer_dims=where, **THRESHOLD_RECIPE)  # fmt: skip
+                  layers=list(where), layer_dims=where, **THRESHOLD_RECIPE, **kwargs)  # fmt: skip
 
 
 def _layer_dims_tag() -> str:
@@ -714,7 +731,7 @@ def _layer_dims_tag() -> str:
     return "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-dance_selected.cache_tag = _layer_dims_tag
+dance_selected.cache_tag = dance_selected_static_first.cache_tag = _layer_dims_tag
 
 
 @method("dance-noava-credit-outputs")

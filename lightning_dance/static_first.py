@@ -1,4 +1,4 @@
-"""``StaticFirst``: train a ``topk`` channel controller as a static pruner first, then per clip.
+"""``StaticFirst``: train a channel controller as a static pruner first, then per clip.
 
 Why: a per-clip gate trained from the start has to work for every channel subset it may pick,
 and its backbone fine-tunes under subsets that change from clip to clip; a statically pruned
@@ -19,7 +19,10 @@ What it does, in the wrapper's training:
 3. then they train too, starting from zero: the per-clip part grows from the static solution.
 
 The wrapper must train without exploration noise (``DANCEWrapper(..., noise_anneal=0)``: noise
-would reshuffle the static decisions) and prune channels only (``dims=("channel",)``).
+would reshuffle the static decisions) and prune channels only (``dims=("channel",)``, or
+``layer_dims`` that give every layer channels or nothing), with a policy that keeps the
+highest-scoring channels: ``topk`` (a fixed count per layer) or DANCE's ``threshold`` (the
+static phase keeps the same channels for every clip; after it, the count varies per clip too).
 
 Example:
     >>> import lightning as L, torch
@@ -83,10 +86,13 @@ class StaticFirst(Callback):
                 f"{type(wrapper).__name__} without one (build DANCEWrapper(..., policy='topk', "
                 "dims=('channel',)))"
             )
-        if tuple(pruner.dims) != ("channel",) or pruner.policy.name != "topk":
+        pruned = {d for name in pruner.layer_names for d in pruner.dims_of(name)}
+        if pruned != {"channel"} or not pruner.policy.keeps_top_scores:
             raise ValueError(
-                "StaticFirst makes channel decisions static; it needs policy='topk' and "
-                f"dims=('channel',), got policy={pruner.policy.name!r}, dims={tuple(pruner.dims)}"
+                "StaticFirst makes channel decisions static; it needs a policy that keeps the "
+                "highest-scoring channels (policy='topk' or 'threshold') pruning channels only "
+                "(dims=('channel',), or layer_dims giving every layer ('channel',) or ()), got "
+                f"policy={pruner.policy.name!r} pruning {sorted(pruned)}"
             )
         if wrapper.hparams.get("noise_anneal", 0.0) > 0:
             raise ValueError(

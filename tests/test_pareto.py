@@ -179,3 +179,31 @@ def test_dance_selected_prunes_only_the_given_layer_dims(pareto, tmp_path):
         pareto.LAYER_DIMS = None
     with pytest.raises(ValueError, match="--layer-dims"):
         pareto.METHODS["dance-selected"](ctx, 0.5, 0)
+
+
+@pytest.mark.slow
+def test_dance_selected_static_first_needs_channel_only_dims(pareto, tmp_path):
+    """``dance-selected-static-first`` trains the threshold pruner of a channel-only selection
+    static first (its controller's input weights train in the second half), and refuses a
+    selection that prunes frames, naming why."""
+    quick = ["--quick", "--model", "tiny_c3d", "--width", "1", "--no-progress", "--threads", "1",
+             "--no-onnx", "--methods", "dance-selected-static-first",
+             "--cache", str(tmp_path / "cache")]  # fmt: skip
+    dims = tmp_path / "dims.json"
+    dims.write_text(json.dumps({"conv2.0": ["channel"], "conv3.0": ["channel"]}))
+    try:
+        result = pareto.main([*quick, "--layer-dims", str(dims), "--out", str(tmp_path / "a")])
+        ctx = pareto.Context(pareto.Task(**{k: v for k, v in result["task"].items()
+                                            if k != "total_epochs"}), 0,
+                             None, cache=tmp_path / "cache")  # fmt: skip
+        cand = ctx.trained("dance-selected-static-first", result["budgets"][0])
+        pruner = cand.wrapper.pruner
+        assert pruner.policy == "threshold"
+        assert pruner.layer_dims == {"model.conv2.0": ("channel",), "model.conv3.0": ("channel",)}
+        assert float(pruner.controller.channel_head.weight.abs().sum()) > 0  # per clip after
+        pareto.LAYER_DIMS = {"conv2.0": ("channel", "frame")}
+        ctx = pareto.Context(ctx.task, 0, ctx.task.datamodule(), cache=tmp_path / "cache")
+        with pytest.raises(ValueError, match="StaticFirst makes channel decisions static"):
+            pareto.METHODS["dance-selected-static-first"](ctx, 0.5, 0)
+    finally:
+        pareto.LAYER_DIMS = None

@@ -29,7 +29,8 @@ class Watch(L.Callback):
 
     def on_train_batch_end(self, trainer, wrapper, outputs, batch, batch_idx):
         weight = float(wrapper.pruner.controller.channel_head.weight.detach().abs().sum())
-        kept = {n: s.masks["channel"].detach().bool() for n, s in wrapper.last_stats.layers.items()}
+        kept = {n: s.masks["channel"].detach().bool()
+                for n, s in wrapper.last_stats.layers.items() if "channel" in s.masks}  # fmt: skip
         self.steps.append((trainer.global_step, weight, kept))
 
 
@@ -42,8 +43,9 @@ def _fit(wrapper, callbacks, steps=8, **kw):
     return trainer
 
 
-def test_static_decisions_first_then_per_clip():
-    wrapper, watch = _wrapper(), Watch()
+@pytest.mark.parametrize("policy", ["topk", "threshold"])
+def test_static_decisions_first_then_per_clip(policy):
+    wrapper, watch = _wrapper(policy=policy), Watch()
     convs = dict(wrapper.pruner.model.named_modules())
     before = {n: magnitude_importance(convs[n]) for n in wrapper.pruner.layer_names}
     _fit(wrapper, [StaticFirst(until=0.5), watch])
@@ -91,14 +93,26 @@ def test_resuming_does_not_apply_the_prior_twice(tmp_path, monkeypatch):
     ("kw", "match"),
     [
         ({"noise_anneal": 0.7}, "noise_anneal=0"),
-        ({"dims": ("channel", "frame")}, "dims=\\('channel',\\)"),
-        ({"policy": "threshold"}, "policy='topk'"),
+        ({"dims": ("channel", "frame")}, "pruning \\['channel', 'frame'\\]"),
+        ({"policy": "threshold", "dims": ("channel", "frame"), "layer_dims": {"conv2.0": ("frame",)}},
+         "pruning \\['channel', 'frame'\\]"),
+        ({"policy": "width"}, "policy='width'"),
         ({"freeze_backbone": True}, "freeze_backbone=False"),
     ],
 )
 def test_wrong_wrapper_settings_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         _fit(_wrapper(**kw), [StaticFirst()], steps=1)
+
+
+def test_layer_dims_that_prune_channels_only_are_accepted():
+    names = ["conv2.0", "conv3.0", "res.conv1.0", "res.conv2.0"]
+    layer_dims = {n: ("channel",) for n in names[1:]} | {names[0]: ()}
+    wrapper = _wrapper(policy="threshold", dims=("channel", "frame"), layer_dims=layer_dims)
+    watch = Watch()
+    _fit(wrapper, [StaticFirst(until=0.5), watch], steps=2)
+    assert set(watch.steps[0][2]) == set(names[1:])  # conv2.0 prunes nothing: no channel mask
+    assert watch.steps[0][1] == 0.0  # static at first
 
 
 def test_bad_arguments_and_modules():

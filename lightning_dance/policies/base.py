@@ -15,7 +15,8 @@ builder, which never ask "which policy is this?" themselves:
 - :attr:`Policy.needs_layer_input`: whether it scores each layer from that layer's own input
   (:meth:`Policy.layer_scores`, costing :meth:`Policy.scoring_macs`) instead of taking the
   controller's scores (the attention policy); :attr:`Policy.trains_controller`: whether there
-  is a controller to train.
+  is a controller to train; :attr:`Policy.keeps_top_scores`: whether a higher score always wins
+  over a lower one (a prior on the scores' biases then chooses the kept channels).
 
 A new policy is one subclass, registered under a name with :func:`register_policy`; anything
 that takes ``policy=`` accepts the name, the class or an instance (:func:`get_policy`), as
@@ -74,6 +75,12 @@ class Policy(ABC):
     #: has a controller whose parameters training learns (else the pruner has none, and
     #: :class:`~lightning_dance.wrapper.DANCEWrapper` fine-tunes the backbone by default)
     trains_controller: ClassVar[bool] = True
+    #: its decision on a row keeps entries in the order of their scores (the highest ``k``, or
+    #: those above a threshold: ``topk``, ``threshold``), so a prior added to the scores' biases
+    #: chooses which channels are kept (:class:`~lightning_dance.static_first.StaticFirst`);
+    #: ``False`` for a policy whose scores decide something else (``width``: how many of a
+    #: fixed order)
+    keeps_top_scores: ClassVar[bool] = False
 
     @abstractmethod
     def gate(

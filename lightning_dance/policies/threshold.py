@@ -28,6 +28,7 @@ class ThresholdPolicy(Policy):
 
     name = "threshold"
     fixed_counts = False
+    keeps_top_scores = True
     calibration_span = 8.0
 
     def gate(self, logits, *, training, k=None, tau=1.0, noise=1.0, min_keep=1, generator=None):

@@ -26,6 +26,7 @@ class TopKPolicy(Policy):
 
     name = "topk"
     fixed_counts = True
+    keeps_top_scores = True
     calibration_span = 4.0
 
     def gate(self, logits, *, training, k=None, tau=1.0, noise=1.0, min_keep=1, generator=None):
