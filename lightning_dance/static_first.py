@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -51,6 +50,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 
 from lightning_dance.priors import apply_channel_prior
+from lightning_dance.schedules import training_progress
 
 __all__ = ["StaticFirst"]
 
@@ -111,13 +111,13 @@ class StaticFirst(Callback):
         return [*ctrl.trunk.parameters(), ctrl.channel_head.weight]
 
     def _progress(self, trainer: L.Trainer) -> float:
-        total = trainer.estimated_stepping_batches
-        if not total or math.isinf(total):
+        progress = training_progress(trainer)
+        if progress is None:
             raise ValueError(
                 "StaticFirst needs a finite number of training steps: give the Trainer "
                 "max_epochs or max_steps"
             )
-        return trainer.global_step / float(total)
+        return progress
 
     def _set_frozen(self, wrapper: L.LightningModule, frozen: bool) -> None:
         for p in self._input_part(wrapper):

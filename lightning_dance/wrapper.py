@@ -43,6 +43,12 @@ from lightning_dance.losses import budget_loss, distillation_loss
 from lightning_dance.masks import DIMS
 from lightning_dance.nonfinite import NonFiniteGuard, is_finite
 from lightning_dance.policies import Policy, available_policies, get_policy
+from lightning_dance.schedules import (
+    check_schedules,
+    noise_scale,
+    training_progress,
+    warmup_budget,
+)
 from lightning_dance.stats import PruningStats
 from lightning_dance.train_mode import train_at_fit_start
 
@@ -50,7 +56,6 @@ __all__ = ["DANCEWrapper", "ArchitectureMismatchError"]
 
 TASKS = ("labels", "distill", "both")
 EXECUTIONS = ("masked", "compact")
-LR_SCHEDULES = ("constant", "cosine")
 
 
 class DANCEWrapper(L.LightningModule):
@@ -197,37 +202,9 @@ class DANCEWrapper(L.LightningModule):
             raise ValueError(f"min_layer_keep must be in [0, 1), got {min_layer_keep}")
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        if not 0.0 <= noise_anneal <= 1.0:
-            raise ValueError(f"noise_anneal must be in [0, 1], got {noise_anneal}")
-        if not 0.0 <= budget_warmup < 1.0:
-            raise ValueError(f"budget_warmup must be in [0, 1), got {budget_warmup}")
-        if budget_warmup > 0 and budget_range is not None:
-            raise ValueError(
-                "budget_warmup schedules one target budget; a budget-conditioned controller "
-                "(budget_range) samples its budget per batch: use one or the other"
-            )
-        if (
-            isinstance(calibrate_every, bool)
-            or not isinstance(calibrate_every, int)
-            or (calibrate_every < 0)
-        ):
-            raise ValueError(f"calibrate_every must be an int >= 0, got {calibrate_every!r}")
-        if calibrate_every and budget_range is not None:
-            raise ValueError(
-                "calibrate_every calibrates to one target budget; a budget-conditioned controller "
-                "(budget_range) samples its budget per batch: use one or the other"
-            )
-        if isinstance(budget_feedback, bool) or not (
-            isinstance(budget_feedback, (int, float)) and budget_feedback >= 0
-        ):
-            raise ValueError(f"budget_feedback must be a number >= 0, got {budget_feedback!r}")
-        if budget_feedback and budget_range is not None:
-            raise ValueError(
-                "budget_feedback steers toward one target budget; a budget-conditioned "
-                "controller (budget_range) samples its budget per batch: use one or the other"
-            )
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        check_schedules(noise_anneal=noise_anneal, budget_warmup=budget_warmup,
+                        calibrate_every=calibrate_every, budget_feedback=budget_feedback,
+                        lr_schedule=lr_schedule, budget_range=budget_range)  # fmt: skip
         if distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
         if budget_range is not None:
@@ -424,27 +401,15 @@ class DANCEWrapper(L.LightningModule):
 
     def _progress(self) -> float | None:
         """Fraction of the training steps done, or None without a finite step count."""
-        if self._trainer is None:
-            return None
-        total = self.trainer.estimated_stepping_batches
-        if not total or total == float("inf"):
-            return None
-        return min(1.0, self.global_step / float(total))
+        return training_progress(self._trainer)
 
     def _noise_scale(self) -> float:
-        anneal = self.hparams.noise_anneal
-        if anneal <= 0:
-            return 0.0
-        progress = self._progress()
-        return 1.0 if progress is None else max(0.0, 1.0 - progress / anneal)
+        return noise_scale(self.hparams.noise_anneal, self._progress())
 
     def training_budget(self, budget: float) -> float:
         """The budget of the current training step for target ``budget`` (see ``budget_warmup``)."""
         warmup = self.hparams.get("budget_warmup", 0.0)
-        progress = self._progress() if warmup > 0 else None
-        if progress is None or progress >= warmup:
-            return budget
-        return budget + (1.0 - budget) * (1.0 - progress / warmup) ** 3
+        return warmup_budget(budget, warmup, self._progress() if warmup > 0 else None)
 
     # ------------------------------------------------------------------ steps
     def _teacher_logits(self, clip: torch.Tensor) -> torch.Tensor:
