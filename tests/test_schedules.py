@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from lightning_dance.schedules import (
@@ -36,7 +38,7 @@ def test_warmup_budget_is_the_cubic_schedule():
     assert warmup_budget(b, w, 0.3) == warmup_budget(b, w, 0.9) == b
     assert warmup_budget(b, 0.0, 0.0) == warmup_budget(b, w, None) == b
     steps = [warmup_budget(b, w, i / 100) for i in range(40)]
-    assert all(x >= y for x, y in zip(steps, steps[1:]))  # never rises
+    assert all(x >= y for x, y in itertools.pairwise(steps))  # never rises
 
 
 GOOD = dict(noise_anneal=0.7, budget_warmup=0.3, calibrate_every=0, budget_feedback=0.0,
