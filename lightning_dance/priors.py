@@ -120,10 +120,13 @@ def channel_frequencies(target: Any, clips: Iterable[torch.Tensor]) -> dict[str,
 def freeze_channels(
     target: Any, frequencies: dict[str, torch.Tensor], *, standalone: bool = False
 ) -> None:
-    """Make the channel decisions of ``target`` (a ``topk`` pruner or wrapper) the same for every
-    clip: the channels most often kept (:func:`channel_frequencies`; ties broken by
-    :func:`magnitude_importance`), as many as before. The channel head's input weights are
-    zeroed, its biases set to the ranking; frames and features (if pruned) stay per clip.
+    """Make the channel decisions of ``target`` (a ``topk`` or ``threshold`` pruner or wrapper)
+    the same for every clip: the channels most often kept (:func:`channel_frequencies`; ties
+    broken by :func:`magnitude_importance`), as many as before (``topk``: its fixed count;
+    ``threshold``: the mean count per clip of ``frequencies``, rounded, at least ``min_keep``).
+    The channel head's input weights are zeroed, its biases set to the ranking (``threshold``:
+    shifted so that, with the pruner's calibration offset, exactly those channels score above
+    0; a later ``calibrate`` moves the cut); frames and features (if pruned) stay per clip.
 
     ``standalone=True`` (channels only) replaces the controller by a
     :class:`~lightning_dance.controller.StaticController` holding the ranking: no statistics of
@@ -137,11 +140,13 @@ def freeze_channels(
             "freeze_channels(standalone=True) replaces the whole controller, which also decides "
             f"{[d for d in pruner.dims if d != 'channel']}: use it with dims=('channel',)"
         )
-    if not pruner.policy.fixed_counts or pruner.policy.name != "topk":
+    if not pruner.policy.keeps_top_scores:
         raise ValueError(
-            f"freeze_channels keeps the kept counts of the 'topk' policy, not of "
-            f"{pruner.policy.name!r}: a thresholded policy's counts depend on the scores"
+            "freeze_channels ranks the channels of a policy that keeps the highest-scoring ones "
+            f"(topk, threshold), not of {pruner.policy.name!r}"
         )
+    fixed = pruner.policy.fixed_counts  # topk: the count stays; threshold: the ranking sets it
+    offset = pruner.policy.logit_offset(float(pruner.calibration))
     ctrl = pruner.controller
     modules = dict(pruner.model.named_modules())
     for name in ctrl.layer_names:  # all checked before anything changes
@@ -161,7 +166,12 @@ def freeze_channels(
             order = sorted(range(len(tie)), key=lambda c: (float(freq[c]), tie[c]))
             rank = torch.empty_like(bias)
             rank[order] = torch.arange(len(order), dtype=bias.dtype, device=bias.device)
-            bias.copy_(rank / len(order))  # the most frequent channel scores highest
+            c = len(order)
+            if fixed:
+                bias.copy_(rank / c)  # the most frequent channel scores highest
+            else:  # the k most frequent score above 0 once the offset is added
+                k = min(c, max(pruner.min_keep, round(float(freq.sum()))))
+                bias.copy_((rank - (c - k) + 0.5) / c - offset)
     if standalone:
         pruner.controller = StaticController(
             {name: ctrl.channel_bias(name).detach() for name in ctrl.layer_names}, grid=ctrl.grid

@@ -12,9 +12,9 @@ from lightning_dance.models import create_model
 from lightning_dance.priors import channel_frequencies, freeze_channels
 
 
-def _frozen(model: nn.Module, shape, budget=0.35, seed=0) -> AdaptivePruner:
-    """A ``topk`` channel pruner whose random controller is frozen to its most frequent
-    channels (a static projection), BatchNorms with non-trivial statistics."""
+def _frozen(model: nn.Module, shape, budget=0.35, seed=0, policy="topk") -> AdaptivePruner:
+    """A ``topk`` (or ``policy``) channel pruner whose random controller is frozen to its most
+    frequent channels (a static projection), BatchNorms with non-trivial statistics."""
     torch.manual_seed(seed)
     model = model.eval()
     for m in model.modules():
@@ -23,7 +23,7 @@ def _frozen(model: nn.Module, shape, budget=0.35, seed=0) -> AdaptivePruner:
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.normal_()
             m.bias.data.normal_()
-    pruner = AdaptivePruner(model, dims=("channel",), policy="topk", budget=budget).eval()
+    pruner = AdaptivePruner(model, dims=("channel",), policy=policy, budget=budget).eval()
     with torch.no_grad():  # a controller whose choice varies per clip before it is frozen
         for p in pruner.controller.parameters():
             p.normal_(std=0.5)
@@ -33,15 +33,19 @@ def _frozen(model: nn.Module, shape, budget=0.35, seed=0) -> AdaptivePruner:
 
 
 CASES = [
-    ("tiny_c3d", {}, (3, 8, 32, 32)),
-    ("r2plus1d_18", {"width": 0.25}, (3, 4, 32, 32)),
-    ("x3d_xs", {}, (3, 4, 32, 32)),
+    ("tiny_c3d", {}, (3, 8, 32, 32), "topk"),
+    ("r2plus1d_18", {"width": 0.25}, (3, 4, 32, 32), "topk"),
+    ("x3d_xs", {}, (3, 4, 32, 32), "topk"),
+    ("r2plus1d_18", {"width": 0.25}, (3, 4, 32, 32), "threshold"),  # DANCE's policy, frozen
 ]
 
 
-@pytest.mark.parametrize("name,kwargs,shape", CASES, ids=[c[0] for c in CASES])
-def test_the_copy_computes_what_the_pruner_computes_and_runs_the_counted_macs(name, kwargs, shape):
-    pruner = _frozen(create_model(name, num_classes=5, **kwargs), shape)
+@pytest.mark.parametrize("name,kwargs,shape,policy", CASES,
+                         ids=[f"{c[0]}-{c[3]}" for c in CASES])  # fmt: skip
+def test_the_copy_computes_what_the_pruner_computes_and_runs_the_counted_macs(
+    name, kwargs, shape, policy
+):
+    pruner = _frozen(create_model(name, num_classes=5, **kwargs), shape, policy=policy)
     before = {k: v.clone() for k, v in pruner.model.state_dict().items()}
     small = materialize(pruner, torch.randn(1, *shape))
     clip = torch.randn(3, *shape)

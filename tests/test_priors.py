@@ -138,12 +138,42 @@ def test_freeze_channels_keeps_the_most_frequent_channels_for_every_clip():
             assert float(freq[name][masks[0]].min()) >= float(dropped.max())
 
 
+@pytest.mark.parametrize("offset", [0.0, 1.5])
+def test_freeze_channels_of_a_threshold_pruner_keeps_the_mean_count(offset):
+    """``threshold``: each layer keeps its mean count per clip (rounded) of its most frequent
+    channels, for every clip, whatever calibration offset the pruner carries."""
+    from lightning_dance.priors import channel_frequencies, freeze_channels
+
+    torch.manual_seed(0)
+    pruner = AdaptivePruner(SmallNet(), dims=("channel",), policy="threshold", budget=0.5)
+    with torch.no_grad():  # counts and channels that vary from clip to clip
+        for p in pruner.controller.parameters():
+            p.normal_(std=0.5)
+        pruner.calibration.fill_(offset)
+    clips = [torch.randn(4, 3, 8, 16, 16) for _ in range(3)]
+    before = {n: torch.cat([_kept(pruner, c)[n] for c in clips]) for n in pruner.layer_names}
+    assert any(len({int(m.sum()) for m in b}) > 1 for b in before.values())  # counts vary
+    freq = channel_frequencies(pruner, clips)
+    freeze_channels(pruner, freq)
+    after = _kept(pruner, torch.cat(clips))
+    for name, masks in after.items():
+        mean_count = float(before[name].double().sum(1).mean())
+        assert int(masks[0].sum()) == max(1, round(mean_count)), name
+        assert (masks == masks[0]).all()  # the same channels for every clip
+        order = sorted(range(len(freq[name])), key=lambda c: -float(freq[name][c]))
+        top = set(order[: int(masks[0].sum())])
+        kept = set(masks[0].nonzero().flatten().tolist())
+        assert min(float(freq[name][c]) for c in kept) >= max(
+            (float(freq[name][c]) for c in set(range(len(order))) - top), default=0.0)  # fmt: skip
+    assert float(pruner.calibration) == offset  # the offset is kept, the biases moved
+
+
 def test_freeze_channels_refuses_what_it_cannot_freeze():
     from lightning_dance.priors import channel_frequencies, freeze_channels
 
-    threshold = AdaptivePruner(SmallNet(), dims=("channel",), policy="threshold")
-    with pytest.raises(ValueError, match="'topk' policy"):
-        freeze_channels(threshold, {})
+    width = AdaptivePruner(SmallNet(), dims=("channel",), policy="width")
+    with pytest.raises(ValueError, match="highest-scoring ones \\(topk, threshold\\), not of 'width'"):
+        freeze_channels(width, {})
     topk = AdaptivePruner(SmallNet(), dims=("channel",), policy="topk")
     with pytest.raises(ValueError, match="at least one clip"):
         channel_frequencies(topk, [])
