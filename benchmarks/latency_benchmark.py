@@ -40,9 +40,13 @@ are part of every DANCE latency.
   the dims :func:`~lightning_dance.execution.profitable_dims` finds worth pruning there, the
   model's channel chains included (``AdaptivePruner(layer_dims=...)``), calibrated to the same
   budget with ``credit_outputs=True`` (the budget is what runs), with tunings; ``selected best
-  dim``: the same with one dim per layer, the one estimated fastest (``max_dims=1``). Both
-  also report the bytes they move, measured from the ops that run, against the dense fast
-  path, and the energy estimated from them (DRAM and the LLC-aware targets).
+  dim``: the same with one dim per layer, the one estimated fastest (``max_dims=1``); ``selected
+  best dim, channels materialized``: its channel layers, pruned by a ``channels``-only pruner
+  calibrated to the same budget, frozen to the channels it keeps on the clip and made physical
+  (as ``materialized`` above): the same kind of cuts with nothing decided per clip, what the
+  dynamic machinery costs. All three also report the bytes they move, measured from the ops
+  that run, against the dense fast path, and the energy estimated from them (DRAM and the
+  LLC-aware targets).
 
 - ``MAC ratio`` = executed / dense MACs per clip, as counted by the pruner
   (:mod:`lightning_dance.executed`, controller included);
@@ -119,12 +123,16 @@ class Variant:
     ran_ratio: float = 1.0  # really computed / dense
     traffic: dict | None = None  # measured traffic and energy savings (traffic_and_energy)
     layer_dims: dict | None = None  # the selected variants' {layer: dims}
+    module: nn.Module | None = None  # a materialized variant's plain model
 
 
-def traffic_and_energy(dense: TrafficMeasurement, fast: CompactPruner, clip: torch.Tensor) -> dict:
+def traffic_and_energy(
+    dense: TrafficMeasurement, fast: CompactPruner | nn.Module, clip: torch.Tensor
+) -> dict:
     """Dense / compact bytes measured from the ops each runs (:mod:`lightning_dance.bytes`) and
     dense / compact energy estimated from them, with every byte at DRAM and per LLC-aware
-    target (:mod:`lightning_dance.energy`)."""
+    target (:mod:`lightning_dance.energy`). ``fast``: the compact path, or a plain model (a
+    materialized one) run dense fast."""
     c = TrafficComparison(dense, measure_traffic(fast, clip))
     models = reported_models()
     return {
@@ -225,7 +233,9 @@ def materialized_variant(name: str, pruner: AdaptivePruner,
         ref, out = frozen(clip), small(clip)
     err = float((out - ref).abs().max() / (ref.abs().max() + 1e-12))
     ratio = count_macs(small, clip).total / count_macs(pruner.model, clip).total
-    return Variant(name, dense_fast(small, clip), ratio, ratio), err
+    v = Variant(name, dense_fast(small, clip), ratio, ratio)
+    v.module = small
+    return v, err
 
 
 def rows_of(variants: list[Variant], times: dict[str, list[float]], base: str) -> list[dict]:
@@ -338,6 +348,16 @@ def bench_model(name: str, args) -> dict:
                         )
                         v.layer_dims = where
                         variants.append(v)
+                        chan = [n for n, d in where.items() if "channel" in d]
+                        if max_dims == 1 and chan:  # the same cuts, static and physical
+                            static = calibrated_pruner(model, ("channel",), budget, clip, args,
+                                                       layers=chan, credit_outputs=True)  # fmt: skip
+                            v, errors[f"{label} mat"] = materialized_variant(
+                                f"{label} selected best dim, channels materialized", static, clip
+                            )
+                            v.traffic = traffic_and_energy(dense_bytes, v.module, clip)
+                            v.layer_dims = {n: ("channel",) for n in chan}
+                            variants.append(v)
     load_before = loadavg()
     times = measure(variants, args.warmup, args.repeats)
     result = {

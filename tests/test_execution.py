@@ -677,11 +677,17 @@ def test_latency_benchmark_smoke(tmp_path):
     assert t["traffic_saving"] == pytest.approx(t["dense_bytes"] / t["compact_bytes"], abs=1e-3)
     assert {"dram", "jetson_nano", "snapdragon_8_gen_1"} <= set(t["energy_saving"])
     assert all(v > 0 for v in t["energy_saving"].values())
+    # a materialized model's bytes: measured on the plain model, fewer than dense's
+    m = bench.traffic_and_energy(measure_traffic(model, clip), variant.module, clip)
+    assert m["compact_bytes"] == measure_traffic(variant.module, clip).total
+    assert m["traffic_saving"] > 1.0
     # threshold: the per-layer selections run (what pays on this machine may be nothing)
     bench.main(["--smoke", "--policy", "threshold", "--threads", "1", "--out", str(out)])
     for row in json.loads(out.read_text())["results"][0]["rows"]:
         if "selected" in row["variant"] and "traffic" in row:
             assert row["traffic"]["traffic_saving"] > 0
+        if row["variant"].endswith("channels materialized"):
+            assert row["mac_ratio"] == row["ran_ratio"] < 1.0
 
 
 # ----------------------------------------------------------------------------- tuning
