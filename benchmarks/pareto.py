@@ -36,7 +36,8 @@ Every method gets the same task, the same seeds and the same number of training 
 ``dance-selected``   ``dance-noava-credit`` pruning each layer along the dims ``--layer-dims``
                      gives it (what pays where the model is deployed);
                      ``-static-first``: the same trained static first (``StaticFirst``;
-                     the selection must prune channels only)
+                     the selection must prune channels only); ``-static-first-materialized``:
+                     its static projection made physical
 ``attention``        DATE'20 attention pruning (``policy="attention"``: each layer ranks its own
                      input's channels and column blocks; targeted dropout while fine-tuning)
                      from the dense start, channels + features as in the paper
@@ -712,6 +713,20 @@ def dance_selected_static_first(ctx: Context, budget: float, seed: int) -> Candi
     return _dance_selected(ctx, budget, noise_anneal=0.0, callbacks=[StaticFirst(0.5)])
 
 
+@method("dance-selected-static-first-materialized")
+def dance_selected_static_first_materialized(ctx: Context, budget: float, seed: int) -> Candidate:
+    """The static projection of ``dance-selected-static-first`` (trained or taken from the
+    cache, nothing retrained): each layer keeps, for every clip, as many channels as it kept on
+    average on the validation clips, the ones it kept most often
+    (:func:`~lightning_dance.priors.freeze_channels`), made physical
+    (:func:`~lightning_dance.materialize.materialize`) and timed like the static models."""
+    source = ctx.trained("dance-selected-static-first", budget)
+    wrapper = copy.deepcopy(source.wrapper).eval()
+    clips = (clip for clip, _ in ctx.dm.val_dataloader())
+    freeze_channels(wrapper, channel_frequencies(wrapper, clips), standalone=True)
+    return Candidate(materialize(wrapper, ctx.example), note="static projection, materialized")
+
+
 def _dance_selected(ctx: Context, budget: float, **kwargs: Any) -> Candidate:
     if LAYER_DIMS is None:
         raise ValueError("dance-selected needs --layer-dims FILE: a JSON {layer: [dims]}")
@@ -731,7 +746,8 @@ def _layer_dims_tag() -> str:
     return "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-dance_selected.cache_tag = dance_selected_static_first.cache_tag = _layer_dims_tag
+for _m in (dance_selected, dance_selected_static_first, dance_selected_static_first_materialized):
+    _m.cache_tag = _layer_dims_tag
 
 
 @method("dance-noava-credit-outputs")

@@ -315,6 +315,10 @@ class AdaptivePruner(nn.Module):
         """The dims ``layer`` prunes (``layer_dims``, else every one of ``dims``)."""
         return self.layer_dims.get(layer, self.dims)
 
+    def pruned_dims(self) -> tuple[str, ...]:
+        """The dims some layer prunes (a subset of ``dims`` under ``layer_dims``), in order."""
+        return tuple(d for d in self.dims if any(d in self.dims_of(n) for n in self.layer_names))
+
     @contextlib.contextmanager
     def dense(self) -> Iterator[None]:
         """Run with every mask forced to ones (the controller still runs): outputs = the model's."""

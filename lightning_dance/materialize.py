@@ -117,12 +117,12 @@ def _slice_norm(bn: nn.BatchNorm3d, keep: torch.Tensor) -> None:
 
 
 def _check(pruner: Any) -> None:
-    if not isinstance(pruner.controller, StaticController) or tuple(pruner.dims) != ("channel",):
+    if not isinstance(pruner.controller, StaticController) or pruner.pruned_dims() != ("channel",):
         raise MaterializeError(
             "materialize needs channel decisions that are the same for every clip: freeze "
             "them first with lightning_dance.priors.freeze_channels(target, "
             "channel_frequencies(target, clips), standalone=True) on a pruner with "
-            f"dims=('channel',) (this one: dims={tuple(pruner.dims)}, controller "
+            f"dims=('channel',) (this one prunes {list(pruner.pruned_dims())}, controller "
             f"{type(pruner.controller).__name__})"
         )
     for name in pruner.layer_names:

@@ -108,6 +108,8 @@ def channel_frequencies(target: Any, clips: Iterable[torch.Tensor]) -> dict[str,
             pruner(clip)
             n += clip.shape[0]
             for name, stats in pruner.last_stats.layers.items():
+                if "channel" not in stats.masks:  # a layer that prunes other dims only
+                    continue
                 counts = stats.masks["channel"].double().sum(0)
                 kept[name] = kept[name] + counts if name in kept else counts
     finally:
@@ -135,10 +137,11 @@ def freeze_channels(
     DANCE's controller (the architecture differs)."""
     pruner = getattr(target, "pruner", target)
     head = _channel_head(pruner)
-    if standalone and tuple(pruner.dims) != ("channel",):
+    if standalone and pruner.pruned_dims() != ("channel",):
         raise ValueError(
             "freeze_channels(standalone=True) replaces the whole controller, which also decides "
-            f"{[d for d in pruner.dims if d != 'channel']}: use it with dims=('channel',)"
+            f"{[d for d in pruner.pruned_dims() if d != 'channel']}: use it with "
+            "dims=('channel',) (or layer_dims pruning channels only)"
         )
     if not pruner.policy.keeps_top_scores:
         raise ValueError(
@@ -149,7 +152,8 @@ def freeze_channels(
     offset = pruner.policy.logit_offset(float(pruner.calibration))
     ctrl = pruner.controller
     modules = dict(pruner.model.named_modules())
-    for name in ctrl.layer_names:  # all checked before anything changes
+    names = [n for n in ctrl.layer_names if "channel" in pruner.dims_of(n)]
+    for name in names:  # all checked before anything changes
         expected = tuple(ctrl.channel_bias(name).shape)
         got = tuple(frequencies[name].shape) if name in frequencies else None
         if got != expected:
@@ -159,7 +163,7 @@ def freeze_channels(
             )
     with torch.no_grad():
         head.weight.zero_()
-        for name in ctrl.layer_names:
+        for name in names:
             bias = ctrl.channel_bias(name)
             freq = frequencies[name].to(bias)
             tie = magnitude_importance(modules[name]).tolist()

@@ -86,13 +86,13 @@ class StaticFirst(Callback):
                 f"{type(wrapper).__name__} without one (build DANCEWrapper(..., policy='topk', "
                 "dims=('channel',)))"
             )
-        pruned = {d for name in pruner.layer_names for d in pruner.dims_of(name)}
-        if pruned != {"channel"} or not pruner.policy.keeps_top_scores:
+        pruned = pruner.pruned_dims()
+        if pruned != ("channel",) or not pruner.policy.keeps_top_scores:
             raise ValueError(
                 "StaticFirst makes channel decisions static; it needs a policy that keeps the "
                 "highest-scoring channels (policy='topk' or 'threshold') pruning channels only "
                 "(dims=('channel',), or layer_dims giving every layer ('channel',) or ()), got "
-                f"policy={pruner.policy.name!r} pruning {sorted(pruned)}"
+                f"policy={pruner.policy.name!r} pruning {list(pruned)}"
             )
         if wrapper.hparams.get("noise_anneal", 0.0) > 0:
             raise ValueError(

@@ -232,3 +232,27 @@ def test_a_copy_that_does_not_run_is_refused_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(mod, "_slice_norm", lambda bn, keep: None)  # BatchNorms left wide
     with pytest.raises(MaterializeError, match="does not run on the clip"):
         materialize(pruner, torch.randn(1, 3, 8, 16, 16))
+
+
+def test_a_threshold_pruner_with_channel_only_layer_dims_materializes():
+    """``layer_dims`` that prune channels only (a ``best dim`` selection) count as channel
+    pruning: the projection stands alone and materializes, equal to the pruner."""
+    torch.manual_seed(0)
+    model = create_model("r2plus1d_18", num_classes=5, width=0.25).eval()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv3d)][1:6]
+    pruner = AdaptivePruner(model, policy="threshold", budget=0.5, layers=convs,
+                            layer_dims={n: ("channel",) for n in convs}).eval()  # fmt: skip
+    assert pruner.dims == ("frame", "channel", "feature") and pruner.pruned_dims() == ("channel",)
+    with torch.no_grad():
+        for p in pruner.controller.parameters():
+            p.normal_(std=0.5)
+    clip = torch.randn(1, 3, 4, 32, 32)
+    freeze_channels(pruner, channel_frequencies(pruner, [clip]), standalone=True)
+    small = materialize(pruner, clip)
+    with torch.no_grad():
+        torch.testing.assert_close(small(clip), pruner(clip), atol=1e-4, rtol=1e-4)
+    assert count_macs(small, clip).total < count_macs(model, clip).total
+    mixed = AdaptivePruner(model, policy="threshold", layers=convs,
+                           layer_dims={convs[0]: ("frame",)})  # fmt: skip
+    with pytest.raises(ValueError, match="also decides \\['frame'"):
+        freeze_channels(mixed, channel_frequencies(mixed, [clip]), standalone=True)

@@ -7,6 +7,7 @@ it writes exist and the plots decode. The matched-cost helpers are checked again
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -18,6 +19,7 @@ import torch
 
 from lightning_dance.macs import count_macs
 from lightning_dance.models import create_model
+from lightning_dance.priors import channel_frequencies, freeze_channels
 
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "pareto.py"
 
@@ -201,8 +203,18 @@ def test_dance_selected_static_first_needs_channel_only_dims(pareto, tmp_path):
         assert pruner.policy == "threshold"
         assert pruner.layer_dims == {"model.conv2.0": ("channel",), "model.conv3.0": ("channel",)}
         assert float(pruner.controller.channel_head.weight.abs().sum()) > 0  # per clip after
-        pareto.LAYER_DIMS = {"conv2.0": ("channel", "frame")}
+        # its static projection, materialized from the cached model: the projection's outputs
         ctx = pareto.Context(ctx.task, 0, ctx.task.datamodule(), cache=tmp_path / "cache")
+        ctx.dm.setup("fit")
+        small = ctx.trained("dance-selected-static-first-materialized", result["budgets"][0]).model
+        assert not any(isinstance(m, pareto.DANCEWrapper) for m in small.modules())
+        wrapper = copy.deepcopy(cand.wrapper).eval()
+        freeze_channels(wrapper, channel_frequencies(
+            wrapper, (c for c, _ in ctx.dm.val_dataloader())), standalone=True)  # fmt: skip
+        clip = torch.randn(2, *ctx.example.shape[1:])
+        with torch.no_grad():
+            torch.testing.assert_close(small(clip), wrapper(clip), atol=1e-4, rtol=1e-4)
+        pareto.LAYER_DIMS = {"conv2.0": ("channel", "frame")}
         with pytest.raises(ValueError, match="StaticFirst makes channel decisions static"):
             pareto.METHODS["dance-selected-static-first"](ctx, 0.5, 0)
     finally:

@@ -93,9 +93,9 @@ def test_resuming_does_not_apply_the_prior_twice(tmp_path, monkeypatch):
     ("kw", "match"),
     [
         ({"noise_anneal": 0.7}, "noise_anneal=0"),
-        ({"dims": ("channel", "frame")}, "pruning \\['channel', 'frame'\\]"),
+        ({"dims": ("channel", "frame")}, "pruning \\['frame', 'channel'\\]"),
         ({"policy": "threshold", "dims": ("channel", "frame"), "layer_dims": {"conv2.0": ("frame",)}},
-         "pruning \\['channel', 'frame'\\]"),
+         "pruning \\['frame', 'channel'\\]"),
         ({"policy": "width"}, "policy='width'"),
         ({"freeze_backbone": True}, "freeze_backbone=False"),
     ],
