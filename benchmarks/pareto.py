@@ -36,8 +36,9 @@ Every method gets the same task, the same seeds and the same number of training 
 ``dance-selected``   ``dance-noava-credit`` pruning each layer along the dims ``--layer-dims``
                      gives it (what pays where the model is deployed);
                      ``-static-first``: the same trained static first (``StaticFirst``;
-                     the selection must prune channels only); ``-static-first-materialized``:
-                     its static projection made physical
+                     the selection must prune channels only); ``-ce``: on cross-entropy
+                     only; ``-static-first-materialized``: the static projection of
+                     ``-static-first-ce`` made physical
 ``attention``        DATE'20 attention pruning (``policy="attention"``: each layer ranks its own
                      input's channels and column blocks; targeted dropout while fine-tuning)
                      from the dense start, channels + features as in the paper
@@ -691,6 +692,16 @@ def dance_noava_credit(ctx: Context, budget: float, seed: int) -> Candidate:
                   **THRESHOLD_RECIPE)  # fmt: skip
 
 
+@method("dance-noava-credit-ce")
+def dance_noava_credit_ce(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance-noava-credit`` on cross-entropy only (``task="labels"``, the static baselines'
+    loss): no distillation from the dense start, which is the teacher of every other DANCE row
+    and, after its ``dense_epochs``, not a converged model."""
+    return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
+                  task="labels", **THRESHOLD_RECIPE)  # fmt: skip
+
+
 #: ``{layer: dims}`` for ``dance-selected`` (``--layer-dims``)
 LAYER_DIMS: dict[str, tuple[str, ...]] | None = None
 
@@ -704,6 +715,19 @@ def dance_selected(ctx: Context, budget: float, seed: int) -> Candidate:
     return _dance_selected(ctx, budget)
 
 
+@method("dance-selected-ce")
+def dance_selected_ce(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance-selected`` on cross-entropy only (``task="labels"``)."""
+    return _dance_selected(ctx, budget, task="labels")
+
+
+@method("dance-selected-static-first-ce")
+def dance_selected_static_first_ce(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance-selected-static-first`` on cross-entropy only (``task="labels"``)."""
+    return _dance_selected(ctx, budget, noise_anneal=0.0, callbacks=[StaticFirst(0.5)],
+                           task="labels")  # fmt: skip
+
+
 @method("dance-selected-static-first")
 def dance_selected_static_first(ctx: Context, budget: float, seed: int) -> Candidate:
     """``dance-selected`` trained static first (:class:`~lightning_dance.static_first.StaticFirst`:
@@ -715,12 +739,12 @@ def dance_selected_static_first(ctx: Context, budget: float, seed: int) -> Candi
 
 @method("dance-selected-static-first-materialized")
 def dance_selected_static_first_materialized(ctx: Context, budget: float, seed: int) -> Candidate:
-    """The static projection of ``dance-selected-static-first`` (trained or taken from the
+    """The static projection of ``dance-selected-static-first-ce`` (trained or taken from the
     cache, nothing retrained): each layer keeps, for every clip, as many channels as it kept on
     average on the validation clips, the ones it kept most often
     (:func:`~lightning_dance.priors.freeze_channels`), made physical
     (:func:`~lightning_dance.materialize.materialize`) and timed like the static models."""
-    source = ctx.trained("dance-selected-static-first", budget)
+    source = ctx.trained("dance-selected-static-first-ce", budget)
     wrapper = copy.deepcopy(source.wrapper).eval()
     clips = (clip for clip, _ in ctx.dm.val_dataloader())
     freeze_channels(wrapper, channel_frequencies(wrapper, clips), standalone=True)
@@ -746,7 +770,8 @@ def _layer_dims_tag() -> str:
     return "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-for _m in (dance_selected, dance_selected_static_first, dance_selected_static_first_materialized):
+for _m in (dance_selected, dance_selected_ce, dance_selected_static_first,
+           dance_selected_static_first_ce, dance_selected_static_first_materialized):
     _m.cache_tag = _layer_dims_tag
 
 

@@ -189,7 +189,7 @@ def test_dance_selected_static_first_needs_channel_only_dims(pareto, tmp_path):
     static first (its controller's input weights train in the second half), and refuses a
     selection that prunes frames, naming why."""
     quick = ["--quick", "--model", "tiny_c3d", "--width", "1", "--no-progress", "--threads", "1",
-             "--no-onnx", "--methods", "dance-selected-static-first",
+             "--no-onnx", "--methods", "dance-selected-static-first-ce",
              "--cache", str(tmp_path / "cache")]  # fmt: skip
     dims = tmp_path / "dims.json"
     dims.write_text(json.dumps({"conv2.0": ["channel"], "conv3.0": ["channel"]}))
@@ -198,7 +198,7 @@ def test_dance_selected_static_first_needs_channel_only_dims(pareto, tmp_path):
         ctx = pareto.Context(pareto.Task(**{k: v for k, v in result["task"].items()
                                             if k != "total_epochs"}), 0,
                              None, cache=tmp_path / "cache")  # fmt: skip
-        cand = ctx.trained("dance-selected-static-first", result["budgets"][0])
+        cand = ctx.trained("dance-selected-static-first-ce", result["budgets"][0])
         pruner = cand.wrapper.pruner
         assert pruner.policy == "threshold"
         assert pruner.layer_dims == {"model.conv2.0": ("channel",), "model.conv3.0": ("channel",)}
