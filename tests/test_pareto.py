@@ -200,7 +200,7 @@ def test_dance_selected_static_first_needs_channel_only_dims(pareto, tmp_path):
                              None, cache=tmp_path / "cache")  # fmt: skip
         cand = ctx.trained("dance-selected-static-first-ce", result["budgets"][0])
         pruner = cand.wrapper.pruner
-        assert pruner.policy == "threshold"
+        assert pruner.policy == "threshold" and cand.wrapper.hparams.task == "labels"
         assert pruner.layer_dims == {"model.conv2.0": ("channel",), "model.conv3.0": ("channel",)}
         assert float(pruner.controller.channel_head.weight.abs().sum()) > 0  # per clip after
         # its static projection, materialized from the cached model: the projection's outputs
