@@ -19,8 +19,10 @@ Every method gets the same task, the same seeds and the same number of training 
 ``dance-noava``      the ablation: ``dance`` from the dense start (no AVA), the AVA epochs
                      spent on DANCE fine-tuning instead
 ``torch-pruning-kd`` ``torch-pruning`` fine-tuned on cross-entropy + distillation from the
-                     dense start, the loss of every DANCE row (the wrapper's ``task="both"``)
-``hybrid-credit``    ``hybrid`` (Torch-Pruning, then ``topk``) charged with what it runs
+                     dense start, the loss of every DANCE row without ``-ce`` (``task="both"``)
+``hybrid-credit``    ``hybrid`` (Torch-Pruning, then ``topk``) charged with what it runs;
+                     ``-ce``: on cross-entropy only; ``hybrid-threshold-ce``: ``threshold``
+                     (per-clip counts) in place of ``topk``
 ``mod-topk-credit``  ``mod-topk`` charged with what its compact path runs (``credit_outputs``;
                      the rows without ``-credit`` count every chain producer in full);
                      ``mod-topk-credit-ce``: on cross-entropy only (no distillation);
@@ -516,7 +518,7 @@ def torch_pruning(ctx: Context, budget: float, seed: int) -> Candidate:
 def torch_pruning_kd(ctx: Context, budget: float, seed: int) -> Candidate:
     """``torch-pruning`` fine-tuned with distillation from the dense start (cross-entropy +
     :func:`~lightning_dance.losses.distillation_loss`), as every DANCE row is trained
-    (``DANCEWrapper``'s default ``task="both"``): the static baseline trained as carefully."""
+    (``task="both"``): the static baseline trained as carefully."""
     return _fine_tuned_static(ctx, budget, distil=True)
 
 
@@ -537,7 +539,11 @@ def _dance(ctx: Context, budget: float, *, start: str | nn.Module, policy: str,
            **kwargs: Any) -> Candidate:  # fmt: skip
     """DANCE's joint recipe from ``start``. The rows named without ``-credit`` count every
     channel-chain producer in full (``credit_outputs=False``, the wrapper's earlier default),
-    as they were measured; the ``-credit`` rows count what the compact path runs."""
+    as they were measured; the ``-credit`` rows count what the compact path runs. The rows
+    without ``-ce`` train on cross-entropy + distillation from the start (``task="both"``, the
+    wrapper's default until the benchmark showed its cost; now ``"auto"``), as they were
+    measured; the ``-ce`` rows pass ``task="labels"``."""
+    kwargs.setdefault("task", "both")
     t = ctx.task
     L.seed_everything(ctx.seed, verbose=False)
     wrapper = train_controller(
@@ -581,8 +587,8 @@ def mod_topk_credit(ctx: Context, budget: float, seed: int) -> Candidate:
 @method("mod-topk-credit-ce")
 def mod_topk_credit_ce(ctx: Context, budget: float, seed: int) -> Candidate:
     """The distillation ablation of ``mod-topk-credit``: cross-entropy only (``task="labels"``),
-    where every other DANCE row trains on cross-entropy + distillation from the dense start
-    (``DANCEWrapper``'s default ``task="both"``)."""
+    where ``mod-topk-credit`` trains on cross-entropy + distillation from the dense start
+    (``task="both"``)."""
     return _mod_topk(ctx, budget, credit_outputs=True, task="labels")
 
 
@@ -810,15 +816,31 @@ def hybrid_credit(ctx: Context, budget: float, seed: int) -> Candidate:
     return _hybrid(ctx, budget, credit_outputs=True)
 
 
-def _hybrid(ctx: Context, budget: float, credit_outputs: bool) -> Candidate:
+@method("hybrid-credit-ce")
+def hybrid_credit_ce(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``hybrid-credit`` on cross-entropy only (``task="labels"``): the other rows' teacher is
+    the pruned model before any fine-tuning, the weakest teacher of all."""
+    return _hybrid(ctx, budget, credit_outputs=True, task="labels")
+
+
+@method("hybrid-threshold-ce")
+def hybrid_threshold_ce(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``hybrid-credit-ce`` with the paper's ``threshold`` policy on channels (per-clip keep
+    counts) in place of ``topk``."""
+    return _hybrid(ctx, budget, credit_outputs=True, task="labels", policy="threshold")
+
+
+def _hybrid(ctx: Context, budget: float, credit_outputs: bool, policy: str = "topk",
+            **kwargs: Any) -> Candidate:  # fmt: skip
     static = min(1.0, budget / HYBRID_DYNAMIC)
     net, _ = static_prune(ctx, static)
     scale = count_macs(net, ctx.example).total / ctx.dense_macs()
     start = ctx.task.classifier(model=net, lr=ctx.task.tune_lr)
-    cand = _dance(ctx, min(1.0, budget / scale), start=start, policy="topk", dims=("channel",),
+    cand = _dance(ctx, min(1.0, budget / scale), start=start, policy=policy, dims=("channel",),
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs,
-                  credit_outputs=credit_outputs)  # fmt: skip
-    cand.scale, cand.note = scale, f"static MACs {scale:.3f}, then topk at {budget / scale:.3f}"
+                  credit_outputs=credit_outputs, **kwargs)  # fmt: skip
+    cand.scale = scale
+    cand.note = f"static MACs {scale:.3f}, then {policy} at {budget / scale:.3f}"
     return cand
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_dance.losses import distillation_loss
+from lightning_dance.teacher import TeacherCheck
 from lightning_dance.train_mode import train_at_fit_start
 
 __all__ = ["VideoClassifier"]
@@ -47,15 +48,17 @@ class VideoClassifier(L.LightningModule):
         teacher: a trained model to distil from while training (e.g. the dense model a pruned
             one was cut from): the training loss adds
             :func:`~lightning_dance.losses.distillation_loss` of the teacher's logits to the
-            cross-entropy, as ``DANCEWrapper(task="both")`` does for DANCE, so that a static
-            baseline can be fine-tuned as carefully as DANCE is. A frozen copy is kept (the
-            teacher you pass is not changed), outside the state dict and the checkpoints;
-            validation and test losses stay plain cross-entropy.
+            cross-entropy, as ``DANCEWrapper(task="both")`` does for DANCE. A frozen copy is
+            kept (the teacher you pass is not changed), outside the state dict and the
+            checkpoints; validation and test losses stay plain cross-entropy. The teacher's
+            top-1 on the training batches is logged (``train/teacher_acc``) and a warning names
+            the fix when it is below 95%: a weak teacher's mistakes are copied too
+            (:mod:`lightning_dance.teacher`).
         distill_temperature: softmax temperature of the distillation loss.
 
     Batches are ``(clip, label)`` pairs. Logs ``train/loss``, ``train/acc``, ``val/loss``,
     ``val/acc``, ``val/acc_top5`` (and the ``test/`` equivalents; with a teacher also
-    ``train/loss_distill``).
+    ``train/loss_distill`` and ``train/teacher_acc``).
 
     Example (distilling a slimmed model from a dense one):
         >>> dense = VideoClassifier("tiny_c3d", num_classes=4).model
@@ -93,6 +96,7 @@ class VideoClassifier(L.LightningModule):
         # not a submodule: a frozen copy that stays out of the state dict and the optimizer
         frozen = None if teacher is None else copy.deepcopy(teacher).requires_grad_(False).eval()
         object.__setattr__(self, "_teacher", frozen)
+        self._teacher_check = TeacherCheck("VideoClassifier")
         if isinstance(model, str):
             from lightning_dance.models import create_model
 
@@ -126,6 +130,8 @@ class VideoClassifier(L.LightningModule):
                 target = self._teacher(clip)
             distill = distillation_loss(logits, target, self.hparams.distill_temperature)
             self.log("train/loss_distill", distill, on_step=True, on_epoch=True)
+            acc = self._teacher_check.update(target, label)
+            self.log("train/teacher_acc", acc, on_epoch=True, batch_size=len(label))
             loss = loss + distill
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True)
         for name, metric in self.metrics.items():
@@ -139,6 +145,10 @@ class VideoClassifier(L.LightningModule):
         # Lightning keeps a submodule's own eval flag through fit (train_mode)
         train_at_fit_start(self, "VideoClassifier", " (to keep modules in eval mode on purpose, "
                            "override on_fit_start)")  # fmt: skip
+        self._teacher_check.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._teacher_check.warn_if_weak()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
