@@ -28,6 +28,10 @@ For each model (random init, eval, ``channels_last_3d``):
   ``compact`` runs the index plan
   (:mod:`lightning_dance.execution.indexed`) and ``general plan`` is the same pruner on the
   mask-based plan (``index_plan=False``), for comparison.
+  With ``--hybrid F`` and config ``channel``: ``Torch-Pruning`` (the model statically pruned to
+  the budget, :func:`lightning_dance.baselines.torch_prune`, run dense fast) and ``Torch-Pruning
+  to S, then <policy>`` (pruned statically to ``budget / F``, then the policy on channels per
+  clip at ``F`` of what remains, credited count, compact path), with their bytes.
 
 Everything runs interleaved in one process (round robin over variants after warm-up), with fixed
 threads; medians and p90 are reported. The controller's masks, statistics and per-layer logits
@@ -123,7 +127,8 @@ class Variant:
     ran_ratio: float = 1.0  # really computed / dense
     traffic: dict | None = None  # measured traffic and energy savings (traffic_and_energy)
     layer_dims: dict | None = None  # the selected variants' {layer: dims}
-    module: nn.Module | None = None  # a materialized variant's plain model
+    module: nn.Module | None = None  # a materialized (or statically pruned) plain model
+    compact: CompactPruner | None = None  # a hybrid variant's compact path (for its bytes)
 
 
 def traffic_and_energy(
@@ -238,6 +243,39 @@ def materialized_variant(name: str, pruner: AdaptivePruner,
     return v, err
 
 
+def static_then_dynamic(
+    label: str, model: nn.Module, budget: float, clip: torch.Tensor, args
+) -> list[tuple[Variant, float]]:
+    """``--hybrid F``: Torch-Pruning alone to ``budget`` (``lightning_dance.baselines.torch_prune``,
+    run dense fast: the static alternative at the same MACs), and Torch-Pruning to
+    ``budget / F`` followed by the policy on channels, calibrated with the credited count to
+    ``F`` of what the static model runs (its compact path): static, then per clip. MAC ratios
+    are of ``model`` (fvcore); the second item of each pair is the error against the masked
+    model (0 for the static one)."""
+    import copy
+
+    from lightning_dance.baselines import torch_prune
+
+    small = torch.zeros(1, *clip.shape[1:3], 32, 32)  # the search's clip (ratios barely move)
+    dense = count_macs(model, clip).total
+    static, _ = torch_prune(copy.deepcopy(model), small, budget)
+    static = static.eval().to(memory_format=torch.channels_last_3d)
+    ratio = count_macs(static, clip).total / dense
+    alone = Variant(f"{label} Torch-Pruning", dense_fast(static, clip), ratio, ratio)
+    alone.module = static
+    base, _ = torch_prune(copy.deepcopy(model), small, min(1.0, budget / args.hybrid))
+    base = base.eval().to(memory_format=torch.channels_last_3d)
+    scale = count_macs(base, clip).total / dense
+    pruner = calibrated_pruner(base, ("channel",), min(1.0, budget / scale), clip, args,
+                               credit_outputs=True)  # fmt: skip
+    hybrid, err = dance_variants(
+        f"{label} Torch-Pruning to {scale:.2f}, then {args.policy}", pruner, clip, None
+    )
+    hybrid.mac_ratio, hybrid.ran_ratio = hybrid.mac_ratio * scale, hybrid.ran_ratio * scale
+    hybrid.compact = CompactPruner(pruner)
+    return [(alone, 0.0), (hybrid, err)]
+
+
 def rows_of(variants: list[Variant], times: dict[str, list[float]], base: str) -> list[dict]:
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
@@ -303,6 +341,13 @@ def bench_model(name: str, args) -> dict:
                 v, errors[label + " mat"] = materialized_variant(f"{label} materialized",
                                                                  credited, clip)  # fmt: skip
                 variants.append(v)
+            if dims == ("channel",) and args.hybrid:
+                if dense_bytes is None:
+                    dense_bytes = measure_traffic(model, clip)
+                for v, err in static_then_dynamic(label, model, budget, clip, args):
+                    errors[v.name] = err
+                    v.traffic = traffic_and_energy(dense_bytes, v.compact or v.module, clip)
+                    variants.append(v)
             if "channel" in dims and args.policy == "topk":
                 rounded = calibrated_pruner(model, dims, budget, clip, args, channel_multiple=8)
                 v, errors[label + " x8"] = dance_variants(
@@ -489,6 +534,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--growth-config", default="channel+frame", choices=list(CONFIGS))
     p.add_argument("--growth-models", nargs="*", default=["r2plus1d_18"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--hybrid",
+        type=float,
+        default=None,
+        metavar="F",
+        help="config 'channel': also Torch-Pruning alone at each budget, and Torch-Pruning to "
+        "budget/F followed by the policy at F of the rest (static, then per clip)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny_c3d, one budget, 2 repeats")
     p.add_argument("--out", default="benchmarks/results/latency.json")
     args = p.parse_args(argv)

@@ -20,6 +20,7 @@ Every method gets the same task, the same seeds and the same number of training 
                      spent on DANCE fine-tuning instead
 ``torch-pruning-kd`` ``torch-pruning`` fine-tuned on cross-entropy + distillation from the
                      dense start, the loss of every DANCE row without ``-ce`` (``task="both"``)
+``dance-channel-ce`` the ``threshold`` policy on channels only (every layer), labels only
 ``hybrid-credit``    ``hybrid`` (Torch-Pruning, then ``topk``) charged with what it runs;
                      ``-ce``: on cross-entropy only; ``hybrid-threshold-ce``: ``threshold``
                      (per-clip counts) in place of ``topk``
@@ -101,12 +102,12 @@ import torch
 import torch.nn as nn
 
 from lightning_dance.ava_callback import AVACallback
+from lightning_dance.baselines import conv3d_macs, torch_prune
 from lightning_dance.bytes import TrafficMeasurement, measure_traffic
 from lightning_dance.classifier import VideoClassifier
 from lightning_dance.data import SyntheticVideoDataModule
 from lightning_dance.energy import EnergyModel, reported_models
 from lightning_dance.execution import CompactPruner, count_executed_macs
-from lightning_dance.geometry import ConvGeometry, conv3d_input_shapes
 from lightning_dance.macs import count_macs
 from lightning_dance.materialize import materialize
 from lightning_dance.models import create_model
@@ -436,14 +437,6 @@ def method(name: str) -> Callable[[Method], Method]:
     return register
 
 
-def conv_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Conv3d MACs of one forward pass (one hooked pass: fast enough to search with; the
-    reported figures come from fvcore, :func:`lightning_dance.macs.count_macs`)."""
-    shapes = conv3d_input_shapes(model, example)
-    return sum(ConvGeometry.of(m, shapes[n]).dense_macs
-               for n, m in model.named_modules() if n in shapes)  # fmt: skip
-
-
 @functools.cache
 def matched_width(task: Task, budget: float) -> tuple[float, float]:
     """The width multiplier whose model's MACs are closest to ``budget`` x the task model's
@@ -453,9 +446,9 @@ def matched_width(task: Task, budget: float) -> tuple[float, float]:
 
     def ratio_at(step: int) -> float:
         net = create_model(task.model, task.num_classes, width=task.width * step / 64)
-        return conv_macs(net, example) / dense
+        return conv3d_macs(net, example) / dense
 
-    dense = conv_macs(create_model(task.model, task.num_classes, width=task.width), example)
+    dense = conv3d_macs(create_model(task.model, task.num_classes, width=task.width), example)
     low, high = 1, 64  # ratio_at(high) >= budget
     while high - low > 1:
         mid = (low + high) // 2
@@ -477,32 +470,11 @@ def slim(ctx: Context, budget: float, seed: int) -> Candidate:
 
 
 def static_prune(ctx: Context, budget: float) -> tuple[nn.Module, float]:
-    """The seed's dense start pruned with Torch-Pruning (``MetaPruner``, L2-magnitude importance,
-    the same ratio in every layer, 1% of the channels a step) to the step whose Conv3d MACs are
-    closest to ``budget`` x dense; returns (model in train mode, Conv3d MAC ratio)."""
-    try:
-        import torch_pruning as tp
-    except ImportError as err:  # an optional extra
-        raise RuntimeError(
-            "torch-pruning is not installed: pip install 'lightning-dance[baselines]'"
-        ) from err
-    net = ctx.start("dense").model.eval()
-    example = ctx.example
-    dense = conv_macs(net, example)
-    heads = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    pruner = tp.pruner.MetaPruner(
-        net, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.95,
-        iterative_steps=95, ignored_layers=heads,
-    )  # fmt: skip
-    ratio, previous = 1.0, (None, 1.0)
-    for _ in range(95):  # 1% of channels per step; stop at the step closest to the budget
-        if ratio <= budget:
-            break
-        previous = (copy.deepcopy(net), ratio)
-        pruner.step()
-        ratio = conv_macs(net, example) / dense
-    if previous[0] is not None and abs(previous[1] - budget) < abs(ratio - budget):
-        net, ratio = previous
+    """The seed's dense start pruned with Torch-Pruning to the step whose Conv3d MACs are
+    closest to ``budget`` x dense (``lightning_dance.baselines.torch_prune``: L2-magnitude
+    importance, the same ratio in every layer, 1% of the channels a step); returns (model in
+    train mode, Conv3d MAC ratio)."""
+    net, ratio = torch_prune(ctx.start("dense").model.eval(), ctx.example, budget)
     # back to train mode: Lightning keeps each submodule's own eval flag through fit, so a net
     # left in eval mode would be fine-tuned with frozen BatchNorm statistics (on this task that
     # left its test predictions constant: 16.6% top-1, chance)
@@ -704,6 +676,16 @@ def dance_noava_credit_ce(ctx: Context, budget: float, seed: int) -> Candidate:
     loss): no distillation from the dense start, which is the teacher of every other DANCE row
     and, after its ``dense_epochs``, not a converged model."""
     return _dance(ctx, budget, start="dense", policy="threshold", dims=ALL_DIMS,
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
+                  task="labels", **THRESHOLD_RECIPE)  # fmt: skip
+
+
+@method("dance-channel-ce")
+def dance_channel_ce(ctx: Context, budget: float, seed: int) -> Candidate:
+    """The paper's ``threshold`` policy (per-clip keep counts) on channels only, in every layer
+    but the stem: ``dance-noava-credit-ce`` without frames and features, ``mod-topk-credit-ce``
+    with per-clip counts in place of fixed ones (and so on the compact path's index plan)."""
+    return _dance(ctx, budget, start="dense", policy="threshold", dims=("channel",),
                   epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
                   task="labels", **THRESHOLD_RECIPE)  # fmt: skip
 

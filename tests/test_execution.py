@@ -688,6 +688,25 @@ def test_latency_benchmark_smoke(tmp_path):
             assert row["traffic"]["traffic_saving"] > 0
         if row["variant"].endswith("channels materialized"):
             assert row["mac_ratio"] == row["ran_ratio"] < 1.0
+    # --hybrid: Torch-Pruning alone at the budget, and to budget / F then the policy per clip
+    import argparse
+
+    from lightning_dance.macs import count_macs
+
+    args = argparse.Namespace(policy="threshold", seed=0, calib_clips=1, calib_iters=12,
+                              feature_site="inputs", hybrid=0.7)  # fmt: skip
+    big = torch.randn(1, 3, 8, 48, 48)
+    (alone, e0), (hybrid, e1) = bench.static_then_dynamic("c", model, 0.5, big, args)
+    dense = count_macs(model, big).total
+    assert e0 == 0.0 and e1 < 1e-4
+    assert alone.mac_ratio == pytest.approx(count_macs(alone.module, big).total / dense)
+    assert abs(alone.mac_ratio - 0.5) < 0.05
+    static = hybrid.compact.pruner.model  # pruned to 0.5 / 0.7, then per clip
+    assert count_macs(static, big).total / dense == pytest.approx(0.5 / 0.7, abs=0.05)
+    assert abs(hybrid.mac_ratio - 0.5) < 0.1 and hybrid.ran_ratio <= hybrid.mac_ratio + 1e-6
+    with torch.no_grad():
+        torch.testing.assert_close(alone.run(), alone.module(big), rtol=1e-4, atol=1e-4)
+        hybrid.run()
 
 
 # ----------------------------------------------------------------------------- tuning
