@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import itertools
 import json
@@ -835,9 +836,13 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
     appended to ``out/rows.jsonl`` as soon as it is known), then time them all side by side."""
     ctx = Context(task, seed, task.datamodule(), progress=args.progress, cache=args.cache)
     ctx.dm.setup("fit")
-    dense_macs = ctx.dense_macs()
-    clips = [clip[None] for clip, _ in itertools.islice(iter(ctx.dm.test_dataset),
+    dm = ctx.dm  # the clips timed and measured: the task's, or the same generator's at --latency-size
+    if getattr(args, "latency_size", None):
+        dm = dataclasses.replace(task, size=args.latency_size).datamodule()
+        dm.setup("fit")
+    clips = [clip[None] for clip, _ in itertools.islice(iter(dm.test_dataset),
                                                          args.latency_clips)]  # fmt: skip
+    dense_macs = count_macs(task.classifier().model, clips[0]).total
     candidates: dict[tuple[str, float], Candidate] = {}
     rows: dict[tuple[str, float], dict[str, Any]] = {}
     failed: list[dict[str, Any]] = []
@@ -942,7 +947,9 @@ def markdown(summary: Sequence[dict[str, Any]], result: dict[str, Any]) -> str:
         f"Task: `{result['task']['model']}` width {result['task']['width']}, "
         f"{result['task']['num_classes']} classes, clips {result['task']['frames']}x"
         f"{result['task']['size']}x{result['task']['size']}, {result['task']['total_epochs']} "
-        f"epochs per method, seeds {result['seeds']}. Latency: batch 1, {m['threads']} threads, "
+        f"epochs per method, seeds {result['seeds']}. Latency, bytes and MACs ran: batch 1, "
+        f"clips {result['task']['frames']}x{result.get('latency_size', result['task']['size'])}x"
+        f"{result.get('latency_size', result['task']['size'])}, {m['threads']} threads, "
         f"{m['cpu']} (AVX2 {m['avx2']}, AVX-512 {m['avx512']}), load {m['loadavg']}; speedup = "
         "dense-fast median / method median, interleaved.",
         "",
@@ -1028,6 +1035,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="dance-selected: a JSON {layer: [dims]} (e.g. a latency_benchmark.py "
                    "'selected' row's layer_dims)")  # fmt: skip
     p.add_argument("--latency-clips", type=int, default=8, help="test clips cycled in timing")
+    p.add_argument("--latency-size", type=int, default=None, metavar="N",
+                   help="time the models and measure their bytes on NxN test clips of the same "
+                   "generator (the deployment size; the models are fully convolutional); "
+                   "default: the task's size. Top-1 and counted MACs stay on the task's clips")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
@@ -1087,6 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {
         "command": " ".join(["benchmarks/pareto.py", *(argv if argv is not None else sys.argv[1:])]),
         "task": {**asdict(task), "total_epochs": task.total_epochs},
+        "latency_size": args.latency_size or task.size,
         "methods": list(args.methods), "budgets": list(args.budgets), "seeds": list(args.seeds),
         "machine": machine(), "seconds": time.perf_counter() - start,
         "summary": summary, "rows": rows,

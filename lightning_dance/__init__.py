@@ -36,6 +36,7 @@ from lightning_dance.ava_callback import AVACallback
 from lightning_dance.classifier import VideoClassifier
 from lightning_dance.data import SyntheticVideoDataModule, VideoFolderDataModule
 from lightning_dance.errors import DanceError
+from lightning_dance.kernel_cache import raise_default as _raise_kernel_cache
 from lightning_dance.macs import count_macs
 from lightning_dance.models import create_model, list_models
 from lightning_dance.report import MacReport
@@ -43,6 +44,8 @@ from lightning_dance.targeted_dropout import TargetedDropoutCallback
 from lightning_dance.wrapper import DANCEWrapper
 
 __version__ = "0.1.0"
+
+_raise_kernel_cache()  # before any model runs: per-clip shapes outgrow oneDNN's default cache
 
 # loaded on first use (the execution and export stacks import more)
 _LAZY = {

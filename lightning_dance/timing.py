@@ -40,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_dance import kernel_cache
+
 __all__ = ["Timing", "cpu_model", "dense_fast", "interleaved", "loadavg", "machine"]
 
 
@@ -141,4 +143,5 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "loadavg": loadavg(),
         "torch": torch.__version__,
+        "onednn_cache": kernel_cache.capacity(),
     }

@@ -135,9 +135,16 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
 
     # a second run reuses the cached trained candidates (the same top-1, no training) and a
     # merge of both runs' rows gives one row per method, budget and seed, timed
-    again = pareto.main([*quick, "--methods", "slim", "dance-width", "--out", str(tmp_path / "b")])
+    # (--latency-size: timed and measured on larger clips of the same generator; top-1 and the
+    # counted MACs stay those of the task's clips, MACs ran are against dense at that size)
+    again = pareto.main([*quick, "--methods", "slim", "dance-width", "--latency-size", "48",
+                         "--out", str(tmp_path / "b")])  # fmt: skip
     for e in again["summary"]:
         assert e["acc"] == summary[(e["method"], e["budget"])]["acc"]
+        assert e["mac_ratio"] == pytest.approx(summary[(e["method"], e["budget"])]["mac_ratio"])
+    again_summary = {(e["method"], e["budget"]): e for e in again["summary"]}
+    assert again_summary[("dense", 1.0)]["ran_ratio"] == pytest.approx(1.0)
+    assert again["latency_size"] == 48 and "x48x48" in (tmp_path / "b" / "summary.md").read_text()
     assert (tmp_path / "cache" / f"dance-width-{result['budgets'][0]}-seed0.pt").exists()
     merged = pareto.main(["--merge", str(tmp_path / "rows.jsonl"), str(tmp_path / "b" / "rows.jsonl"),
                           "--out", str(tmp_path / "m")])  # fmt: skip
