@@ -20,7 +20,9 @@ Every method gets the same task, the same seeds and the same number of training 
                      spent on DANCE fine-tuning instead
 ``torch-pruning-kd`` ``torch-pruning`` fine-tuned on cross-entropy + distillation from the
                      dense start, the loss of every DANCE row without ``-ce`` (``task="both"``)
-``dance-channel-ce`` the ``threshold`` policy on channels only (every layer), labels only
+``dance-channel-ce`` the ``threshold`` policy on channels only (every layer), labels only;
+                     ``-materialized``: its static projection, made physical (also
+                     ``hybrid-threshold-ce-materialized``)
 ``hybrid-credit``    ``hybrid`` (Torch-Pruning, then ``topk``) charged with what it runs;
                      ``-ce``: on cross-entropy only; ``hybrid-threshold-ce``: ``threshold``
                      (per-clip counts) in place of ``topk``
@@ -733,8 +735,29 @@ def dance_selected_static_first_materialized(ctx: Context, budget: float, seed: 
     average on the validation clips, the ones it kept most often
     (:func:`~lightning_dance.priors.freeze_channels`), made physical
     (:func:`~lightning_dance.materialize.materialize`) and timed like the static models."""
-    source = ctx.trained("dance-selected-static-first-ce", budget)
-    wrapper = copy.deepcopy(source.wrapper).eval()
+    return _materialized_projection(ctx, "dance-selected-static-first-ce", budget)
+
+
+@method("dance-channel-ce-materialized")
+def dance_channel_ce_materialized(ctx: Context, budget: float, seed: int) -> Candidate:
+    """The static projection of ``dance-channel-ce`` made physical, as above: DANCE's
+    ``threshold`` training, deployed without its per-clip choice."""
+    return _materialized_projection(ctx, "dance-channel-ce", budget)
+
+
+@method("hybrid-threshold-ce-materialized")
+def hybrid_threshold_ce_materialized(ctx: Context, budget: float, seed: int) -> Candidate:
+    """The static projection of ``hybrid-threshold-ce`` made physical, as above."""
+    return _materialized_projection(ctx, "hybrid-threshold-ce", budget)
+
+
+def _materialized_projection(ctx: Context, source: str, budget: float) -> Candidate:
+    """Method ``source`` (trained or from the cache, nothing retrained) frozen to its static
+    projection on the validation clips (each layer keeps, for every clip, its mean count of the
+    channels it kept most often, :func:`~lightning_dance.priors.freeze_channels`) and made
+    physical (:func:`~lightning_dance.materialize.materialize`): a plain model, timed like the
+    static ones."""
+    wrapper = copy.deepcopy(ctx.trained(source, budget).wrapper).eval()
     clips = (clip for clip, _ in ctx.dm.val_dataloader())
     freeze_channels(wrapper, channel_frequencies(wrapper, clips), standalone=True)
     return Candidate(materialize(wrapper, ctx.example), note="static projection, materialized")
