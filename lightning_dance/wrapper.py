@@ -264,10 +264,10 @@ class DANCEWrapper(L.LightningModule):
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         if freeze_backbone:
             model.requires_grad_(False)
-            self._teacher: nn.Module | None = None
-        else:
+        self._teacher: nn.Module | None = None
+        if not freeze_backbone and task != "labels":
             # the dense teacher must not drift with the student: a frozen copy, kept out of the
-            # state dict (it equals the user's model at wrap time)
+            # state dict (it equals the user's model at wrap time); task="labels" never needs it
             teacher = copy.deepcopy(model).requires_grad_(False).eval()
             object.__setattr__(self, "_teacher", teacher)
         self.metrics = nn.ModuleDict(

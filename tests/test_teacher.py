@@ -116,3 +116,17 @@ def test_classifier_checks_its_teacher():
     assert len(warned) == 1
     logged, warned = _fit(VideoClassifier(SmallNet(), num_classes=4), data)
     assert "train/teacher_acc" not in logged and not warned
+
+
+def test_no_teacher_copy_is_kept_for_labels_only():
+    """Joint fine-tuning keeps a frozen copy of the model to distil from, except under
+    ``task="labels"``, which never distils (no second model in memory)."""
+    net = SmallNet()
+    assert DANCEWrapper(net, freeze_backbone=False, task="labels")._teacher is None
+    for task in ("auto", "both", "distill"):
+        teacher = DANCEWrapper(SmallNet(), freeze_backbone=False, task=task)._teacher
+        assert teacher is not None and not any(p.requires_grad for p in teacher.parameters())
+    torch.manual_seed(0)
+    wrapper = DANCEWrapper(SmallNet(), budget=0.5, freeze_backbone=False, task="labels")
+    logged, warned = _fit(wrapper, _data())
+    assert "dance/train_loss_ce" in logged and "dance/train_loss_distill" not in logged
