@@ -16,22 +16,38 @@ __all__ = ["budget_loss", "distillation_loss"]
 
 
 def budget_loss(
-    stats: PruningStats, budget: float | torch.Tensor, *, min_layer_keep: float = 0.05
+    stats: PruningStats,
+    budget: float | torch.Tensor,
+    *,
+    min_layer_keep: float = 0.05,
+    targets: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The AAP budget terms from one forward pass's statistics.
 
     - ``ratio``: expected executed/dense MACs per clip, averaged over the batch (differentiable);
-    - ``budget``: ``(ratio - budget) ** 2``: the MAC-weighted budget loss;
+    - ``budget``: ``(ratio - budget) ** 2``: the MAC-weighted budget loss; with per-clip
+      ``targets`` ``[N]`` (:func:`~lightning_dance.allocation.difficulty_targets`), the mean of
+      ``(ratio_i - targets_i) ** 2`` over the clips instead;
     - ``bounds``: ``sum_l relu(min_layer_keep - kept_l) ** 2`` where ``kept_l`` is layer ``l``'s
       expected executed/dense MAC fraction: keeps any single layer from collapsing.
     """
-    ratio = (stats.expected_macs() / max(1, stats.dense_total)).mean()
+    per_clip = stats.expected_macs() / max(1, stats.dense_total)
+    ratio = per_clip.mean()
     terms = [
         torch.relu(min_layer_keep - (s.expected_macs.mean() / max(1, s.dense_macs))) ** 2
         for s in stats.layers.values()
     ]
     bounds = torch.stack(terms).sum() if terms else ratio.new_zeros(())
-    return {"ratio": ratio, "budget": (ratio - budget) ** 2, "bounds": bounds}
+    if targets is None:
+        term = (ratio - budget) ** 2
+    else:
+        if targets.shape != per_clip.shape:
+            raise ValueError(
+                f"targets must hold one MAC ratio per clip {tuple(per_clip.shape)}, "
+                f"got {tuple(targets.shape)}"
+            )
+        term = ((per_clip - targets.to(per_clip)) ** 2).mean()
+    return {"ratio": ratio, "budget": term, "bounds": bounds}
 
 
 def distillation_loss(

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torchmetrics import MeanMetric
 
 from lightning_dance.aap import AdaptivePruner
+from lightning_dance.allocation import clip_difficulty, difficulty_targets
 from lightning_dance.checkpoints import (
     ArchitectureMismatchError,
     check_architecture,
@@ -136,6 +137,12 @@ class DANCEWrapper(L.LightningModule):
             seed, ``r2plus1d_18`` width 0.25, ``width`` policy at budget 0.5, 2 joint epochs): the
             training ratio settled at 0.69 without it, and calibrating to 0.5 afterwards
             collapsed top-1 from 85% to 17%. 0: off (the default). Not with ``budget_range``.
+        difficulty_spread: share the training batch's budget by difficulty
+            (:mod:`lightning_dance.allocation`): each clip's target is the budget scaled by its
+            rank in the batch by the model's own loss, from ``budget * (1 - spread)`` (easiest)
+            to ``budget * (1 + spread)`` (hardest), and the budget loss pulls every clip toward
+            its own target, so that the controller learns to spend on the clips that need it.
+            0 (the default): one budget for the batch mean.
         execution: ``"masked"`` (multiply by the masks: the training path) or ``"compact"``
             (inference skips the pruned work, see :meth:`compile_sparse`).
         model_kwargs: for a factory name: ``create_model`` arguments (``num_classes`` here or
@@ -189,6 +196,7 @@ class DANCEWrapper(L.LightningModule):
         lr_schedule: str = "constant",
         calibrate_every: int = 0,
         budget_feedback: float = 0.0,
+        difficulty_spread: float = 0.0,
         execution: str = "masked",
         model_kwargs: dict[str, Any] | None = None,
         on_nonfinite: str = "raise",
@@ -212,6 +220,8 @@ class DANCEWrapper(L.LightningModule):
         check_schedules(noise_anneal=noise_anneal, budget_warmup=budget_warmup,
                         calibrate_every=calibrate_every, budget_feedback=budget_feedback,
                         lr_schedule=lr_schedule, budget_range=budget_range)  # fmt: skip
+        if not 0.0 <= difficulty_spread < 1.0:
+            raise ValueError(f"difficulty_spread must be in [0, 1), got {difficulty_spread}")
         if distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
         if budget_range is not None:
@@ -452,6 +462,7 @@ class DANCEWrapper(L.LightningModule):
                 self.pruner.calibration.sub_(gain * error)
         losses: dict[str, torch.Tensor] = {}
         use_ce, use_distill = task_losses(self.hparams.task, label is not None)
+        teacher = None
         if use_ce:
             losses["ce"] = nn.functional.cross_entropy(logits, label)
         if use_distill:
@@ -460,7 +471,13 @@ class DANCEWrapper(L.LightningModule):
             if train and label is not None:
                 acc = self._teacher_check.update(teacher, label)
                 self.log("dance/train_teacher_acc", acc, on_epoch=True, batch_size=len(label))
-        parts = budget_loss(stats, budget, min_layer_keep=self.hparams.min_layer_keep)
+        spread, targets = self.hparams.get("difficulty_spread", 0.0), None
+        if train and spread:
+            hard = clip_difficulty(logits, label if use_ce else None, teacher,
+                                   self.hparams.distill_temperature)  # fmt: skip
+            targets = difficulty_targets(budget, hard, spread)
+        parts = budget_loss(stats, budget, min_layer_keep=self.hparams.min_layer_keep,
+                            targets=targets)  # fmt: skip
         losses["budget"] = self.hparams.budget_weight * parts["budget"]
         losses["bounds"] = self.hparams.bound_weight * parts["bounds"]
         loss = sum(losses.values())
