@@ -693,6 +693,21 @@ def dance_channel_ce(ctx: Context, budget: float, seed: int) -> Candidate:
                   task="labels", **THRESHOLD_RECIPE)  # fmt: skip
 
 
+#: ``difficulty_spread`` of the ``-difficulty`` rows: the hardest clip of a training batch is
+#: asked to spend ``budget * 1.5``, the easiest ``budget * 0.5`` (:mod:`lightning_dance.allocation`)
+DIFFICULTY_SPREAD = 0.5
+
+
+@method("dance-channel-ce-difficulty")
+def dance_channel_ce_difficulty(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance-channel-ce`` with the batch's budget shared by difficulty in training
+    (``difficulty_spread``): a reason for the per-clip controller to spend more on hard clips."""
+    return _dance(ctx, budget, start="dense", policy="threshold", dims=("channel",),
+                  epochs=ctx.task.ava_epochs + ctx.task.tune_epochs, credit_outputs=True,
+                  task="labels", difficulty_spread=DIFFICULTY_SPREAD,
+                  **THRESHOLD_RECIPE)  # fmt: skip
+
+
 #: ``{layer: dims}`` for ``dance-selected`` (``--layer-dims``)
 LAYER_DIMS: dict[str, tuple[str, ...]] | None = None
 
@@ -834,6 +849,14 @@ def hybrid_threshold_ce(ctx: Context, budget: float, seed: int) -> Candidate:
     """``hybrid-credit-ce`` with the paper's ``threshold`` policy on channels (per-clip keep
     counts) in place of ``topk``."""
     return _hybrid(ctx, budget, credit_outputs=True, task="labels", policy="threshold")
+
+
+@method("hybrid-threshold-ce-difficulty")
+def hybrid_threshold_ce_difficulty(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``hybrid-threshold-ce`` with the per-clip budget shared by difficulty in training
+    (``difficulty_spread``, as ``dance-channel-ce-difficulty``)."""
+    return _hybrid(ctx, budget, credit_outputs=True, task="labels", policy="threshold",
+                   difficulty_spread=DIFFICULTY_SPREAD)  # fmt: skip
 
 
 def _hybrid(ctx: Context, budget: float, credit_outputs: bool, policy: str = "topk",

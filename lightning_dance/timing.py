@@ -86,18 +86,21 @@ def interleaved(
     return {name: Timing(tuple(s)) for name, s in samples.items()}
 
 
-def dense_fast(model: nn.Module, clip: torch.Tensor) -> Callable[[], torch.Tensor]:
+def dense_fast(
+    model: nn.Module, clip: torch.Tensor, *, fold_norms: bool = True
+) -> Callable[[], torch.Tensor]:
     """A callable running ``model`` in its fastest dense form on ``clip`` (the speed baseline).
 
     The model should be in eval mode; its weights are not changed (only the layout of the
-    activations and the Conv3d kernels used).
+    activations, the Conv3d kernels used and, with ``fold_norms``, eval BatchNorms computed by
+    the conv before them, as :class:`~lightning_dance.execution.CompactPruner` does by default).
     """
     from lightning_dance.execution import accelerate_dense, to_fast_layout
 
     clip_fast = to_fast_layout(clip)
 
     def run() -> torch.Tensor:
-        with accelerate_dense(model):
+        with accelerate_dense(model, fold_norms=fold_norms):
             return model(clip_fast)
 
     return run

@@ -96,7 +96,8 @@ class DANCEWrapper(L.LightningModule):
         lr, weight_decay: AdamW settings (the controller's learning rate).
         backbone_lr: with ``freeze_backbone=False``, the backbone's learning rate (default
             ``lr / 10``: the controller starts from scratch, the backbone is already trained).
-        budget_weight: weight of ``(E[executed]/dense - budget)^2``.
+        budget_weight: weight of ``(E[executed]/dense - budget)^2`` (per clip, against each
+            clip's own target, with ``difficulty_spread``).
         bound_weight, min_layer_keep: per-layer lower bound on the kept MAC fraction (so that no
             layer collapses) and its weight.
         grid, hidden, tau, init_keep, min_keep, credit_outputs, channel_multiple, feature_site: see

@@ -59,6 +59,12 @@ def foldable_norms(model: nn.Module, keep: Iterable[str] = ()) -> dict[str, str]
     return {c: n for c, n in _pairs[model].items() if c not in keep}
 
 
+def folded_stand_in(conv: nn.Module) -> nn.Conv3d | None:
+    """The Conv3d :func:`folded_conv` last made for ``conv`` (``None``: none)."""
+    hit = _folded.get(conv)
+    return None if hit is None else hit[1]
+
+
 def folded_conv(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> nn.Conv3d:
     """A Conv3d computing ``bn(conv(x))`` (``bn`` in eval mode, with running statistics):
     cached per conv, made again when a weight, bias or statistic changes. No autograd (an

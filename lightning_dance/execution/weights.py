@@ -325,5 +325,10 @@ def forget_recurring_blocks(model: nn.Module) -> None:
     gathers its kept weights as a clip with new channel sets does (what a measurement of one
     clip should charge unless it measures a stream, see
     :func:`lightning_dance.bytes.measure_traffic`)."""
+    from lightning_dance.execution.folding import folded_stand_in  # folding reads no weights
+
     for module in model.modules():
         _recurring.pop(module, None)
+        stand_in = folded_stand_in(module)  # a conv with its BatchNorm folded keeps its own
+        if stand_in is not None:
+            _recurring.pop(stand_in, None)
