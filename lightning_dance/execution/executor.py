@@ -191,8 +191,8 @@ class CompactPruner:
             input through; same result up to float rounding, one pass over each such output
             fewer. :meth:`compare_dense` and :func:`lightning_dance.bytes.compare_traffic`
             give the dense baseline the same folding. On by default (measured: the per-clip
-            path of a trained R(2+1)D 15% faster at 8x112x112, ``docs/execution.md``);
-            ``False``: BatchNorms run as they are.
+            path of a trained R(2+1)D 15-20% faster at 8x112x112, dense as much,
+            ``docs/execution.md``); ``False``: BatchNorms run as they are.
 
     Example:
         >>> import torch
