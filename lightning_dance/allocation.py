@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lightning_dance.losses import clip_distillation
+
 __all__ = ["clip_difficulty", "difficulty_targets"]
 
 
@@ -46,10 +48,7 @@ def clip_difficulty(
     if labels is not None:
         loss = loss + F.cross_entropy(logits, labels, reduction="none")
     if teacher is not None:
-        t = temperature
-        log_p = torch.log_softmax(logits / t, dim=-1)
-        q = torch.softmax(teacher.detach().float() / t, dim=-1)
-        loss = loss + F.kl_div(log_p, q, reduction="none").sum(-1) * (t * t)
+        loss = loss + clip_distillation(logits, teacher.float(), temperature)
     return loss
 
 

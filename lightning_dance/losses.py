@@ -12,7 +12,7 @@ import torch
 
 from lightning_dance.stats import PruningStats
 
-__all__ = ["budget_loss", "distillation_loss"]
+__all__ = ["budget_loss", "clip_distillation", "distillation_loss"]
 
 
 def budget_loss(
@@ -53,8 +53,16 @@ def budget_loss(
 def distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0
 ) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened logits, scaled by ``T^2`` (Hinton et al.)."""
+    """KL(teacher || student) on temperature-softened logits, scaled by ``T^2`` (Hinton et al.),
+    averaged over the clips."""
+    return clip_distillation(student, teacher, temperature).mean()
+
+
+def clip_distillation(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0
+) -> torch.Tensor:
+    """:func:`distillation_loss` of each clip ``[N]`` (the teacher detached)."""
     t = temperature
     log_p = torch.log_softmax(student / t, dim=-1)
     q = torch.softmax(teacher.detach() / t, dim=-1)
-    return torch.nn.functional.kl_div(log_p, q, reduction="batchmean") * (t * t)
+    return torch.nn.functional.kl_div(log_p, q, reduction="none").sum(-1) * (t * t)

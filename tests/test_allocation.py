@@ -45,6 +45,9 @@ def test_clip_difficulty_is_the_per_clip_task_loss():
                                          for lo, y in zip(logits, labels, strict=True)])  # fmt: skip
     kl = clip_difficulty(logits, teacher=teacher, temperature=3.0)
     assert float(kl.mean()) == pytest.approx(float(distillation_loss(logits, teacher, 3.0)))
+    batchmean = F.kl_div(torch.log_softmax(logits / 3, -1), torch.softmax(teacher / 3, -1),
+                         reduction="batchmean") * 9  # fmt: skip
+    assert float(kl.mean()) == pytest.approx(float(batchmean))  # torch's own reduction
     both = clip_difficulty(logits, labels, teacher, temperature=3.0)
     assert both.tolist() == pytest.approx((ce + kl).tolist())
     assert not clip_difficulty(logits.requires_grad_(), labels).requires_grad
