@@ -110,10 +110,11 @@ from lightning_dance.bytes import TrafficMeasurement, measure_traffic
 from lightning_dance.classifier import VideoClassifier
 from lightning_dance.data import SyntheticVideoDataModule
 from lightning_dance.energy import EnergyModel, reported_models
-from lightning_dance.execution import CompactPruner, count_executed_macs
+from lightning_dance.execution import CompactPruner, count_executed_macs, to_fast_layout
 from lightning_dance.macs import count_macs
 from lightning_dance.materialize import materialize
 from lightning_dance.models import create_model
+from lightning_dance.plan_book import PlanBook, plan_book
 from lightning_dance.plots import accuracy_vs_cost
 from lightning_dance.priors import apply_channel_prior, channel_frequencies, freeze_channels
 from lightning_dance.recipes import fit, train_controller
@@ -306,8 +307,11 @@ class Candidate:
                 correct.append(model(clip).argmax(-1) == label)
                 if self.wrapper is not None:
                     ratios.append(self.wrapper.last_stats.mac_ratio() * self.scale)
+                elif isinstance(model, PlanBook):  # each clip runs its plan's sub-network
+                    table = torch.tensor(model.plan_macs(clip), dtype=torch.float64)
+                    ratios.append(table[model.last_plans] / ctx.dense_macs())
         hit = torch.cat(correct).double()
-        if self.wrapper is not None:
+        if ratios:
             r = torch.cat(ratios).double()
         else:
             r = torch.full_like(hit, count_macs(self.model, ctx.example).total / ctx.dense_macs())
@@ -327,7 +331,15 @@ class Candidate:
         channel counts left by pruning can make either one slow, and a baseline is never
         timed in a form slower than it has to be.
         """
-        if self.wrapper is None:
+        if isinstance(self.model, PlanBook):  # the stem and each plan on the fast kernels
+            book, fast_clip = self.model, to_fast_layout(clip)
+
+            def fast() -> torch.Tensor:
+                with book.accelerated():
+                    return book(fast_clip)
+
+            forms = {"plain": lambda: book(clip), "fast": fast}
+        elif self.wrapper is None:
             forms = {"plain": lambda: self.model(clip), "fast": dense_fast(self.model, clip)}
         else:
             compact = CompactPruner(self.wrapper.pruner)
@@ -348,6 +360,8 @@ class Candidate:
             return self.__dict__["onnx"]
         self.__dict__["onnx"] = None
         mode = "dense" if self.wrapper is None else self.wrapper.pruner.policy.name
+        if isinstance(self.model, PlanBook):  # a graph per plan, not one graph
+            return None
         if mode not in ("dense", "topk", "threshold") or not ONNX_FORM:
             return None
         try:
@@ -374,6 +388,8 @@ class Candidate:
 
     def ran_ratio(self, clips: Sequence[torch.Tensor], dense_macs: int) -> float:
         """MACs the fast form really computes / dense, mean over ``clips`` (batch 1 each)."""
+        if isinstance(self.model, PlanBook):
+            return statistics.fmean(float(self.model.macs(c)[0]) for c in clips) / dense_macs
         if self.wrapper is None:
             return count_macs(self.model, clips[0]).total / dense_macs
         pruner, compact = self.wrapper.pruner, CompactPruner(self.wrapper.pruner)
@@ -764,6 +780,27 @@ def dance_channel_ce_materialized(ctx: Context, budget: float, seed: int) -> Can
 def hybrid_threshold_ce_materialized(ctx: Context, budget: float, seed: int) -> Candidate:
     """The static projection of ``hybrid-threshold-ce`` made physical, as above."""
     return _materialized_projection(ctx, "hybrid-threshold-ce", budget)
+
+
+@method("dance-channel-ce-book4")
+def dance_channel_ce_book4(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance-channel-ce`` (trained or from the cache, nothing retrained) served by a plan
+    book of 4 static sub-networks (:func:`~lightning_dance.plan_book.plan_book` on the
+    validation clips): the controller still chooses per clip, among 4 materialized plans."""
+    return _plan_book(ctx, "dance-channel-ce", budget, plans=4)
+
+
+@method("dance-channel-ce-book8")
+def dance_channel_ce_book8(ctx: Context, budget: float, seed: int) -> Candidate:
+    """``dance-channel-ce-book4`` with 8 plans."""
+    return _plan_book(ctx, "dance-channel-ce", budget, plans=8)
+
+
+def _plan_book(ctx: Context, source: str, budget: float, plans: int) -> Candidate:
+    wrapper = ctx.trained(source, budget).wrapper
+    clips = [clip for clip, _ in ctx.dm.val_dataloader()]
+    book = plan_book(wrapper, clips, plans=plans, seed=ctx.seed)
+    return Candidate(book, note=f"plan book of {len(book.networks)}")
 
 
 def _materialized_projection(ctx: Context, source: str, budget: float) -> Candidate:

@@ -46,7 +46,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -275,25 +275,8 @@ class DecisionPlan:
         equal width (and, for a fixed-count policy, equal kept count) are decided together:
         one ``topk`` or one gate per group (12 calls instead of 115 on X3D-XS). For policies
         that take the controller's scores (``topk``, ``threshold``, ``width``)."""
-        if self.policy.needs_layer_input:
-            raise ValueError(
-                "channel indices of many layers at once need a policy that takes the "
-                f"controller's scores, not {self.policy.name!r}"
-            )
-        if self.dense:  # every mask forced to ones (AdaptivePruner.dense)
-            return dict.fromkeys(widths)
-        groups: dict[tuple[int, int | None], list[str]] = {}
-        for name, c in widths.items():
-            if "channel" not in self.layer_dims.get(name, ("channel",)):
-                continue  # this layer keeps every channel
-            k = self.keep_count(name, "channel", c)
-            if k is None or k < c:
-                groups.setdefault((c, k), []).append(name)
         out: dict[str, torch.Tensor | None] = dict.fromkeys(widths)
-        for (_, k), names in groups.items():
-            rows = self.controller.stacked_channel_logits(self.ctx, names)[0]  # [layers, C]
-            if self.offset:
-                rows = rows + self.offset
+        for names, k, rows in self._channel_groups(widths):
             if k is not None:
                 kept = rows.topk(k, dim=1).indices.sort(dim=1).values.unbind(0)
             else:  # input-dependent counts: the eval gate, row by row
@@ -301,3 +284,44 @@ class DecisionPlan:
                 kept = [None if bool(m.all()) else m.nonzero().flatten() for m in mask]
             out.update(zip(names, kept, strict=True))
         return out
+
+    def channel_masks(self, widths: Mapping[str, int]) -> dict[str, torch.Tensor | None]:
+        """One clip's kept input channels of each layer in ``widths`` as a bool mask ``[C]``
+        (``None`` where the layer keeps all by construction: a full count, a layer that does
+        not prune channels, a dense plan): :meth:`channel_indices` without turning masks into
+        indices (one gate or ``topk`` per group of layers, no per-layer index ops)."""
+        out: dict[str, torch.Tensor | None] = dict.fromkeys(widths)
+        for names, k, rows in self._channel_groups(widths):
+            if k is not None:
+                mask = torch.zeros_like(rows, dtype=torch.bool)
+                mask.scatter_(1, rows.topk(k, dim=1).indices, True)
+            else:
+                mask = self.policy.gate(rows, training=False, min_keep=self.min_keep) > 0.5
+            out.update(zip(names, mask.unbind(0), strict=True))
+        return out
+
+    def _channel_groups(
+        self, widths: Mapping[str, int]
+    ) -> Iterator[tuple[list[str], int | None, torch.Tensor]]:
+        """``(layers, kept count or None, scores [layers, C])`` of one clip, for each group of
+        the layers in ``widths`` that prune channels with equal width and count (layers that
+        keep every channel are left out)."""
+        if self.policy.needs_layer_input:
+            raise ValueError(
+                "channel indices of many layers at once need a policy that takes the "
+                f"controller's scores, not {self.policy.name!r}"
+            )
+        if self.dense:  # every mask forced to ones (AdaptivePruner.dense)
+            return
+        groups: dict[tuple[int, int | None], list[str]] = {}
+        for name, c in widths.items():
+            if "channel" not in self.layer_dims.get(name, ("channel",)):
+                continue  # this layer keeps every channel
+            k = self.keep_count(name, "channel", c)
+            if k is None or k < c:
+                groups.setdefault((c, k), []).append(name)
+        for (_, k), names in groups.items():
+            rows = self.controller.stacked_channel_logits(self.ctx, names)[0]  # [layers, C]
+            if self.offset:
+                rows = rows + self.offset
+            yield names, k, rows

@@ -32,7 +32,13 @@ import torch.nn as nn
 
 from lightning_dance.controller import StaticController
 
-__all__ = ["apply_channel_prior", "channel_frequencies", "freeze_channels", "magnitude_importance"]
+__all__ = [
+    "apply_channel_prior",
+    "channel_decisions",
+    "channel_frequencies",
+    "freeze_channels",
+    "magnitude_importance",
+]
 
 
 def magnitude_importance(conv: nn.Conv3d) -> torch.Tensor:
@@ -94,29 +100,37 @@ def _channel_head(pruner: Any) -> nn.Linear:
 
 
 @torch.no_grad()
-def channel_frequencies(target: Any, clips: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{layer: [C_in]}``: the fraction of ``clips`` (batches ``[N, 3, T, H, W]``) on which
-    ``target`` (a pruner or wrapper, run in eval mode) keeps each input channel."""
+def channel_decisions(target: Any, clips: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{layer: [N, C_in]}`` (bool): which input channels ``target`` (a pruner or wrapper, run
+    in eval mode) keeps on each of the ``N`` clips of ``clips`` (batches ``[N, 3, T, H, W]``),
+    in the order given; layers that prune other dims only are left out."""
     pruner = getattr(target, "pruner", target)
     _channel_head(pruner)
     was_training = pruner.training
     pruner.eval()
-    kept: dict[str, torch.Tensor] = {}
-    n = 0
+    kept: dict[str, list[torch.Tensor]] = {}
     try:
         for clip in clips:
             pruner(clip)
-            n += clip.shape[0]
             for name, stats in pruner.last_stats.layers.items():
-                if "channel" not in stats.masks:  # a layer that prunes other dims only
-                    continue
-                counts = stats.masks["channel"].double().sum(0)
-                kept[name] = kept[name] + counts if name in kept else counts
+                if "channel" in stats.masks:  # a layer that prunes other dims only is left out
+                    kept.setdefault(name, []).append(stats.masks["channel"].bool().cpu())
     finally:
         pruner.train(was_training)
-    if n == 0:
-        raise ValueError("channel_frequencies needs at least one clip")
-    return {name: counts / n for name, counts in kept.items()}
+    if not kept:
+        raise ValueError("channel_decisions needs at least one clip")
+    return {name: torch.cat(masks) for name, masks in kept.items()}
+
+
+def channel_frequencies(target: Any, clips: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{layer: [C_in]}``: the fraction of ``clips`` (batches ``[N, 3, T, H, W]``) on which
+    ``target`` (a pruner or wrapper, run in eval mode) keeps each input channel
+    (:func:`channel_decisions`, averaged)."""
+    try:
+        decided = channel_decisions(target, clips)
+    except ValueError as err:
+        raise ValueError("channel_frequencies needs at least one clip") from err
+    return {name: masks.double().mean(0) for name, masks in decided.items()}
 
 
 def freeze_channels(

@@ -77,6 +77,12 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
     assert made["seeds"] == projected["seeds"] == 1
     assert made["acc"] == projected["acc"]
     assert made["mac_ratio"] <= projected["mac_ratio"] + 1e-9
+    # the plan books of dance-channel-ce (its per-clip choice among a few materialized plans):
+    # each clip counted at its plan's MACs, near the per-clip model's own count
+    for name in ("dance-channel-ce-book4", "dance-channel-ce-book8"):
+        assert summary[(name, b)]["seeds"] == 1
+        per_clip = summary[("dance-channel-ce", b)]["mac_ratio"]
+        assert summary[(name, b)]["mac_ratio"] == pytest.approx(per_clip, abs=0.1)
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["summary"] == json.loads(json.dumps(result["summary"]))
     assert "| dance |" in (tmp_path / "summary.md").read_text()

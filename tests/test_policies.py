@@ -159,6 +159,25 @@ def test_plan_indices_and_masks_agree(clip):
         threshold.indices(name, stats.input_shape)
 
 
+@pytest.mark.parametrize("policy", ["topk", "threshold"])
+def test_plan_channel_masks_are_the_masked_forwards_masks(clip, policy):
+    pruner = _randomized(AdaptivePruner(SmallNet(), dims=("channel",), policy=policy))
+    one = clip[:1]
+    with torch.no_grad():
+        pruner(one)
+        plan = pruner.decide(pruner.model.get_submodule(pruner.stem_name)(one))
+    widths = {n: s.input_shape[0] for n, s in pruner.last_stats.layers.items()}
+    masks = plan.channel_masks(widths)
+    assert set(masks) == set(widths)
+    for name, stats in pruner.last_stats.layers.items():
+        want = stats.masks["channel"][0].bool()
+        got = masks[name]
+        assert torch.equal(got, want) if got is not None else bool(want.all())
+    with pruner.dense():  # a dense plan decides nothing: every layer keeps all
+        plan = pruner.decide(pruner.model.get_submodule(pruner.stem_name)(one))
+    assert all(m is None for m in plan.channel_masks(widths).values())
+
+
 def test_wrapper_takes_a_configured_pruner(tmp_path):
     torch.manual_seed(0)
     pruner = AdaptivePruner(SmallNet(), dims=("channel",), policy="topk", budget=0.4)
