@@ -7,6 +7,18 @@ import torch.nn as nn
 torch.set_num_threads(1)
 
 
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm3d of ``model`` non-trivial statistics and affine weights (so that a
+    wrong or missing channel shows in the logits); returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return model
+
+
 class SmallNet(nn.Module):
     """A small 3D CNN covering what DANCE must handle: stem, residual, depthwise, strides."""
 

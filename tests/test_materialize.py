@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from conftest import SmallNet
+from conftest import SmallNet, randomize_norms
 
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.channel_maps import ChannelGather, ChannelScatter
@@ -16,13 +16,7 @@ def _frozen(model: nn.Module, shape, budget=0.35, seed=0, policy="topk") -> Adap
     """A ``topk`` (or ``policy``) channel pruner whose random controller is frozen to its most
     frequent channels (a static projection), BatchNorms with non-trivial statistics."""
     torch.manual_seed(seed)
-    model = model.eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
+    model = randomize_norms(model.eval())
     pruner = AdaptivePruner(model, dims=("channel",), policy=policy, budget=budget).eval()
     with torch.no_grad():  # a controller whose choice varies per clip before it is frozen
         for p in pruner.controller.parameters():

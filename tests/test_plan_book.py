@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from conftest import randomize_norms
 
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.errors import DanceError
@@ -19,13 +20,7 @@ def _per_clip(model: nn.Module, seed: int = 0, **kwargs) -> AdaptivePruner:
     """A ``threshold`` channel pruner whose random controller decides differently per clip, with
     BatchNorms of non-trivial statistics (so a wrong channel shows in the logits)."""
     torch.manual_seed(seed)
-    model = model.eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
+    model = randomize_norms(model.eval())
     kwargs = {"dims": ("channel",), "policy": "threshold", "budget": 0.4, **kwargs}
     pruner = AdaptivePruner(model, **kwargs).eval()
     with torch.no_grad():

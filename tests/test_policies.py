@@ -131,13 +131,17 @@ def test_the_compact_path_reads_the_masked_forwards_decisions(clip):
     torch.testing.assert_close(fast, masked, atol=1e-4, rtol=1e-4)
 
 
-def test_plan_indices_and_masks_agree(clip):
-    pruner = _randomized(AdaptivePruner(SmallNet(), dims=("channel", "frame"), policy="topk"))
-    one = clip[:1]
+def _one_clip_plan(pruner: AdaptivePruner, one: torch.Tensor):
+    """The masked forward on one clip (``last_stats``), that clip's plan and the layer widths."""
     with torch.no_grad():
         pruner(one)
         plan = pruner.decide(pruner.model.get_submodule(pruner.stem_name)(one))
-    widths = {n: s.input_shape[0] for n, s in pruner.last_stats.layers.items()}
+    return plan, {n: s.input_shape[0] for n, s in pruner.last_stats.layers.items()}
+
+
+def test_plan_indices_and_masks_agree(clip):
+    pruner = _randomized(AdaptivePruner(SmallNet(), dims=("channel", "frame"), policy="topk"))
+    plan, widths = _one_clip_plan(pruner, clip[:1])
     sorted_channels = plan.channel_indices(widths)
     for name, stats in pruner.last_stats.layers.items():
         masks = plan.masks(name, stats.input_shape)
@@ -163,10 +167,7 @@ def test_plan_indices_and_masks_agree(clip):
 def test_plan_channel_masks_are_the_masked_forwards_masks(clip, policy):
     pruner = _randomized(AdaptivePruner(SmallNet(), dims=("channel",), policy=policy))
     one = clip[:1]
-    with torch.no_grad():
-        pruner(one)
-        plan = pruner.decide(pruner.model.get_submodule(pruner.stem_name)(one))
-    widths = {n: s.input_shape[0] for n, s in pruner.last_stats.layers.items()}
+    plan, widths = _one_clip_plan(pruner, one)
     masks = plan.channel_masks(widths)
     assert set(masks) == set(widths)
     for name, stats in pruner.last_stats.layers.items():
