@@ -139,6 +139,11 @@ class PlanBook(nn.Module):
         self.last_plans: torch.Tensor | None = None
         self._plan_macs: dict[tuple[int, ...], list[int]] = {}
 
+    def train(self, mode: bool = True) -> PlanBook:
+        """A plan book is for inference: it stays in eval mode (the controller's decisions
+        without exploration noise, BatchNorms on their running statistics) whatever ``mode``."""
+        return super().train(False)
+
     @property
     def stem(self) -> nn.Module:
         """The first conv, whose output the controller reads (and the sub-networks take)."""

@@ -207,3 +207,17 @@ def count_batch_norms(book: PlanBook, clip: torch.Tensor) -> int:
     with profile() as prof:
         book(clip)
     return sum(e.count for e in prof.key_averages() if e.key == "aten::native_batch_norm")
+
+
+def test_a_book_stays_in_eval_mode_and_survives_a_save_and_reload(tmp_path):
+    pruner = _r2plus1d(seed=5)
+    clips = [torch.randn(4, *SHAPE)]
+    book = plan_book(pruner, clips, plans=2)
+    want = book(clips[0])
+    book.train()
+    assert not book.training and not book.pruner.training
+    assert not any(m.training for m in book.modules())
+    torch.save(book, tmp_path / "book.pt")
+    again = torch.load(tmp_path / "book.pt", weights_only=False)
+    torch.testing.assert_close(again(clips[0]), want)
+    assert torch.equal(again.last_plans, book.last_plans)
