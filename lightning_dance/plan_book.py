@@ -130,7 +130,7 @@ class PlanBook(nn.Module):
         self.networks = nn.ModuleList(networks)
         self.register_buffer("centroids", centroids)
         self.layers = list(weights)
-        self._widths = {n: pruner._layers[n].in_channels for n in self.layers}
+        self._widths = {n: pruner.model.get_submodule(n).in_channels for n in self.layers}
         self._weights = weights
         self._ones = {n: torch.ones(c) for n, c in self._widths.items()}
         self._scale = torch.cat([torch.full((self._widths[n],), weights[n]) for n in self.layers])
