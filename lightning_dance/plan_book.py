@@ -104,6 +104,10 @@ def _kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iters: int
     return centroids[used]
 
 
+class _StemReached(Exception):
+    """Stops a forward pass once the stem has run (:meth:`PlanBook._stem_output`)."""
+
+
 class PlanBook(nn.Module):
     """Per-clip channel decisions served by ``len(networks)`` static sub-networks (see the
     module docstring; built by :func:`plan_book`). Inference only: ``forward`` runs under
@@ -168,7 +172,7 @@ class PlanBook(nn.Module):
     @torch.no_grad()
     def assign(self, clip: torch.Tensor) -> torch.Tensor:
         """``[N]``: the plan each clip of ``clip`` ``[N, 3, T, H, W]`` runs."""
-        return self._assign(self.stem(self._checked(clip)))
+        return self._assign(self._stem_output(self._checked(clip)))
 
     def _assign(self, stem_out: torch.Tensor) -> torch.Tensor:
         return torch.cdist(self.decisions(stem_out), self.centroids).argmin(1)
@@ -183,9 +187,32 @@ class PlanBook(nn.Module):
         with accelerate_dense(module, fold_norms=fold_norms):
             return module(x)
 
+    def _stem_output(self, clip: torch.Tensor) -> torch.Tensor:
+        """The stem's output on ``clip`` as the model computes it: the stem on the clip where
+        the model feeds it straight in (``share_stem``, checked at build time); else the
+        model's forward up to the stem (whatever it does to the clip first), stopped there."""
+        if self.share_stem:
+            return self._run(self.stem, clip, fold_norms=False)
+        seen: list[torch.Tensor] = []
+
+        def stop(module: nn.Module, args: object, out: torch.Tensor) -> None:
+            seen.append(out)
+            raise _StemReached
+
+        handle = self.stem.register_forward_hook(stop)
+        try:
+            self.pruner.model(clip)
+        except _StemReached:
+            pass
+        finally:
+            handle.remove()
+        if not seen:
+            raise RuntimeError(f"the stem {self.pruner.stem_name!r} did not run in the forward")
+        return seen[0]
+
     @torch.no_grad()
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        stem_out = self._run(self.stem, self._checked(clip), fold_norms=False)
+        stem_out = self._stem_output(self._checked(clip))
         plans = self._assign(stem_out)
         source = stem_out if self.share_stem else clip
         self.last_plans = plans
