@@ -108,6 +108,7 @@ from lightning_dance.ava_callback import AVACallback
 from lightning_dance.baselines import conv3d_macs, torch_prune
 from lightning_dance.bytes import TrafficMeasurement, measure_traffic
 from lightning_dance.classifier import VideoClassifier
+from lightning_dance.compiled import compile_for_inference
 from lightning_dance.data import SyntheticVideoDataModule
 from lightning_dance.energy import EnergyModel, reported_models
 from lightning_dance.execution import CompactPruner, count_executed_macs, to_fast_layout
@@ -339,8 +340,17 @@ class Candidate:
                     return book(fast_clip)
 
             forms = {"plain": lambda: book(clip), "fast": fast}
+            if self.compiled(clip) is not None:  # the stem and each plan as compiled graphs
+
+                def graphs() -> torch.Tensor:
+                    with book.compiled(clip):
+                        return book(clip)
+
+                forms["compiled"] = graphs
         elif self.wrapper is None:
             forms = {"plain": lambda: self.model(clip), "fast": dense_fast(self.model, clip)}
+            for layout, run in (self.compiled(clip) or {}).items():
+                forms[f"compiled{layout}"] = lambda run=run: run(clip)
         else:
             compact = CompactPruner(self.wrapper.pruner)
             forms = {"compact": lambda: compact(clip)}
@@ -349,6 +359,33 @@ class Candidate:
             name, feed = session.get_inputs()[0].name, clip.numpy()
             forms["onnxruntime"] = lambda: session.run(None, {name: feed})
         return forms
+
+    def compiled(self, clip: torch.Tensor) -> dict[str, Callable[[torch.Tensor], Any]] | None:
+        """A static model (or a plan book) compiled for inference, once per candidate
+        (:func:`~lightning_dance.compiled.compile_for_inference`: ``torch.compile`` with
+        freezing, BatchNorms folded, weights pre-packed): ``{"": run, "_cl": run}`` for the
+        default and the ``channels_last_3d`` layout (a book: its graphs, made on ``clip``, and
+        ``{"": None}``); ``None`` for the compact path (its shapes change per clip), with
+        ``--no-compile``, or where compiling fails (said once on stderr)."""
+        if "graphs" in self.__dict__:
+            return self.__dict__["graphs"]
+        self.__dict__["graphs"] = None
+        if not COMPILED_FORM or self.wrapper is not None:
+            return None
+        try:
+            if isinstance(self.model, PlanBook):
+                with self.model.compiled(clip):
+                    pass
+                graphs: dict[str, Any] = {"": None}
+            else:
+                graphs = {suffix: compile_for_inference(self.model.eval(), clip,
+                                                        channels_last=suffix == "_cl")
+                          for suffix in ("", "_cl")}  # fmt: skip
+        except Exception as err:  # timing goes on without this form; the failure is reported
+            print(f"compiled form skipped: {type(err).__name__}: {err}", file=sys.stderr)
+            return None
+        self.__dict__["graphs"] = graphs
+        return graphs
 
     def onnx_session(self, clip: torch.Tensor) -> Any:
         """The model exported to ONNX (static models whole; DANCE models with the ``topk`` or
@@ -433,6 +470,8 @@ def energy_figures(own: Sequence[TrafficMeasurement],
 
 #: time an onnxruntime form of every model that exports (``--no-onnx`` turns it off)
 ONNX_FORM = True
+#: time a compiled form of every static model and plan book (``--no-compile`` turns it off)
+COMPILED_FORM = True
 
 #: the energy estimates reported: every access at DRAM, and cache-aware edge targets
 ENERGY_MODELS = reported_models()
@@ -981,7 +1020,9 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
     for (name, budget), row in rows.items():
         form, t = fastest(name, budget)
         row.update(latency_ms=t.median_ms, latency_p90_ms=t.p90_ms, speedup=t.speedup_over(base),
-                   latency_form=form)  # fmt: skip
+                   latency_form=form, latency_forms={  # every form timed: its median
+                       k.rsplit("/", 1)[1]: v.median_ms for k, v in times.items()
+                       if k.startswith(f"{name}@{budget}/")})  # fmt: skip
         for runtime in ("eager", "onnxruntime"):  # each runtime against dense in the same one
             own, ref = fastest(name, budget, runtime)[1], fastest("dense", 1.0, runtime)[1]
             if own is not None and ref is not None:
@@ -1127,6 +1168,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each model exported to onnxruntime (spinning off)")  # fmt: skip
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each static model and plan book compiled (torch.compile, "
+                   "inductor with freezing; needs a C++ compiler)")  # fmt: skip
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stdout.isatty())
     p.add_argument("--cache", type=Path, default=None,
                    help="keep the dense and AVA starts of each seed here (reused if the task matches)")  # fmt: skip
@@ -1152,8 +1196,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    global ONNX_FORM, LAYER_DIMS
-    ONNX_FORM = args.onnx
+    global ONNX_FORM, COMPILED_FORM, LAYER_DIMS
+    ONNX_FORM, COMPILED_FORM = args.onnx, args.compile
     if args.layer_dims is not None:
         LAYER_DIMS = {k: tuple(v) for k, v in json.loads(args.layer_dims.read_text()).items()}
     torch.set_num_threads(args.threads)

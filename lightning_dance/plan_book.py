@@ -121,6 +121,9 @@ class PlanBook(nn.Module):
         last_plans: ``[N]`` the plan each clip of the last forward ran (``None`` before).
     """
 
+    _graphs: dict[int, Any] | None = None  # module id -> its compiled form, inside compiled()
+    _graph_shapes: dict[int, torch.Size]
+
     def __init__(
         self,
         pruner: nn.Module,
@@ -139,6 +142,7 @@ class PlanBook(nn.Module):
         self._ones = {n: torch.ones(c) for n, c in self._widths.items()}
         self._scale = torch.cat([torch.full((self._widths[n],), weights[n]) for n in self.layers])
         self._fast = False
+        self._compiled: dict[tuple, Any] = {}  # per example shape: compiled(), see there
         self.share_stem = share_stem
         self.last_plans: torch.Tensor | None = None
         self._plan_macs: dict[tuple[int, ...], list[int]] = {}
@@ -182,6 +186,8 @@ class PlanBook(nn.Module):
         return clip
 
     def _run(self, module: nn.Module, x: torch.Tensor, fold_norms: bool) -> torch.Tensor:
+        if self._graphs is not None and x.shape == self._graph_shapes.get(id(module)):
+            return self._graphs[id(module)](x)
         if not self._fast:
             return module(x)
         with accelerate_dense(module, fold_norms=fold_norms):
@@ -264,6 +270,52 @@ class PlanBook(nn.Module):
             yield self
         finally:
             self._fast = was
+
+    @contextlib.contextmanager
+    def compiled(self, example: torch.Tensor, *, channels_last: bool = False) -> Iterator[PlanBook]:
+        """Inside: the stem and every plan run as frozen inductor graphs
+        (:func:`~lightning_dance.compiled.compile_for_inference`), the controller and the
+        choice of plan stay eager: the book's form to time against the compiled dense model.
+
+        The graphs are compiled on the first entry for ``example``'s shape (the stem on the
+        clip, each plan on the stem's output: seconds per plan) and kept for later entries
+        (not saved with the book). Clips of another shape, and the groups of a batch whose
+        clips pick different plans, run eager. With ``share_stem=False`` only the plans are
+        compiled (the stem runs inside the model's forward).
+
+        Raises:
+            lightning_dance.compiled.CompileError: no C++ compiler, or a plan does not compile.
+        """
+        from lightning_dance.compiled import compile_for_inference
+
+        key = (tuple(example.shape), example.dtype, example.device, channels_last)
+        cache = self.__dict__.setdefault("_compiled", {})  # books saved before compiled() existed
+        if key not in cache:
+            with torch.no_grad():
+                self._checked(example)
+                graphs, shapes = {}, {}
+                if self.share_stem:  # the plans compiled on what the compiled stem gives
+                    stem = compile_for_inference(self.stem, example, channels_last=channels_last)
+                    graphs[id(self.stem)], shapes[id(self.stem)] = stem, example.shape
+                    source = stem(example)
+                else:
+                    source = example
+                for net in self.networks:
+                    graphs[id(net)] = compile_for_inference(net, source, channels_last=channels_last)
+                    shapes[id(net)] = source.shape
+            cache[key] = (graphs, shapes)
+        was = self._graphs, self.__dict__.get("_graph_shapes", {})
+        self._graphs, self._graph_shapes = cache[key]
+        try:
+            yield self
+        finally:
+            self._graphs, self._graph_shapes = was
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``torch.save``, ``copy.deepcopy``) without the compiled graphs."""
+        state = dict(self.__dict__)
+        state.update(_graphs=None, _graph_shapes={}, _compiled={})
+        return state
 
     def extra_repr(self) -> str:
         return f"plans={len(self.networks)}, share_stem={self.share_stem}"

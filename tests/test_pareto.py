@@ -69,6 +69,16 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
     for key in [("dense", 1.0), ("torch-pruning", b), ("mod-topk", b), ("dance", b)]:
         assert math.isfinite(summary[key]["speedup_onnxruntime"]), key
     assert summary[("dense", 1.0)]["speedup_onnxruntime"] == 1.0
+    # static models and plan books are also timed compiled (torch.compile with freezing), the
+    # dense reference too: the baseline of every speedup is its fastest form, compiled or not
+    forms = {(r["method"], r["budget"]): r["latency_forms"] for r in result["rows"] if "error" not in r}
+    for key in [("dense", 1.0), ("slim", b), ("torch-pruning", b)]:
+        assert {"plain", "fast", "compiled", "compiled_cl"} <= set(forms[key]), key
+    assert "compiled" in forms[("dance-channel-ce-book4", b)]
+    assert set(forms[("dance-channel-ce", b)]) >= {"compact"}
+    assert not any(f.startswith("compiled") for f in forms[("dance-channel-ce", b)])
+    dense_row = next(r for r in result["rows"] if r["method"] == "dense")
+    assert dense_row["latency_ms"] == min(forms[("dense", 1.0)].values())
     assert "onnxruntime" in (tmp_path / "summary.md").read_text()
     assert summary[("slim", result["budgets"][0])]["seeds"] == 1  # the slim family never fails
     # the materialized projection: the projection's predictions, as a plain model

@@ -221,3 +221,35 @@ def test_a_book_stays_in_eval_mode_and_survives_a_save_and_reload(tmp_path):
     again = torch.load(tmp_path / "book.pt", weights_only=False)
     torch.testing.assert_close(again(clips[0]), want)
     assert torch.equal(again.last_plans, book.last_plans)
+
+
+def test_the_compiled_form_runs_frozen_graphs_and_computes_the_same(tmp_path):
+    from torch.profiler import profile
+
+    pruner = _r2plus1d(seed=4)
+    clips = [torch.randn(4, *SHAPE)]
+    book = plan_book(pruner, clips, plans=2)
+    assert len(book.networks) == 2
+    want, plans = [], []
+    for i in range(4):  # eager
+        want.append(book(clips[0][i : i + 1]))
+        plans.append(book.last_plans)
+    plans = torch.cat(plans)
+    assert len(set(plans.tolist())) == 2  # both plans run below
+    with book.compiled(clips[0][:1]):  # compiled once, here
+        for i in range(4):
+            clip = clips[0][i : i + 1]
+            with profile() as prof:
+                got = book(clip)
+            torch.testing.assert_close(got, want[i], atol=1e-4, rtol=1e-4)
+            assert book.last_plans == plans[i]
+            ops = {e.key for e in prof.key_averages()}
+            # the graphs ran: inductor's fused oneDNN convs, no eager conv or BatchNorm
+            assert not ops & {"aten::mkldnn_convolution", "aten::native_batch_norm"}, ops
+            assert any("convolution_pointwise" in op for op in ops), ops
+        # another shape runs eager, and is still right; a save drops the graphs
+        torch.testing.assert_close(book(clips[0]), torch.cat(want), atol=1e-4, rtol=1e-4)
+        torch.save(book, tmp_path / "book.pt")
+    assert book._graphs is None
+    again = torch.load(tmp_path / "book.pt", weights_only=False)
+    torch.testing.assert_close(again(clips[0]), book(clips[0]))
