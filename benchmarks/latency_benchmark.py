@@ -79,6 +79,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ import torch.nn as nn
 
 from lightning_dance.aap import AdaptivePruner
 from lightning_dance.bytes import TrafficComparison, TrafficMeasurement, measure_traffic
+from lightning_dance.compiled import CompileError, compile_for_inference
 from lightning_dance.energy import reported_models
 from lightning_dance.execution import (
     CompactPruner,
@@ -117,6 +119,9 @@ CONFIGS = {
 }
 #: configs whose feature masks act elsewhere than ``--feature-site`` says
 CONFIG_SITES = {"all@outputs": "outputs"}
+#: also time the dense model and every plain (materialized, statically pruned) variant compiled
+#: (``--no-compile`` turns it off)
+COMPILE = True
 
 
 @dataclass
@@ -276,8 +281,30 @@ def static_then_dynamic(
     return [(alone, 0.0), (hybrid, err)]
 
 
+def compiled_variants(base: Variant, clip: torch.Tensor) -> list[Variant]:
+    """``base.module`` (a plain model) compiled for inference
+    (:func:`~lightning_dance.compiled.compile_for_inference`), in the default and the
+    ``channels_last_3d`` layout: the same MACs, run as one frozen graph. None with
+    ``--no-compile``, for a variant without a plain model, or where compiling fails (said)."""
+    if not COMPILE or base.module is None:
+        return []
+    out = []
+    for layout in ("", " cl"):
+        try:
+            run = compile_for_inference(base.module, clip, channels_last=bool(layout))
+        except CompileError as err:
+            print(f"{base.name}: compiled form skipped: {err}", file=sys.stderr)
+            break
+        out.append(Variant(f"{base.name} compiled{layout}", lambda run=run: run(clip),
+                           base.mac_ratio, base.ran_ratio, module=base.module))  # fmt: skip
+    return out
+
+
 def rows_of(variants: list[Variant], times: dict[str, list[float]], base: str) -> list[dict]:
+    """One row per variant: ``speedup`` over ``base`` (eager dense on the fast kernels), and
+    ``speedup_best`` over the fastest dense form timed (``dense compiled`` where it ran)."""
     med = {k: statistics.median(v) for k, v in times.items()}
+    best = min(m for k, m in med.items() if k.startswith("dense"))
     rows = []
     for v in variants:
         speed = med[base] / med[v.name]
@@ -285,7 +312,8 @@ def rows_of(variants: list[Variant], times: dict[str, list[float]], base: str) -
             "variant": v.name, "mac_ratio": round(v.mac_ratio, 4),
             "ran_ratio": round(v.ran_ratio, 4), "median_ms": round(med[v.name], 2),
             "p90_ms": round(p90(times[v.name]), 2), "min_ms": round(min(times[v.name]), 2),
-            "speedup": round(speed, 3), "realized_over_ideal": round(speed * v.ran_ratio, 3),
+            "speedup": round(speed, 3), "speedup_best": round(best / med[v.name], 3),
+            "realized_over_ideal": round(speed * v.ran_ratio, 3),
             "realized_over_ideal_counted": round(speed * v.mac_ratio, 3),
             **({"traffic": v.traffic} if v.traffic else {}),
             **({"layer_dims": v.layer_dims} if v.layer_dims else {}),
@@ -312,6 +340,7 @@ def bench_model(name: str, args) -> dict:
         Variant("dense F.conv3d", lambda: model(clip)),
         Variant("dense fast", dense_fast(model, clip)),
     ]
+    variants += compiled_variants(Variant("dense", lambda: None, module=model), clip)
     errors: dict[str, float] = {}
     selected: dict[str, int] = {}  # profitable layers per config/budget
     dense_bytes: TrafficMeasurement | None = None  # measured once, for the selected variants
@@ -340,14 +369,14 @@ def bench_model(name: str, args) -> dict:
             if dims == ("channel",) and args.policy == "topk":
                 v, errors[label + " mat"] = materialized_variant(f"{label} materialized",
                                                                  credited, clip)  # fmt: skip
-                variants.append(v)
+                variants += [v, *compiled_variants(v, clip)]
             if dims == ("channel",) and args.hybrid:
                 if dense_bytes is None:
                     dense_bytes = measure_traffic(model, clip)
                 for v, err in static_then_dynamic(label, model, budget, clip, args):
                     errors[v.name] = err
                     v.traffic = traffic_and_energy(dense_bytes, v.compact or v.module, clip)
-                    variants.append(v)
+                    variants += [v, *compiled_variants(v, clip)]
             if "channel" in dims and args.policy == "topk":
                 rounded = calibrated_pruner(model, dims, budget, clip, args, channel_multiple=8)
                 v, errors[label + " x8"] = dance_variants(
@@ -402,7 +431,7 @@ def bench_model(name: str, args) -> dict:
                             )
                             v.traffic = traffic_and_energy(dense_bytes, v.module, clip)
                             v.layer_dims = {n: ("channel",) for n in chan}
-                            variants.append(v)
+                            variants += [v, *compiled_variants(v, clip)]
     load_before = loadavg()
     times = measure(variants, args.warmup, args.repeats)
     result = {
@@ -476,11 +505,12 @@ def print_tables(r: dict) -> None:
           f"max rel. error vs masked model {r['max_rel_error_vs_masked_model']:.1e}  "
           f"(load {r['loadavg']}, tuning {r['tune_seconds']} s)")  # fmt: skip
     head = (f"{'variant':30s} {'MAC ratio':>9s} {'ran':>6s} {'median ms':>10s} {'p90 ms':>8s} "
-            f"{'speedup':>8s} {'real/ideal':>10s} {'r/i counted':>11s}")  # fmt: skip
+            f"{'speedup':>8s} {'vs best':>8s} {'real/ideal':>10s} {'r/i counted':>11s}")  # fmt: skip
     print(head)
     for row in r["rows"]:
         print(f"{row['variant']:30s} {row['mac_ratio']:9.3f} {row['ran_ratio']:6.3f} "
               f"{row['median_ms']:10.2f} {row['p90_ms']:8.2f} {row['speedup']:8.2f} "
+              f"{row['speedup_best']:8.2f} "
               f"{row['realized_over_ideal']:10.2f} "
               f"{row['realized_over_ideal_counted']:11.2f}")  # fmt: skip
     for row in r["rows"]:
@@ -542,6 +572,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="config 'channel': also Torch-Pruning alone at each budget, and Torch-Pruning to "
         "budget/F followed by the policy at F of the rest (static, then per clip)",
     )
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the dense model and the plain variants compiled "
+                   "(torch.compile with freezing; needs a C++ compiler)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny_c3d, one budget, 2 repeats")
     p.add_argument("--out", default="benchmarks/results/latency.json")
     args = p.parse_args(argv)
@@ -551,6 +584,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.growth_models, args.batch, args.batch_models = ["tiny_c3d"], 2, ["tiny_c3d"]
         args.calib_iters, args.calib_clips, args.tune_repeats = 6, 1, 1
     torch.set_num_threads(args.threads)
+    global COMPILE
+    COMPILE = args.compile
     results = []
     for name in args.models:
         results.append(bench_model(name, args))

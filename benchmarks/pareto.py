@@ -56,11 +56,12 @@ calibrated on the validation clips to meet the budget in counted MACs (controlle
 Per method, budget and seed: test top-1; counted executed / dense MACs per clip (mean, p5, p95;
 static models: their fvcore count); the MACs the fast form really runs (``ran``: the compact path
 of a DANCE model, counted op by op, plus its dense parts and controller); batch-1 latency of the
-fastest form (DANCE: the compact path; static models: the faster of plain PyTorch and
-:func:`lightning_dance.timing.dense_fast`; and every model that exports, in onnxruntime with its
-pool's spinning off) against the dense reference in its fastest form, interleaved in one
+fastest form (DANCE: the compact path; static models: the fastest of plain PyTorch,
+:func:`lightning_dance.timing.dense_fast` and :func:`lightning_dance.compiled.compile_for_inference`
+in both layouts; and every model that exports, in onnxruntime with its pool's spinning off) against the dense reference in its fastest form, interleaved in one
 process over the same test clips (:func:`lightning_dance.timing.interleaved`), and per runtime
-(``speedup_eager``, ``speedup_onnxruntime``: against dense in the same runtime);
+(``speedup_eager``, ``speedup_compiled``, ``speedup_onnxruntime``: against dense in the same
+runtime; compiled: ``torch.compile`` with freezing, static models and plan books only);
 the bytes the fastest form moves, measured from the ops it runs
 (:func:`lightning_dance.bytes.measure_traffic`, controller included), and the energy estimate
 of those MACs and bytes (:class:`lightning_dance.energy.EnergyModel`: every access at DRAM, and
@@ -472,6 +473,15 @@ def energy_figures(own: Sequence[TrafficMeasurement],
 ONNX_FORM = True
 #: time a compiled form of every static model and plan book (``--no-compile`` turns it off)
 COMPILED_FORM = True
+#: the runtimes a form belongs to; each method's speedup in one is over dense in the same one
+RUNTIMES = ("eager", "compiled", "onnxruntime")
+
+
+def _runtime(form: str) -> str:
+    """The runtime of a timed form: ``"compiled"``, ``"onnxruntime"`` or ``"eager"``."""
+    if form.startswith("compiled"):
+        return "compiled"
+    return "onnxruntime" if form == "onnxruntime" else "eager"
 
 #: the energy estimates reported: every access at DRAM, and cache-aware edge targets
 ENERGY_MODELS = reported_models()
@@ -1012,8 +1022,8 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
         own = {
             k.rsplit("/", 1)[1]: t for k, t in times.items() if k.startswith(f"{name}@{budget}/")
         }
-        if runtime is not None:  # "eager": the PyTorch forms; "onnxruntime": the exported one
-            own = {f: t for f, t in own.items() if (f == "onnxruntime") == (runtime != "eager")}
+        if runtime is not None:  # "eager", "compiled" (torch.compile) or "onnxruntime"
+            own = {f: t for f, t in own.items() if _runtime(f) == runtime}
         return min(own.items(), key=lambda kv: kv[1].median_ms) if own else ("", None)
 
     base = fastest("dense", 1.0)[1]
@@ -1023,11 +1033,11 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
                    latency_form=form, latency_forms={  # every form timed: its median
                        k.rsplit("/", 1)[1]: v.median_ms for k, v in times.items()
                        if k.startswith(f"{name}@{budget}/")})  # fmt: skip
-        for runtime in ("eager", "onnxruntime"):  # each runtime against dense in the same one
+        for runtime in RUNTIMES:  # each runtime against dense in the same one
             own, ref = fastest(name, budget, runtime)[1], fastest("dense", 1.0, runtime)[1]
             if own is not None and ref is not None:
                 row[f"speedup_{runtime}"] = own.speedup_over(ref)
-        per_runtime = ", ".join(f"{r} {row[f'speedup_{r}']:.2f}x" for r in ("eager", "onnxruntime")
+        per_runtime = ", ".join(f"{r} {row[f'speedup_{r}']:.2f}x" for r in RUNTIMES
                                 if f"speedup_{r}" in row)  # fmt: skip
         print(f"[seed {seed}] {name:>14} @ {budget:.2f}: {t.median_ms:.2f} ms ({form}), speedup "
               f"{row['speedup']:.2f}x over dense in its fastest form ({per_runtime})", flush=True)  # fmt: skip
@@ -1038,7 +1048,7 @@ def run_seed(task: Task, seed: int, methods: Sequence[str], budgets: Sequence[fl
 
 
 FIGURES = ("acc", "mac_ratio", "mac_ratio_p5", "mac_ratio_p95", "ran_ratio", "latency_ms",
-           "speedup", "speedup_eager", "speedup_onnxruntime", "traffic_saving", *(f"energy_saving_{n}" for n in ENERGY_MODELS),
+           "speedup", *(f"speedup_{r}" for r in RUNTIMES), "traffic_saving", *(f"energy_saving_{n}" for n in ENERGY_MODELS),
            *(f"{k}_{third}" for k in ("acc", "mac") for third in THIRDS))  # fmt: skip
 
 
@@ -1078,7 +1088,7 @@ def markdown(summary: Sequence[dict[str, Any]], result: dict[str, Any]) -> str:
         "dense-fast median / method median, interleaved.",
         "",
         "| method | budget | seeds | top-1 (mean ± std) | MACs counted (p5-p95) | MACs ran | "
-        "latency ms | speedup | speedup eager / onnxruntime | traffic saving | "
+        "latency ms | speedup | speedup eager / compiled / onnxruntime | traffic saving | "
         "energy saving (est.): " + ", ".join(ENERGY_MODELS) + " |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -1091,8 +1101,9 @@ def markdown(summary: Sequence[dict[str, Any]], result: dict[str, Any]) -> str:
             f"| {e['method']} | {e['budget']} | {e['seeds']} | {100 * e['acc']:.1f} ± "
             f"{100 * e['acc_std']:.1f} | {e['mac_ratio']:.3f} ({e['mac_ratio_p5']:.2f}-"
             f"{e['mac_ratio_p95']:.2f}) | {e['ran_ratio']:.3f} | {e['latency_ms']:.2f} | "
-            f"{e['speedup']:.2f}x ± {e['speedup_std']:.2f} | {_times(e['speedup_eager'])} / "
-            f"{_times(e['speedup_onnxruntime'])} | x{e['traffic_saving']:.2f} | "
+            f"{e['speedup']:.2f}x ± {e['speedup_std']:.2f} | "
+            + " / ".join(_times(e[f"speedup_{r}"]) for r in RUNTIMES)
+            + f" | x{e['traffic_saving']:.2f} | "
             + ", ".join(f"x{e['energy_saving_' + n]:.2f}" for n in ENERGY_MODELS)
             + " |"
         )

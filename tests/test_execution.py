@@ -637,6 +637,14 @@ def test_latency_benchmark_smoke(tmp_path):
     assert result["model"] == "tiny_c3d" and result["max_rel_error_vs_masked_model"] < 1e-4
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["dense fast"]["speedup"] == 1.0
+    # the dense model is also timed compiled; speedup_best is over the fastest dense form
+    dense_rows = [r for name, r in rows.items() if name.startswith("dense")]
+    assert {"dense compiled", "dense compiled cl"} <= set(rows)
+    assert max(r["speedup_best"] for r in dense_rows) == 1.0
+    for r in rows.values():
+        assert r["speedup_best"] == pytest.approx(
+            min(d["median_ms"] for d in dense_rows) / r["median_ms"], rel=0.02
+        )
     compact = rows["channel+frame @0.5 compact"]
     assert abs(compact["mac_ratio"] - 0.5) < 0.1 and compact["ran_ratio"] < compact["mac_ratio"]
     inputs_only = rows["channel+frame @0.5 inputs-only"]
@@ -665,6 +673,15 @@ def test_latency_benchmark_smoke(tmp_path):
     variant, err = bench.materialized_variant("m", pruner, torch.randn(1, 3, 8, 32, 32))
     assert err < 1e-4 and 0.2 < variant.mac_ratio == variant.ran_ratio < 0.6
     variant.run()
+    # its compiled twins: the same model as one frozen graph, in both layouts
+    clip = torch.randn(1, 3, 8, 32, 32)
+    twins = bench.compiled_variants(variant, clip)
+    assert [t.name for t in twins] == ["m compiled", "m compiled cl"]
+    assert all(t.mac_ratio == variant.mac_ratio and t.module is variant.module for t in twins)
+    with torch.no_grad():
+        want = variant.module(clip)
+    for t in twins:
+        torch.testing.assert_close(t.run(), want, atol=1e-4, rtol=1e-4)
     # the selected variants' traffic and energy: measured bytes of both runs, their ratio
     from lightning_dance.bytes import measure_traffic
     from lightning_dance.execution import CompactPruner

@@ -59,7 +59,9 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
             assert entry["errors"], key
             continue
         for figure in pareto.FIGURES:
-            if figure != "speedup_onnxruntime":  # policies without an export mode have none
+            # policies without an export mode have no onnxruntime form; the compact path no
+            # compiled one
+            if figure not in ("speedup_onnxruntime", "speedup_compiled"):
                 assert math.isfinite(entry[figure]), (key, figure, entry[figure])
         assert 0 < entry["mac_ratio"] <= 1.05 and entry["speedup"] > 0
         assert 0 <= entry["acc"] <= 1
@@ -79,6 +81,9 @@ def test_quick_benchmark_has_every_method_row(pareto, tmp_path):
     assert not any(f.startswith("compiled") for f in forms[("dance-channel-ce", b)])
     dense_row = next(r for r in result["rows"] if r["method"] == "dense")
     assert dense_row["latency_ms"] == min(forms[("dense", 1.0)].values())
+    assert summary[("dense", 1.0)]["speedup_compiled"] == 1.0  # per runtime: over dense in it
+    assert math.isfinite(summary[("dance-channel-ce-book4", b)]["speedup_compiled"])
+    assert math.isnan(summary[("dance-channel-ce", b)]["speedup_compiled"])
     assert "onnxruntime" in (tmp_path / "summary.md").read_text()
     assert summary[("slim", result["budgets"][0])]["seeds"] == 1  # the slim family never fails
     # the materialized projection: the projection's predictions, as a plain model
