@@ -61,6 +61,27 @@ def compiler_available() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++") if c)
 
 
+def _check_same(got: object, want: object, atol: float) -> None:
+    """Raise :class:`CompileError` unless ``got`` equals ``want`` (a tensor, or a tuple or list
+    of them) within ``atol * (1 + max |want|)``; integer tensors exactly."""
+    if isinstance(want, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(want):
+            raise CompileError("the compiled model's outputs are not the model's")
+        for g, w in zip(got, want, strict=True):
+            _check_same(g, w, atol)
+        return
+    if not torch.is_tensor(got) or not torch.is_tensor(want) or got.shape != want.shape:
+        raise CompileError("the compiled model's output does not have the model's shape")
+    if not want.is_floating_point():
+        if not torch.equal(got, want):
+            raise CompileError("the compiled model's integer output differs from the model's")
+        return
+    error = float((got.float() - want.float()).abs().max()) if want.numel() else 0.0
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    if not error <= atol * (1.0 + scale):
+        raise CompileError(f"the compiled model differs from the model by {error:.3g}")
+
+
 def _graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
@@ -74,7 +95,8 @@ def compile_for_inference(
     channels_last: bool = False,
     atol: float = 1e-4,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``run(x)``: ``model(x)`` as one frozen inductor graph (see the module docstring).
+    """``run(x)``: ``model(x)`` as one frozen inductor graph (see the module docstring). The
+    model may return a tensor or a tuple of tensors.
 
     Args:
         model: an eval model (a copy is compiled; ``model`` is not changed).
@@ -121,7 +143,11 @@ def compile_for_inference(
         with (
             torch.no_grad(),
             inductor_config.patch(freezing=True),
-            dynamo_config.patch(recompile_limit=limit, accumulated_recompile_limit=limit),
+            dynamo_config.patch(
+                recompile_limit=limit,
+                accumulated_recompile_limit=limit,
+                capture_scalar_outputs=True,  # a float(buffer) in the forward stays in the graph
+            ),
         ):
             got = graph(layout(example))
     except Exception as err:
@@ -135,11 +161,7 @@ def compile_for_inference(
         )
     with torch.no_grad():
         want = model(example)
-    if not torch.is_tensor(got) or got.shape != want.shape:
-        raise CompileError("the compiled model's output does not have the model's shape")
-    error = float((got.float() - want.float()).abs().max())
-    if not error <= atol * (1.0 + float(want.abs().max())):
-        raise CompileError(f"the compiled model differs from the model by {error:.3g}")
+    _check_same(got, want, atol)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -104,6 +104,19 @@ def _kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iters: int
     return centroids[used]
 
 
+class _Router(nn.Module):
+    """A book's stem and choice of plan as one module (what :meth:`PlanBook.compiled`
+    compiles): ``clip -> (stem output, plan of each clip)``."""
+
+    def __init__(self, book: PlanBook) -> None:
+        super().__init__()
+        self.book = book
+
+    def forward(self, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stem_out = self.book.stem(clip)
+        return stem_out, self.book._assign(stem_out)
+
+
 class _StemReached(Exception):
     """Stops a forward pass once the stem has run (:meth:`PlanBook._stem_output`)."""
 
@@ -218,8 +231,12 @@ class PlanBook(nn.Module):
 
     @torch.no_grad()
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        stem_out = self._stem_output(self._checked(clip))
-        plans = self._assign(stem_out)
+        self._checked(clip)
+        if self._graphs is not None and clip.shape == self._graph_shapes.get(id(self)):
+            stem_out, plans = self._graphs[id(self)](clip)  # stem and choice: one graph
+        else:
+            stem_out = self._stem_output(clip)
+            plans = self._assign(stem_out)
         source = stem_out if self.share_stem else clip
         self.last_plans = plans
         if len(set(plans.tolist())) == 1:
@@ -273,15 +290,16 @@ class PlanBook(nn.Module):
 
     @contextlib.contextmanager
     def compiled(self, example: torch.Tensor, *, channels_last: bool = False) -> Iterator[PlanBook]:
-        """Inside: the stem and every plan run as frozen inductor graphs
-        (:func:`~lightning_dance.compiled.compile_for_inference`), the controller and the
-        choice of plan stay eager: the book's form to time against the compiled dense model.
+        """Inside: the book runs as frozen inductor graphs
+        (:func:`~lightning_dance.compiled.compile_for_inference`): one for the stem, the
+        controller and the choice of plan, one per plan; only the dispatch to the chosen plan
+        is Python. The book's form to time against the compiled dense model.
 
-        The graphs are compiled on the first entry for ``example``'s shape (the stem on the
-        clip, each plan on the stem's output: seconds per plan) and kept for later entries
-        (not saved with the book). Clips of another shape, and the groups of a batch whose
-        clips pick different plans, run eager. With ``share_stem=False`` only the plans are
-        compiled (the stem runs inside the model's forward).
+        The graphs are compiled on the first entry for ``example``'s shape (seconds per plan)
+        and kept for later entries (not saved with the book). Clips of another shape, and the
+        groups of a batch whose clips pick different plans, run eager. With
+        ``share_stem=False`` only the plans are compiled (the stem runs inside the model's
+        forward).
 
         Raises:
             lightning_dance.compiled.CompileError: no C++ compiler, or a plan does not compile.
@@ -294,10 +312,11 @@ class PlanBook(nn.Module):
             with torch.no_grad():
                 self._checked(example)
                 graphs, shapes = {}, {}
-                if self.share_stem:  # the plans compiled on what the compiled stem gives
-                    stem = compile_for_inference(self.stem, example, channels_last=channels_last)
-                    graphs[id(self.stem)], shapes[id(self.stem)] = stem, example.shape
-                    source = stem(example)
+                if self.share_stem:  # the plans compiled on what the compiled router gives
+                    router = compile_for_inference(_Router(self).eval(), example,
+                                                   channels_last=channels_last)  # fmt: skip
+                    graphs[id(self)], shapes[id(self)] = router, example.shape
+                    source = router(example)[0]
                 else:
                     source = example
                 for net in self.networks:
