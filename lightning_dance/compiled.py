@@ -5,9 +5,10 @@ model with *freezing* on: the weights become constants, eval BatchNorms are fold
 convs, oneDNN convolution weights are packed once (eager ``mkldnn_convolution`` reorders them
 on every call), convolutions are fused with the activation or add after them, and no Python
 runs between layers. On a 2-thread Xeon (AVX-512) that makes ``r2plus1d_18`` at width 0.25,
-8x112x112, batch 1, **1.5-1.6x faster** than its eager form on the same kernels
-(:func:`~lightning_dance.timing.dense_fast`), and a model pruned to a quarter of the MACs
-gains more (1.7-1.9x), because its per-layer overhead was a larger part of its time.
+8x112x112, batch 1, **1.38-1.45x faster** than its eager form on the same kernels
+(:func:`~lightning_dance.timing.dense_fast`; ``docs/benchmarks.md``, "Against the dense model
+compiled"), and a model pruned to a quarter of the MACs gains a little more (1.5-1.7x):
+its per-layer overhead was a larger part of its time.
 
 Every static model can run this way: the dense reference (so it is the baseline of every
 speedup the benchmarks report), uniformly slimmed and statically pruned models, a materialized

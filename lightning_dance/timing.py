@@ -5,10 +5,11 @@ medians measured here: the variants run round robin in one process after a warm-
 in machine load hits every variant alike, and :func:`machine` records what the figure depends
 on (CPU model, its vector extensions, threads, load average).
 
-The baseline of every speedup is the dense model in its fastest form, :func:`dense_fast`: the
-same weights with every Conv3d through oneDNN on ``channels_last_3d``
+The baseline of every speedup is the dense model in its fastest form. In eager PyTorch that is
+:func:`dense_fast`: the same weights with every Conv3d through oneDNN on ``channels_last_3d``
 (:func:`~lightning_dance.execution.accelerate_dense`), so a kernel gain is never credited to
-pruning.
+pruning. Compiled (:func:`~lightning_dance.compiled.compile_for_inference`), dense runs about
+1.4x faster still on R(2+1)D; the benchmarks time that form too and divide by the fastest.
 
 Example:
     >>> import torch
