@@ -363,6 +363,13 @@ def test_compare_dense_times_both_paths_and_leaves_the_model_alone():
     with torch.no_grad():
         torch.testing.assert_close(wrapper(clip), before)  # no routing left behind
         assert wrapper.last_stats is not None  # the masked path ran (hooks intact)
+    # and against the dense model compiled (its fastest form on many CPUs)
+    timing = CompactPruner(wrapper.pruner).compare_dense(clip, repeats=2, compiled=True)
+    assert set(timing) == {"dense_ms", "compact_ms", "speedup", "dense_compiled_ms",
+                           "speedup_compiled"}  # fmt: skip
+    assert timing["speedup_compiled"] == timing["dense_compiled_ms"] / timing["compact_ms"]
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(clip), before)
 
 
 @pytest.mark.parametrize("speedup", [0.6, 1.4])

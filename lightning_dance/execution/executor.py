@@ -248,11 +248,19 @@ class CompactPruner:
         self.tunings = tune_layers(p.model, clip, p.layer_names, p.dims, **kwargs)
         return self.tunings
 
-    def compare_dense(self, clip: torch.Tensor, repeats: int = 3) -> dict[str, float]:
+    def compare_dense(
+        self, clip: torch.Tensor, repeats: int = 3, *, compiled: bool = False
+    ) -> dict[str, float]:
         """Time this fast path against the dense model (every conv on the same fast kernels,
         :func:`~lightning_dance.execution.kernels.accelerate_dense`) on ``clip``: after one
         warm-up each, ``repeats`` interleaved rounds, best of each (the statistic least
         disturbed by other jobs). Returns ``{"dense_ms", "compact_ms", "speedup"}``.
+
+        ``compiled=True`` also times the dense model compiled
+        (:func:`~lightning_dance.compiled.compile_for_inference`, ``channels_last_3d``; seconds
+        to compile, a C++ compiler needed), often dense's fastest form on a CPU (R(2+1)D: 1.3-1.4x
+        faster than eager; X3D-XS: 1.8x), and adds ``"dense_compiled_ms"`` and
+        ``"speedup_compiled"`` (over it).
 
         On some models and machines skipping the work costs more than it saves (X3D-XS at batch
         1 on a CPU: many tiny depthwise / 1x1x1 convs where gathers and per-call costs exceed
@@ -264,15 +272,25 @@ class CompactPruner:
             with accelerate_dense(model, fold_norms=self.fold_norms):
                 return model(fast_clip)
 
-        best = {"dense_ms": float("inf"), "compact_ms": float("inf")}
+        runs = {"dense_ms": dense, "compact_ms": lambda: self(clip)}
+        if compiled:
+            from lightning_dance.compiled import compile_for_inference
+
+            graph = compile_for_inference(model, clip, channels_last=True)
+            runs["dense_compiled_ms"] = lambda: graph(clip)
+        best = dict.fromkeys(runs, float("inf"))
         with torch.no_grad():
-            dense(), self(clip)
+            for fn in runs.values():
+                fn()
             for _ in range(max(1, repeats)):
-                for key, fn in (("dense_ms", dense), ("compact_ms", lambda: self(clip))):
+                for key, fn in runs.items():
                     t0 = time.perf_counter()
                     fn()
                     best[key] = min(best[key], (time.perf_counter() - t0) * 1e3)
-        return {**best, "speedup": best["dense_ms"] / best["compact_ms"]}
+        out = {**best, "speedup": best["dense_ms"] / best["compact_ms"]}
+        if compiled:
+            out["speedup_compiled"] = best["dense_compiled_ms"] / best["compact_ms"]
+        return out
 
     def _prepare(self, clip: torch.Tensor) -> None:
         """What ``AdaptivePruner.forward`` sets up before its hooks run (the topk keep ratio
