@@ -146,6 +146,13 @@ def test_a_model_that_changes_its_input_before_the_stem_is_refused_with_the_fix(
     with torch.no_grad():
         want = pruner(clips[0])
     torch.testing.assert_close(book(clips[0]), want, atol=1e-4, rtol=1e-4)
+    # compiled: only the plans (the stem runs inside the model's forward), each on the clip
+    with book.compiled(clips[0][:1]):
+        assert set(book._graphs) == {id(net) for net in book.networks}
+        for i in range(3):
+            torch.testing.assert_close(
+                book(clips[0][i : i + 1]), want[i : i + 1], atol=1e-4, rtol=1e-4
+            )
 
 
 def test_bad_arguments_and_clips_get_clear_errors():
