@@ -341,13 +341,13 @@ class Candidate:
                     return book(fast_clip)
 
             forms = {"plain": lambda: book(clip), "fast": fast}
-            if self.compiled(clip) is not None:  # the stem and each plan as compiled graphs
+            for layout in self.compiled(clip) or {}:  # the book as compiled graphs
 
-                def graphs() -> torch.Tensor:
-                    with book.compiled(clip):
+                def graphs(cl: bool = layout == "_cl") -> torch.Tensor:
+                    with book.compiled(clip, channels_last=cl):
                         return book(clip)
 
-                forms["compiled"] = graphs
+                forms[f"compiled{layout}"] = graphs
         elif self.wrapper is None:
             forms = {"plain": lambda: self.model(clip), "fast": dense_fast(self.model, clip)}
             for layout, run in (self.compiled(clip) or {}).items():
@@ -365,8 +365,8 @@ class Candidate:
         """A static model (or a plan book) compiled for inference, once per candidate
         (:func:`~lightning_dance.compiled.compile_for_inference`: ``torch.compile`` with
         freezing, BatchNorms folded, weights pre-packed): ``{"": run, "_cl": run}`` for the
-        default and the ``channels_last_3d`` layout (a book: its graphs, made on ``clip``, and
-        ``{"": None}``); ``None`` for the compact path (its shapes change per clip), with
+        default and the ``channels_last_3d`` layout (a book: its graphs in both layouts, made
+        on ``clip`` and kept by the book, and ``{"": None, "_cl": None}``); ``None`` for the compact path (its shapes change per clip), with
         ``--no-compile``, or where compiling fails (said once on stderr)."""
         if "graphs" in self.__dict__:
             return self.__dict__["graphs"]
@@ -374,10 +374,11 @@ class Candidate:
         if not COMPILED_FORM or self.wrapper is not None:
             return None
         try:
-            if isinstance(self.model, PlanBook):
-                with self.model.compiled(clip):
-                    pass
-                graphs: dict[str, Any] = {"": None}
+            if isinstance(self.model, PlanBook):  # compiled (and kept) by the book
+                for cl in (False, True):
+                    with self.model.compiled(clip, channels_last=cl):
+                        pass
+                graphs: dict[str, Any] = {"": None, "_cl": None}
             else:
                 graphs = {suffix: compile_for_inference(self.model.eval(), clip,
                                                         channels_last=suffix == "_cl")
