@@ -25,8 +25,11 @@ and each is a static model: oneDNN's kernels for its shapes are made once, and i
 are gathered once. Measured on R(2+1)D (``docs/benchmarks.md``, "A plan book"): 2-8 plans were
 no more accurate than one, and below the per-clip model where it led (the choice lives in a
 fringe of channels that vary from clip to clip, which a cluster's majority set does not
-follow); at 112x112 a book ran 1.33-1.40x of dense, the per-clip path 1.25x, the projection
-without a controller 1.6x. Use it to measure what K plans keep on your task. What it costs: the weights of ``plans`` narrow copies, and the controller
+follow); at 112x112 a book ran 1.33-1.40x of dense eager, the per-clip path 1.25x, the
+projection without a controller 1.6x. Compiled (:meth:`PlanBook.compiled`), against the
+compiled dense model: the book 1.40-1.46x, the projection 1.66-1.81x, while the per-clip path,
+which cannot be compiled, falls to 0.73-0.75x. Use it to measure what K plans keep on your
+task. What it costs: the weights of ``plans`` narrow copies, and the controller
 (a few kMACs) on every clip. Counted MACs per clip (:meth:`PlanBook.macs`): the stem, the
 controller and the assigned plan's sub-network (fvcore), the figure a benchmark compares.
 
